@@ -1,0 +1,222 @@
+"""The `llmtune` command line. Each command loads the recipe, calls a stage, prints a summary.
+
+Stages (and with them torch/transformers) are imported inside the commands, so `--help` and
+`recipe validate` start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llmtune import __version__
+from llmtune.console import console, error_console
+from llmtune.errors import LlmtuneError
+
+app = typer.Typer(
+    name="llmtune",
+    help="LoRA fine-tuning from a YAML recipe: prepare -> train -> merge -> export.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold tokens and whole datasets
+    add_completion=False,
+)
+recipe_app = typer.Typer(help="Check and show recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+STAGE_DIRS = {"prepare": "prepared", "train": "adapter", "merge": "merged", "export": "exported"}
+
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
+SetOpt = Annotated[
+    list[str],
+    typer.Option("--set", help="Override a recipe key, e.g. --set train.lr=1e-4 (repeatable)."),
+]
+RunDirOpt = Annotated[
+    Path | None,
+    typer.Option("--run-dir", help="Run directory (default: <output_dir>/<name> from the recipe)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even when up to date.")]
+
+
+def main() -> None:
+    try:
+        app(prog_name="llmtune")
+    except LlmtuneError as exc:
+        error_console.print(f"[bold red]error:[/] {exc.message}", markup=True, soft_wrap=True)
+        if exc.hint:
+            error_console.print(f"[bold]hint:[/] {exc.hint}", markup=True, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        console.print(f"llmtune {__version__}")
+        raise typer.Exit()
+
+
+# --- stages ----------------------------------------------------------------------------------
+
+
+@app.command()
+def prepare(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
+    """Tokenise and mask the recipe's data into <run>/prepared."""
+    _stage("prepare", recipe, set, run_dir, force)
+
+
+@app.command()
+def train(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
+    """Train a LoRA adapter on <run>/prepared into <run>/adapter."""
+    _stage("train", recipe, set, run_dir, force)
+
+
+@app.command()
+def merge(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
+    """Merge <run>/adapter into its base model, checked, into <run>/merged."""
+    _stage("merge", recipe, set, run_dir, force)
+
+
+@app.command()
+def export(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
+    """Export <run>/merged in the recipe's formats into <run>/exported."""
+    _stage("export", recipe, set, run_dir, force)
+
+
+@app.command()
+def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
+    """Run every stage; stages whose inputs are unchanged are skipped as up to date."""
+    loaded, run_path = _open_run(recipe, set, run_dir)
+    for stage in STAGE_DIRS:
+        _run_stage(stage, loaded, run_path, force)
+    _print_results(run_path)
+    from llmtune.stages.preview import preview
+
+    result = preview(loaded, run_path)
+    if result:
+        _print_preview(result, loaded.preview.show)
+    console.print(f"[bold green]done:[/] {run_path}", markup=True)
+
+
+@app.command()
+def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)]):
+    """Show a run's stages, their summaries, and whether every output still matches its hash."""
+    from llmtune.manifest import partial_dir, read_manifest, verify_outputs
+
+    if not run_dir.is_dir():
+        raise LlmtuneError(f"{run_dir}: no such run directory")
+    table = Table("stage", "state", "created (UTC)", "summary", "outputs")
+    damaged = False
+    for stage, folder in STAGE_DIRS.items():
+        path = run_dir / folder
+        manifest = read_manifest(path)
+        if manifest is None:
+            state = "unfinished" if partial_dir(path).exists() else "not run"
+            table.add_row(stage, state, "", "", "")
+            continue
+        states = verify_outputs(path, manifest)
+        bad = {name: s for name, s in states.items() if s != "ok"}
+        damaged |= bool(bad)
+        outputs = f"{len(states)} ok" if not bad else ", ".join(f"{n} {s}" for n, s in bad.items())
+        table.add_row(
+            stage,
+            "[green]finished[/]" if not bad else "[red]damaged[/]",
+            manifest["created_utc"].replace("+00:00", ""),
+            _brief(manifest["summary"]),
+            outputs,
+        )
+    console.print(table)
+    if damaged:
+        raise typer.Exit(3)
+
+
+# --- recipe ----------------------------------------------------------------------------------
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipe: RecipeArg, set: SetOpt = []):
+    """Check a recipe: every problem is reported at once; exit code 2 when there are any."""
+    from llmtune.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set)
+    console.print(f"{recipe}: valid (run directory {Path(loaded.output_dir) / loaded.name})")
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: RecipeArg, set: SetOpt = []):
+    """Print the resolved recipe (extends and --set applied, defaults filled in) as YAML."""
+    from llmtune.recipe import dump_recipe, load_recipe
+
+    typer.echo(dump_recipe(load_recipe(recipe, set)), nl=False)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _open_run(recipe_file: Path, sets: list[str], run_dir: Path | None):
+    """Load the recipe and record it, resolved, as <run>/recipe.yaml."""
+    from llmtune.models import quiet_libraries
+    from llmtune.recipe import dump_recipe, load_recipe
+    from llmtune.recipe import run_dir as default_run_dir
+
+    loaded = load_recipe(recipe_file, sets)
+    run_path = default_run_dir(loaded, run_dir)
+    run_path.mkdir(parents=True, exist_ok=True)
+    tmp = run_path / "recipe.yaml.tmp"
+    tmp.write_text(dump_recipe(loaded), encoding="utf-8")
+    os.replace(tmp, run_path / "recipe.yaml")
+    quiet_libraries()
+    return loaded, run_path
+
+
+def _stage(stage: str, recipe_file: Path, sets: list[str], run_dir: Path | None, force: bool) -> None:
+    loaded, run_path = _open_run(recipe_file, sets, run_dir)
+    _run_stage(stage, loaded, run_path, force)
+
+
+def _run_stage(stage: str, recipe, run_path: Path, force: bool) -> None:
+    from llmtune.stages import STAGES
+
+    outcome = STAGES[stage](recipe, run_path, force=force)
+    where = run_path / STAGE_DIRS[stage]
+    if outcome.up_to_date:
+        console.print(f"[bold]{stage}:[/] up to date ({where})", markup=True)
+    else:
+        console.print(f"[bold]{stage}:[/] done -> {where}  {_brief(outcome.manifest['summary'])}")
+
+
+def _brief(summary: dict) -> str:
+    parts = []
+    for key, value in summary.items():
+        if isinstance(value, dict) or value is None:
+            continue
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
+
+
+def _print_results(run_path: Path) -> None:
+    from llmtune.manifest import read_manifest
+
+    summary = (read_manifest(run_path / "adapter") or {}).get("summary", {})
+    before, after = summary.get("eval_loss_before"), summary.get("eval_loss")
+    if before is not None and after is not None:
+        console.print(f"eval loss: before training {before:.4f}, after {after:.4f}")
+
+
+def _print_preview(result: dict, show: int) -> None:
+    count = result["count"]
+    console.print(
+        f"held-out exact match: base {result['base_exact_match']}/{count}, "
+        f"tuned {result['tuned_exact_match']}/{count}"
+    )
+    if show == 0:
+        return
+    table = Table("prompt", "expected", "base", "tuned", show_lines=True)
+    for example in result["examples"][:show]:
+        table.add_row(example["prompt"], example["reference"], example["base"], example["tuned"])
+    console.print(table)

@@ -1,0 +1,6 @@
+"""The terminal: one rich console for progress and summaries (stdout) and errors (stderr)."""
+
+from rich.console import Console
+
+console = Console(highlight=False)
+error_console = Console(stderr=True, highlight=False)

