@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from llmtune.console import console
 from llmtune.errors import InputError
 from llmtune.manifest import sha256_file
 
@@ -62,6 +64,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft calls transformers APIs that transformers has deprecated; users cannot act on it
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
@@ -151,6 +155,7 @@ def _convert_gguf(gguf_path: Path, target: Path, digest: str) -> None:
     if partial.exists():
         shutil.rmtree(partial)
     folder, name = str(gguf_path.parent), gguf_path.name
+    console.print(f"model: converting {name} once into a float32 model under {target.parent}")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config

@@ -307,10 +307,12 @@ def _looks_local(value: str, base: Path) -> bool:
 
 
 def _label(path: Path) -> str:
+    """A path as the user best reads it: relative when under the current directory."""
     try:
-        return os.path.relpath(path)
+        relative = os.path.relpath(path)
     except ValueError:
         return str(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -348,7 +350,9 @@ def _did_you_mean(loc: tuple) -> str:
     model = _model_at(loc[:-1])
     if model is None:
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+    key, known = str(loc[-1]), list(model.model_fields)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    close = close or [k for k in known if key.startswith(k) or k.startswith(key)][:1]
     if close:
         return f" (did you mean '{close[0]}'?)"
     return f" (known keys: {', '.join(model.model_fields)})"

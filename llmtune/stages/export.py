@@ -29,10 +29,10 @@ def export(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         return Outcome(read_manifest(out_dir), up_to_date=True)
 
     partial = start_stage(out_dir)
-    formats = {}
+    sizes = {}  # "<format>_bytes" -> bytes written
     for name in recipe.export.formats:
         if name == "hf":
-            formats[name] = _export_hf(merged_dir, partial / "hf")
+            sizes[f"{name}_bytes"] = _export_hf(merged_dir, partial / "hf")
         console.print(f"export: {name} -> {out_dir / name}")
     manifest = finish_stage(
         partial,
@@ -40,15 +40,15 @@ def export(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         stage="export",
         recipe_sha256=recipe_sha,
         inputs=inputs,
-        summary={"formats": formats},
+        summary={"formats": ",".join(recipe.export.formats), **sizes},
     )
     return Outcome(manifest, up_to_date=False)
 
 
-def _export_hf(merged_dir: Path, target: Path) -> dict[str, int]:
+def _export_hf(merged_dir: Path, target: Path) -> int:
     """The merged transformers folder as it is (hard links where the filesystem allows)."""
     target.mkdir(parents=True)
-    total = files = 0
+    total = 0
     for path in sorted(merged_dir.iterdir()):
         if not path.is_file() or path.name == MANIFEST:
             continue
@@ -57,6 +57,5 @@ def _export_hf(merged_dir: Path, target: Path) -> dict[str, int]:
             os.link(path, target / path.name)
         except OSError:
             shutil.copy2(path, target / path.name)
-        files += 1
         total += path.stat().st_size
-    return {"files": files, "bytes": total}
+    return total

@@ -27,9 +27,10 @@ from llmtune.manifest import (
 from llmtune.recipe import Recipe, section_sha256
 from llmtune.stages.train import PadCollator
 
-# fp32 merge of a LoRA delta reorders a handful of additions: differences are ~1e-5 on logits
-# of magnitude ~10. Anything near 1e-3 means the merge went wrong, not rounding.
-LOGIT_TOLERANCE = 1e-3
+# An fp32 merge only reorders floating-point additions: after the quickstart, SmolLM2-135M
+# (30 layers) shows 2.3e-4 on logits of magnitude ~20. A wrong merge (a lost alpha/r scale, a
+# missed module) shows 1e-1 and more, so this bound separates rounding from mistakes.
+LOGIT_TOLERANCE = 5e-3
 CHECK_EXAMPLES = 4
 CHECK_TOKENS = 128
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

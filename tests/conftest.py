@@ -1,0 +1,80 @@
+"""Shared fixtures: an isolated cache, the tiny model, small recipes, and running the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment(tmp_path_factory):
+    """Every test (and every CLI subprocess) uses a fresh llmtune cache and never the network."""
+    os.environ["LLMTUNE_CACHE"] = str(tmp_path_factory.mktemp("llmtune-cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["COLUMNS"] = "200"  # rich wraps at the terminal width; keep messages on one line
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from llmtune.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def chat_rows(count: int, seed: int = 0) -> list[dict]:
+    """Small conversations with a learnable answer: the assistant repeats a word three times."""
+    words = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "ocean", "piano", "amber"]
+    rows = []
+    for i in range(count):
+        word = words[(i * 7 + seed) % len(words)]
+        rows.append({"messages": [
+            {"role": "user", "content": f"Repeat {word} three times."},
+            {"role": "assistant", "content": f"{word} {word} {word}"},
+        ]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(folder: Path, model: str | Path, rows: int = 40, **sections) -> Path:
+    """A recipe in `folder` training `model` on `rows` chat rows written next to it."""
+    write_jsonl(folder / "data" / "train.jsonl", chat_rows(rows))
+    recipe = {
+        "name": "tiny",
+        "output_dir": "runs",
+        "model": {"path": str(model)},
+        "data": {"train": [{"path": "data/train.jsonl", "format": "chat"}],
+                 "validation": {"fraction": 0.1}, "max_seq_len": 128},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"epochs": 1, "batch_size": 4, "lr": 1.0e-3, "seed": 0},
+        "preview": {"count": 2, "show": 1, "max_new_tokens": 8},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def llmtune(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real CLI as a user would: `python -m llmtune ...` in `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", "llmtune", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

