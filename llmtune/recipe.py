@@ -34,16 +34,37 @@ class ModelSection(Section):
     revision: str | None = None  # hub branch, tag or commit; ignored for local sources
 
 
+DataFormat = Literal["chat", "sharegpt", "alpaca", "completion", "text"]
+
+
 class DataSource(Section):
-    path: str
-    format: Literal["chat"] = "chat"
+    path: str | None = None  # a file (.jsonl .json .csv .parquet .txt .md) or a folder of them
+    hub: str | None = None  # or a hub dataset id (offline: from the datasets cache)
+    subset: str | None = None  # hub dataset configuration
+    split: str = "train"  # hub dataset split
+    format: DataFormat = "chat"
+    fields: dict[str, str] = {}  # our field name -> the dataset's column, e.g. {prompt: question}
+    separator: str = "\n"  # completion format: between prompt and completion
+    weight: float = Field(default=1.0, gt=0)  # mixing: rows repeated/sampled to weight x count
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, value: str) -> str:
-        if not Path(value).exists():
+    def _exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).exists():
             raise ValueError(f"file not found: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' (a local file or folder) or 'hub' (a dataset id)")
+        known = FORMAT_FIELDS[self.format]
+        unknown = [k for k in self.fields if k not in known]
+        if unknown:
+            raise ValueError(
+                f"fields: {', '.join(unknown)} not used by format {self.format} (it uses {', '.join(known)})"
+            )
+        return self
 
 
 class ValidationSplit(Section):
@@ -67,7 +88,16 @@ class DataSection(Section):
     train: list[DataSource] = Field(min_length=1)
     validation: ValidationSplit = ValidationSplit()
     max_seq_len: int = Field(default=512, ge=16)
-    seed: int = 0  # shuffle and split seed
+    seed: int = 0  # shuffle, split and mixing seed
+    template: str = "auto"  # auto (the tokenizer's) | chatml | llama-3 | mistral | alpaca | a .jinja file
+    system_prompt: str | None = None  # added to conversations that have no system message
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
+    bad_rows: Literal["error", "skip"] = "error"
+    dedup: bool = True  # drop exact duplicate samples
+    max_samples: int | None = Field(default=None, gt=0)  # cap on training examples
+    packing: bool = False
+    num_proc: int | None = Field(default=None, gt=0)  # tokeniser processes (default: by data size)
 
 
 class AdapterSection(Section):
@@ -121,6 +151,15 @@ class Recipe(Section):
     export: ExportSection = ExportSection()
     preview: PreviewSection = PreviewSection()
 
+
+# Fields each data format reads (see data/formats.py); `fields` may rename only these.
+FORMAT_FIELDS = {
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "input", "output"),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+}
 
 # Keys whose values are filesystem paths, as key paths with "*" for any list index.
 _PATH_KEYS = [("data", "train", "*", "path"), ("data", "validation", "sources", "*", "path")]
@@ -265,6 +304,10 @@ def _resolve_paths(raw: dict, origins: Origins) -> None:
             value = parent[leaf]
             if isinstance(value, str):
                 parent[leaf] = _absolute(value, origins.get(key))
+    data = raw.get("data")
+    template = data.get("template") if isinstance(data, dict) else None
+    if isinstance(template, str) and template.endswith((".jinja", ".j2")):
+        data["template"] = _absolute(template, origins.get(("data", "template")))
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
         value = model["path"]

@@ -37,7 +37,7 @@ def chat_rows(count: int, seed: int = 0) -> list[dict]:
     for i in range(count):
         word = words[(i * 7 + seed) % len(words)]
         rows.append({"messages": [
-            {"role": "user", "content": f"Repeat {word} three times."},
+            {"role": "user", "content": f"Repeat {word} three times. (#{i})"},
             {"role": "assistant", "content": f"{word} {word} {word}"},
         ]})
     return rows

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
-from llmtune.data.chat import IGNORE, check_messages, read_chat_jsonl, tokenize_chat, trained_segments
+from llmtune.data.chat import IGNORE, Example, encode_sample, trained_segments
+from llmtune.data.formats import to_sample
 from llmtune.data.split import split_rows
 from llmtune.data.stats import percentile, split_stats
 from llmtune.errors import InputError
@@ -29,7 +29,7 @@ def tokenizer():
 
 def test_trained_spans_are_exactly_the_assistant_turns_with_their_eos(tokenizer):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the SmolLM2 trap is present
-    example = tokenize_chat(tokenizer, CONVERSATION, max_seq_len=1024)
+    example = encode_sample(tokenizer, {"messages": CONVERSATION})
     decoded = [tokenizer.decode(s) for s in trained_segments(example)]
     assert decoded == ["Hello! Ünïcode ✓<|im_end|>", "Sure.<|im_end|>"]
     # every trained label equals its input id; every EOS that ends an assistant turn is trained
@@ -40,43 +40,31 @@ def test_trained_spans_are_exactly_the_assistant_turns_with_their_eos(tokenizer)
 
 
 def test_prompt_tokens_are_masked(tokenizer):
-    example = tokenize_chat(tokenizer, CONVERSATION, max_seq_len=1024)
+    example = encode_sample(tokenizer, {"messages": CONVERSATION})
     masked = tokenizer.decode([i for i, l in zip(example.input_ids, example.labels) if l == IGNORE])
     assert "Be brief." in masked and "Hi there" in masked and "Again?" in masked
     assert "Hello!" not in masked and "Sure." not in masked
 
 
-def test_truncation_is_flagged(tokenizer):
-    example = tokenize_chat(tokenizer, CONVERSATION, max_seq_len=40)
-    assert example.truncated and len(example.input_ids) == 40 == len(example.labels)
-    assert not tokenize_chat(tokenizer, CONVERSATION, max_seq_len=1024).truncated
-
-
-@pytest.mark.parametrize("row, reason", [
-    ({"text": "x"}, "missing field 'messages'"),
-    ({"messages": []}, "non-empty list"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
+@pytest.mark.parametrize("row, kind, detail", [
+    ({"text": "x"}, "missing field", "'messages'"),
+    ({"messages": []}, "malformed conversation", "non-empty list"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role", "'bot'"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]},
-     "empty assistant turn"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
-    ({"messages": [{"role": "assistant", "content": "x"}]}, "roles out of order"),
+     "empty assistant turn", "message 1"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn", ""),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "roles out of order", "alternate"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                   {"role": "assistant", "content": "y"}]}, "roles out of order", "alternate"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"},
-                   {"role": "assistant", "content": "y"}]}, "system message may only come first"),
+                   {"role": "assistant", "content": "y"}]}, "roles out of order", "system message"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
-     "'content' must be a string"),
+     "not a string", "message 0"),
 ])
-def test_bad_rows_are_named(row, reason):
-    assert reason in check_messages(row)
-
-
-def test_reader_reports_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATION}])
-    with open(path, "a") as handle:
-        handle.write("\n{not json}\n")
-    rows = read_chat_jsonl(path)
-    assert next(rows)[0] == 1
-    with pytest.raises(InputError, match=r"d.jsonl:3: not valid JSON"):
-        next(rows)
+def test_bad_rows_are_named_by_kind(row, kind, detail):
+    sample, reason = to_sample(row, "chat", {})
+    assert sample is None
+    assert reason.split(":")[0] == kind and detail in reason
 
 
 def test_split_is_seeded_and_holds_out_the_fraction():
@@ -90,7 +78,8 @@ def test_split_is_seeded_and_holds_out_the_fraction():
 
 
 def test_stats(tokenizer):
-    examples = [tokenize_chat(tokenizer, CONVERSATION, 1024), tokenize_chat(tokenizer, CONVERSATION, 40)]
+    full = encode_sample(tokenizer, {"messages": CONVERSATION})
+    examples = [full, Example(full.input_ids[:40], full.labels[:40], truncated=True)]
     stats = split_stats(examples)
     assert stats["examples"] == 2 and stats["truncated"] == 1 and stats["length_max"] > 40
     assert 0 < stats["trained_share"] < 1

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO, llmtune, write_recipe
 from llmtune import models
-from llmtune.data.chat import IGNORE, tokenize_chat, trained_segments
+from llmtune.data.chat import IGNORE, encode_sample, trained_segments
 from llmtune.recipe import EMBEDDED_DEFAULT
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def test_smollm2_masks_train_each_assistant_turn_and_its_eos(smollm2):
         {"role": "user", "content": "Another?"},
         {"role": "assistant", "content": "Green, like grass."},
     ]
-    example = tokenize_chat(tokenizer, messages, max_seq_len=512)
+    example = encode_sample(tokenizer, {"messages": messages})
     assert [tokenizer.decode(s) for s in trained_segments(example)] == [
         "Blue.<|im_end|>", "Green, like grass.<|im_end|>"]
     masked = tokenizer.decode([i for i, l in zip(example.input_ids, example.labels) if l == IGNORE])

@@ -45,7 +45,7 @@ def test_run_writes_every_stage_with_a_manifest(tiny_run):
     merge = _manifest(run, "merged")["summary"]
     assert merge["max_abs_logit_diff"] <= merge["logit_tolerance"]
     stats = json.loads((run / "prepared" / "stats.json").read_text())
-    assert stats["rows_read"] == 40 == stats["rows_kept"] + stats["rows_dropped_no_trained_tokens"]
+    assert stats["rows_read"] == 40 == stats["rows_kept"] + stats["rows_skipped"]
 
 
 def test_second_run_is_up_to_date_and_set_reruns_only_downstream(tiny_run):

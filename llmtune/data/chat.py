@@ -1,113 +1,98 @@
-"""Chat rows: reading, checking, rendering with the chat template, and label masking.
+"""Rendering samples to text with trained character spans, and tokenising them into labels.
 
-Masking works on characters, then maps to tokens: each assistant turn's span is the text the
-template adds for that message (content plus its end-of-turn token), found by rendering the
-conversation up to the turn with and without it. Tokens overlapping a span are trained; every
-other label is -100. Pads are never masked by token id, so an EOS equal to the pad token (as in
-SmolLM2) is still trained.
+Masking works on characters, then maps to tokens. For a conversation, each assistant turn's span
+is the text the template adds for that message (content plus its end-of-turn token), found by
+rendering the conversation up to the turn with and without it. Tokens overlapping a trained
+span keep their id as label; all others get -100. Pads are never masked by token id, so an EOS
+equal to the pad token (as in SmolLM2) is still trained.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+
+import numpy as np
 
 from llmtune.errors import InputError
 
 IGNORE = -100
-ROLES = ("system", "user", "assistant")
+Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]
     labels: list[int]
-    truncated: bool
+    truncated: bool = False
 
 
-def read_chat_jsonl(path: str | Path) -> Iterator[tuple[int, list[dict[str, str]]]]:
-    """Yield (line number, messages) for each non-blank line; bad rows stop with file:line."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _bad_row(path, number, f"not valid JSON ({exc.msg})") from None
-            problem = check_messages(row)
-            if problem:
-                raise _bad_row(path, number, problem)
-            yield number, row["messages"]
-
-
-def check_messages(row: object) -> str | None:
-    """Why a chat row cannot be trained on, or None when it is fine."""
-    if not isinstance(row, dict) or "messages" not in row:
-        return "missing field 'messages'"
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list"
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"messages[{index}] is not an object with role and content"
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            return f"messages[{index}]: unknown role {role!r} (expected one of {', '.join(ROLES)})"
-        if not isinstance(content, str):
-            return f"messages[{index}]: 'content' must be a string"
-        if role == "system" and index != 0:
-            return f"messages[{index}]: a system message may only come first"
-        if role == "assistant" and not content.strip():
-            return f"messages[{index}]: empty assistant turn"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant turn to learn from"
-    if messages[0]["role"] == "assistant" or messages[-1]["role"] != "assistant":
-        return "roles out of order: a conversation must start with a prompt and end with the assistant"
-    return None
-
-
-def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages, add_generation_prompt: bool = False, template: str | None = None) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        list(messages), chat_template=template, tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
 
 
-def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages, template: str | None = None) -> tuple[str, list[Span]]:
     """The rendered conversation and the character span of each assistant turn in it."""
-    full = render(tokenizer, messages)
+    full = render(tokenizer, messages, template=template)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True)
-        upto = render(tokenizer, messages[: index + 1])
+        prompt = render(tokenizer, messages[:index], add_generation_prompt=True, template=template)
+        upto = render(tokenizer, messages[: index + 1], template=template)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise InputError(
                 "the chat template renders a conversation differently from its prefixes, "
                 "so assistant turns cannot be located",
-                hint="use a template whose output for the first N turns is a prefix of the whole",
+                hint="use a template whose output for the first N turns is a prefix of the whole "
+                "(data.template: chatml, llama-3, mistral, alpaca or a .jinja file)",
             )
         # Train through the end-of-turn token, not the whitespace some templates put after it.
-        end = len(upto.rstrip())
-        spans.append((len(prompt), end))
+        spans.append((len(prompt), len(upto.rstrip())))
     return full, spans
 
 
-def tokenize_chat(tokenizer, messages: list[dict[str, str]], max_seq_len: int) -> Example:
-    """Token ids and labels for one conversation; labels are -100 outside assistant spans."""
-    text, spans = assistant_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    labels = [
-        token if any(start < span_end and end > span_start for span_start, span_end in spans)
-        else IGNORE
-        for token, (start, end) in zip(ids, offsets)
-    ]
-    truncated = len(ids) > max_seq_len
-    return Example(ids[:max_seq_len], labels[:max_seq_len], truncated)
+def render_sample(sample: dict, tokenizer, template: str | None = None,
+                  train_on: str = "assistant") -> tuple[str, list[Span]]:
+    """Text and trained spans for one sample (see formats.py for the three sample shapes)."""
+    eos = tokenizer.eos_token or ""
+    if "messages" in sample:
+        text, spans = assistant_spans(tokenizer, sample["messages"], template)
+        if train_on == "last_assistant":
+            spans = spans[-1:]
+    elif "prompt" in sample:
+        text = sample["prompt"] + sample["completion"] + eos
+        spans = [(len(sample["prompt"]), len(text))]
+    else:
+        text = sample["text"] + eos
+        spans = [(0, len(text))]
+    if train_on == "all":
+        spans = [(0, len(text))]
+    return text, spans
+
+
+def encode(tokenizer, rendered: list[tuple[str, list[Span]]]) -> list[Example]:
+    """Tokenise rendered samples in one batch; labels are -100 outside the trained spans."""
+    if not rendered:
+        return []
+    texts = [text for text, _ in rendered]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    examples = []
+    for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered):
+        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        trained = np.zeros(len(ids), dtype=bool)
+        for start, end in spans:
+            trained |= (bounds[:, 0] < end) & (bounds[:, 1] > start)
+        labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE)
+        examples.append(Example(list(ids), labels.tolist()))
+    return examples
+
+
+def encode_sample(tokenizer, sample: dict, template: str | None = None,
+                  train_on: str = "assistant") -> Example:
+    return encode(tokenizer, [render_sample(sample, tokenizer, template, train_on)])[0]
 
 
 def trained_segments(example: Example) -> list[list[int]]:
@@ -122,7 +107,3 @@ def trained_segments(example: Example) -> list[list[int]]:
             segments[-1].append(token)
         previous_trained = trained
     return segments
-
-
-def _bad_row(path: str | Path, line: int, reason: str) -> InputError:
-    return InputError(f"{path}:{line}: {reason}", hint="fix or remove that row, then run again")

@@ -16,3 +16,22 @@ def split_rows(rows: list[T], fraction: float, seed: int) -> tuple[list[T], list
         return shuffled, []
     held_out = min(len(shuffled) - 1, max(1, round(fraction * len(shuffled))))
     return shuffled[held_out:], shuffled[:held_out]
+
+
+def dedup(samples: list[T], key) -> tuple[list[T], int]:
+    """Samples with exact duplicates (by `key(sample)`) removed, first kept; and how many went."""
+    seen: set = set()
+    unique = []
+    for sample in samples:
+        identity = key(sample)
+        if identity not in seen:
+            seen.add(identity)
+            unique.append(sample)
+    return unique, len(samples) - len(unique)
+
+
+def weighted(rows: list[T], weight: float, seed: int) -> list[T]:
+    """A source's rows repeated or sampled to `weight` times their number (for mixing sources)."""
+    whole, fraction = int(weight), weight - int(weight)
+    extra = random.Random(seed).sample(rows, round(fraction * len(rows)))
+    return rows * whole + extra

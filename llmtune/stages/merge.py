@@ -109,7 +109,8 @@ def _check_batch(adapter_dir: Path, adapter_manifest: dict, pad_id: int) -> dict
             f"merge checks logits on prepared examples, and none were found under {prepared}",
             hint="run the prepare stage again",
         )
-    batch = PadCollator(pad_id)([{"input_ids": ids, "labels": ids} for ids in rows[:CHECK_EXAMPLES]])
+    collate = PadCollator(pad_id, attention_mask=True)
+    batch = collate([{"input_ids": ids, "labels": ids} for ids in rows[:CHECK_EXAMPLES]])
     del batch["labels"]
     return batch
 

@@ -1,31 +1,45 @@
-"""prepare: chat JSONL -> tokenised, label-masked train/validation sets (`datasets` folders)."""
+"""prepare: data sources -> tokenised, label-masked train/validation sets (`datasets` folders).
+
+Order: read and convert rows (bad rows stop or are skipped) -> exact dedup -> validation split
+-> max_samples -> render and tokenise -> overlong rows truncated, dropped or refused -> mixing
+weights -> packing. Every row read is either kept or counted as skipped with its reason.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+from collections import Counter
 from pathlib import Path
 
 from datasets import Dataset
 
 from llmtune import models
 from llmtune.console import console
-from llmtune.data.chat import IGNORE, Example, read_chat_jsonl, tokenize_chat
-from llmtune.data.split import split_rows
+from llmtune.data.chat import IGNORE, Example, encode, render_sample
+from llmtune.data.formats import to_sample
+from llmtune.data.packing import pack
+from llmtune.data.sources import read_source
+from llmtune.data.split import dedup, split_rows, weighted
 from llmtune.data.stats import split_stats
+from llmtune.data.templates import resolve_template
 from llmtune.errors import InputError
 from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, sha256_file, start_stage
-from llmtune.recipe import Recipe, section_sha256
+from llmtune.recipe import DataSection, Recipe, section_sha256
+
+# Below this many rows, worker processes cost more to start than they save.
+PARALLEL_ROWS = 20_000
+BATCH = 1000
 
 
 def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     out_dir = run / "prepared"
     ref = models.resolve(recipe.model.path, recipe.model.revision)
     data = recipe.data
-    sources = [*data.train, *(data.validation.sources or [])]
     inputs = {
-        "base_model": ref.as_manifest(),
         "tokenizer": models.tokenizer_fingerprint(ref),
-        "data_files": {s.path: sha256_file(s.path) for s in sources},
+        "data_files": _content_hashes(data),
     }
     recipe_sha = section_sha256(recipe, "data")
     if not force and is_up_to_date(out_dir, "prepare", recipe_sha, inputs):
@@ -33,70 +47,192 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
     partial = start_stage(out_dir)
     tokenizer = models.load_tokenizer(ref)
-    if not tokenizer.chat_template:
-        raise InputError(
-            f"the tokenizer of {ref.source} has no chat template",
-            hint="use an instruct/chat model, or one whose tokenizer_config.json has chat_template",
-        )
+    template = resolve_template(data.template, tokenizer)
+    skipped: Counter = Counter()
 
-    train_rows = [m for s in data.train for _, m in read_chat_jsonl(s.path)]
-    if data.validation.sources is not None:
-        train_rows, _ = split_rows(train_rows, 0.0, data.seed)
-        val_rows = [m for s in data.validation.sources for _, m in read_chat_jsonl(s.path)]
-    else:
+    train_rows = [r for i, s in enumerate(data.train) for r in _read(s, i, data, skipped)]
+    val_rows = [r for s in data.validation.sources or [] for r in _read(s, -1, data, skipped)]
+    rows_read = len(train_rows) + len(val_rows) + sum(skipped.values())
+    sources = len(data.train) + len(data.validation.sources or [])
+    console.print(f"prepare: {rows_read} rows read from {sources} source(s)")
+    if data.dedup:
+        everything, duplicates = dedup(train_rows + val_rows, key=lambda r: json.dumps(r[2], sort_keys=True))
+        skipped["duplicate"] += duplicates
+        val_ids = {id(r) for r in val_rows}
+        train_rows = [r for r in everything if id(r) not in val_ids]
+        val_rows = [r for r in everything if id(r) in val_ids]
+    if data.validation.sources is None:
         train_rows, val_rows = split_rows(train_rows, data.validation.effective_fraction, data.seed)
-    rows_read = len(train_rows) + len(val_rows)
-    console.print(f"prepare: {rows_read} conversations read from {len(sources)} file(s)")
+    else:
+        train_rows, _ = split_rows(train_rows, 0.0, data.seed)
+    if data.max_samples is not None and len(train_rows) > data.max_samples:
+        skipped["beyond max_samples"] += len(train_rows) - data.max_samples
+        train_rows = train_rows[: data.max_samples]
 
-    train, train_messages, dropped_train = _tokenize_all(tokenizer, train_rows, data.max_seq_len)
-    validation, val_messages, dropped_val = _tokenize_all(tokenizer, val_rows, data.max_seq_len)
+    encoder = functools.partial(_encode_batch, tokenizer, template, data.train_on)
+    train = _limit(train_rows, _tokenize(encoder, train_rows, data.num_proc), data, skipped)
+    validation = _limit(val_rows, _tokenize(encoder, val_rows, data.num_proc), data, skipped)
     if not train:
-        raise InputError("no training example is left after tokenisation", hint="check data.train")
-    _save(train, train_messages, partial / "train")
-    _save(validation, val_messages, partial / "validation")
+        raise InputError("no training example is left after preparation", hint=_skip_hint(skipped))
+    rows_kept = len(train) + len(validation)
+    train = [row for i, s in enumerate(data.train) for row in
+             weighted([t for t in train if t[0][1] == i], s.weight, data.seed + i)]
+    train = split_rows(train, 0.0, data.seed)[0]
+
+    examples = [example for _, example in train]
+    packed = pack(examples, data.max_seq_len, data.seed) if data.packing else None
+    _save_examples(train, packed, partial / "train")
+    _save_examples(validation, None, partial / "validation")
 
     stats = {
         "rows_read": rows_read,
-        "rows_kept": len(train) + len(validation),
-        "rows_dropped_no_trained_tokens": dropped_train + dropped_val,
+        "rows_kept": rows_kept,
+        "rows_skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(skipped.most_common()),
         "max_seq_len": data.max_seq_len,
-        "train": split_stats(train),
-        "validation": split_stats(validation),
+        "overlong": data.overlong,
+        "train": split_stats(examples),
+        "validation": split_stats([e for _, e in validation]),
     }
+    if packed is not None:
+        tokens = sum(len(row["input_ids"]) for row in packed)
+        stats["packing"] = {"sequences": len(packed),
+                            "efficiency": round(tokens / (len(packed) * data.max_seq_len), 4)}
     (partial / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print_stats(stats)
     summary = {
         "rows_read": rows_read,
+        "rows_kept": rows_kept,
+        "rows_skipped": stats["rows_skipped"],
         "train_examples": len(train),
         "validation_examples": len(validation),
         "train_tokens": stats["train"]["tokens"],
         "trained_share": stats["train"]["trained_share"],
         "truncated": stats["train"]["truncated"] + stats["validation"]["truncated"],
-        "dropped": stats["rows_dropped_no_trained_tokens"],
     }
+    if packed is not None:
+        summary["packing_efficiency"] = stats["packing"]["efficiency"]
     manifest = finish_stage(
         partial, out_dir, stage="prepare", recipe_sha256=recipe_sha, inputs=inputs, summary=summary
     )
     return Outcome(manifest, up_to_date=False)
 
 
-def _tokenize_all(tokenizer, rows, max_seq_len: int) -> tuple[list[Example], list, int]:
-    """Tokenise every row; rows whose trained tokens all fall past max_seq_len are dropped."""
-    kept, kept_messages, dropped = [], [], 0
-    for messages in rows:
-        example = tokenize_chat(tokenizer, messages, max_seq_len)
-        if any(label != IGNORE for label in example.labels):
-            kept.append(example)
-            kept_messages.append(messages)
-        else:
-            dropped += 1
-    return kept, kept_messages, dropped
+def print_stats(stats: dict) -> None:
+    train, val = stats["train"], stats["validation"]
+    console.print(
+        f"prepare: read {stats['rows_read']} = kept {stats['rows_kept']} + skipped {stats['rows_skipped']}"
+        + "".join(f"\n  skipped, {reason}: {n}" for reason, n in stats["skipped_by_reason"].items())
+    )
+    console.print(
+        f"  train {train['examples']} examples, {train['tokens']:,} tokens, "
+        f"{100 * train['trained_share']:.1f}% trained; length p50/p95/max "
+        f"{train['length_p50']}/{train['length_p95']}/{train['length_max']}; "
+        f"truncated {train['truncated'] + val['truncated']}; validation {val['examples']} examples"
+    )
+    if "packing" in stats:
+        packing = stats["packing"]
+        console.print(f"  packed into {packing['sequences']} sequences, "
+                      f"{100 * packing['efficiency']:.1f}% of max_seq_len filled")
 
 
-def _save(examples: list[Example], messages: list, path: Path) -> None:
-    # The conversation travels with its tokens (as JSON) so later stages can show and score it.
+# --- steps -----------------------------------------------------------------------------------
+
+Row = tuple  # (where it was read, index of its data.train source or -1, sample)
+
+
+def _read(source, index: int, data: DataSection, skipped: Counter) -> list[Row]:
+    rows = []
+    for record in read_source(source):
+        sample, reason = (None, record.error) if record.error else to_sample(
+            record.data, source.format, source.fields, data.system_prompt, source.separator)
+        if reason is None:
+            rows.append((record.where, index, sample))
+            continue
+        if data.bad_rows == "error":
+            raise InputError(f"{record.where}: {reason}",
+                             hint="fix or remove that row, or set data.bad_rows: skip")
+        skipped[reason.split(":")[0]] += 1
+    return rows
+
+
+def _tokenize(encoder, rows: list[Row], num_proc: int | None) -> list[Example]:
+    """Render and tokenise in batches; in worker processes when the data is large."""
+    samples = [json.dumps(sample) for _, _, sample in rows]
+    workers = num_proc or (min(os.cpu_count() or 1, 8) if len(samples) >= PARALLEL_ROWS else 1)
+    if workers <= 1:
+        columns: dict[str, list] = {"input_ids": [], "labels": []}
+        for start in range(0, len(samples), BATCH):
+            for key, values in encoder({"sample": samples[start:start + BATCH]}).items():
+                columns[key] += values
+    else:
+        columns = Dataset.from_dict({"sample": samples}).map(
+            encoder, batched=True, batch_size=BATCH, num_proc=workers, remove_columns=["sample"]
+        ).to_dict()
+    return [Example(ids, labels) for ids, labels in zip(columns["input_ids"], columns["labels"])]
+
+
+def _encode_batch(tokenizer, template, train_on, batch: dict) -> dict[str, list]:
+    rendered = [render_sample(json.loads(s), tokenizer, template, train_on) for s in batch["sample"]]
+    examples = encode(tokenizer, rendered)
+    return {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+
+
+def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped: Counter):
+    """Apply data.overlong; drop examples left with nothing to train. Returns (row, example)."""
+    kept = []
+    for row, example in zip(rows, examples):
+        if len(example.input_ids) > data.max_seq_len:
+            if data.overlong == "error":
+                raise InputError(
+                    f"{row[0]}: overlong: {len(example.input_ids)} tokens > data.max_seq_len "
+                    f"{data.max_seq_len}",
+                    hint="raise data.max_seq_len, or set data.overlong: truncate or drop",
+                )
+            if data.overlong == "drop":
+                skipped["overlong"] += 1
+                continue
+            example = Example(example.input_ids[: data.max_seq_len],
+                              example.labels[: data.max_seq_len], truncated=True)
+        if all(label == IGNORE for label in example.labels):
+            skipped["no trained tokens within max_seq_len"] += 1
+            continue
+        kept.append((row, example))
+    return kept
+
+
+def _save_examples(pairs, packed: list[dict] | None, path: Path) -> None:
+    if packed is not None:
+        Dataset.from_list(packed).save_to_disk(str(path))
+        return
+    # The sample travels with its tokens (as JSON) so later stages can show and score it.
     columns = {
-        "input_ids": [e.input_ids for e in examples],
-        "labels": [e.labels for e in examples],
-        "messages": [json.dumps(m, ensure_ascii=False) for m in messages],
+        "input_ids": [e.input_ids for _, e in pairs],
+        "labels": [e.labels for _, e in pairs],
+        "sample": [json.dumps(row[2], ensure_ascii=False) for row, _ in pairs],
     }
     Dataset.from_dict(columns).save_to_disk(str(path))
+
+
+def _content_hashes(data: DataSection) -> dict[str, str]:
+    """What the prepared data depends on besides the recipe: every source file's content
+    (a folder's files one by one), hub dataset ids, and a template file's content."""
+    hashes = {}
+    for source in [*data.train, *(data.validation.sources or [])]:
+        if source.hub:
+            hashes[f"hub:{source.hub}/{source.subset or ''}/{source.split}"] = "not hashed"
+            continue
+        path = Path(source.path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            hashes[str(file)] = sha256_file(file)
+    if Path(data.template).is_file():
+        hashes[data.template] = sha256_file(data.template)
+    return hashes
+
+
+def _skip_hint(skipped: Counter) -> str:
+    if not skipped:
+        return "check data.train"
+    reasons = ", ".join(f"{reason} ({n})" for reason, n in skipped.most_common())
+    return f"every row was skipped: {reasons}"

@@ -16,6 +16,7 @@ from peft import PeftModel
 from llmtune import models
 from llmtune.console import console
 from llmtune.data.chat import render
+from llmtune.data.templates import resolve_template
 from llmtune.manifest import manifest_sha256, require_stage
 from llmtune.recipe import Recipe
 
@@ -35,24 +36,26 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
 
     prepared = (adapter_dir / adapter_manifest["inputs"]["prepared"]["path"]).resolve()
     held_out = load_from_disk(str(prepared / "validation"))
-    conversations = [json.loads(m) for m in held_out["messages"][: cfg.count]]
-    if not conversations:
-        console.print("preview: no held-out examples (data.validation is empty)")
+    pairs = [_prompt_and_answer(json.loads(s)) for s in held_out["sample"]]
+    pairs = [p for p in pairs if p is not None][: cfg.count]
+    if not pairs:
+        console.print("preview: no held-out prompts (empty validation set, or text data)")
         return None
-    prompts, references = zip(*(_first_turn(c) for c in conversations))
+    prompts, references = zip(*pairs)
 
     base = adapter_manifest["inputs"]["base_model"]
     ref = models.resolve(base["source"], base["revision"])
     tokenizer = models.load_tokenizer(ref)
+    template = resolve_template(recipe.data.template, tokenizer)
     model = PeftModel.from_pretrained(models.load_model(ref), str(adapter_dir)).eval()
     console.print(f"preview: generating answers to {len(prompts)} held-out prompts, base and tuned")
-    tuned = generate(model, tokenizer, prompts, cfg.max_new_tokens)
+    tuned = generate(model, tokenizer, prompts, cfg.max_new_tokens, template)
     with model.disable_adapter():
-        untuned = generate(model, tokenizer, prompts, cfg.max_new_tokens)
+        untuned = generate(model, tokenizer, prompts, cfg.max_new_tokens, template)
 
     examples = [
         {
-            "prompt": prompt[-1]["content"],
+            "prompt": prompt[-1]["content"] if isinstance(prompt, list) else prompt,
             "reference": reference,
             "base": b,
             "tuned": t,
@@ -74,9 +77,10 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
     return result
 
 
-def generate(model, tokenizer, conversations, max_new_tokens: int) -> list[str]:
-    """Greedy, batched answers to chat prompts (left-padded, stops at any EOS id)."""
-    texts = [render(tokenizer, list(c), add_generation_prompt=True) for c in conversations]
+def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | None = None) -> list[str]:
+    """Greedy, batched answers (left-padded, stops at any EOS id). A prompt is a conversation,
+    rendered with the chat template, or a plain completion prompt, used as it is."""
+    texts = [p if isinstance(p, str) else render(tokenizer, p, True, template) for p in prompts]
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -91,7 +95,13 @@ def generate(model, tokenizer, conversations, max_new_tokens: int) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def _first_turn(messages: list[dict]) -> tuple[list[dict], str]:
+def _prompt_and_answer(sample: dict) -> tuple[list[dict] | str, str] | None:
+    """The prompt up to the first assistant turn and that turn's text; None for text samples."""
+    if "prompt" in sample:
+        return sample["prompt"], sample["completion"]
+    if "messages" not in sample:
+        return None
+    messages = sample["messages"]
     index = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:index], messages[index]["content"]
 

@@ -57,13 +57,14 @@ def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     train_set = load_from_disk(str(prepared_dir / "train"))
     validation = load_from_disk(str(prepared_dir / "validation"))
     validation = validation if len(validation) else None
-    progress = TrainProgress(partial / "metrics.jsonl")
+    collator = PadCollator(tokenizer.pad_token_id or 0)
+    progress = TrainProgress(partial / "metrics.jsonl", collator)
     trainer = Trainer(
         model=model,
         args=_training_arguments(recipe, partial / "trainer", device),
         train_dataset=train_set,
         eval_dataset=validation,
-        data_collator=PadCollator(tokenizer.pad_token_id or 0),
+        data_collator=collator,
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)
@@ -88,6 +89,7 @@ def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         "total_params": total,
         "train_seconds": round(seconds, 1),
         "tokens_per_second": round(progress.tokens / seconds, 1) if seconds else None,
+        "trained_tokens_per_second": round(progress.trained_tokens / seconds, 1) if seconds else None,
     }
     manifest = finish_stage(
         partial,
@@ -135,7 +137,6 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str) -> Traini
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
     )
@@ -151,32 +152,54 @@ def _evaluate(trainer: Trainer, when: str, progress: TrainProgress) -> float | N
 
 
 class PadCollator:
-    """Pads a batch to its longest example. Labels pad with -100 and the attention mask comes
-    from lengths, never from the pad id: SmolLM2's pad token is its EOS, which must be trained."""
+    """Right-pads a batch to its longest row; labels pad with -100, never masked by pad id
+    (SmolLM2's pad token is its EOS, which must be trained).
 
-    def __init__(self, pad_id: int):
+    Training passes no attention mask: under the causal mask, right padding never reaches a real
+    token, and without a mask SDPA takes its causal fast path. Packed rows carry position ids
+    that restart at each example, and their pads restart once more, so transformers keeps
+    attention inside each example. Counts real and trained tokens for the progress line.
+    """
+
+    def __init__(self, pad_id: int, attention_mask: bool = False):
         self.pad_id = pad_id
+        self.attention_mask = attention_mask
+        self.tokens = 0
+        self.trained_tokens = 0
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        packed = "position_ids" in rows[0]
+        positions = torch.zeros((len(rows), longest), dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             ids[i, :n] = torch.tensor(row["input_ids"])
             labels[i, :n] = torch.tensor(row["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+            if packed:
+                positions[i, :n] = torch.tensor(row["position_ids"])
+                positions[i, n:] = torch.arange(longest - n)
+        self.tokens += int(mask.sum())
+        self.trained_tokens += int((labels != IGNORE).sum())
+        batch = {"input_ids": ids, "labels": labels}
+        if packed:
+            batch["position_ids"] = positions
+        if self.attention_mask:
+            batch["attention_mask"] = mask
+        return batch
 
 
 class TrainProgress(TrainerCallback):
     """One terminal line and one metrics.jsonl record per logging step: loss, lr, tokens/s, ETA."""
 
-    def __init__(self, metrics_path: Path):
+    def __init__(self, metrics_path: Path, collator: PadCollator):
         self.metrics_path = metrics_path
+        self.collator = collator
         self.started = time.perf_counter()
-        self.tokens = 0
+        self.tokens = self.trained_tokens = 0
 
     def record(self, entry: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
@@ -184,12 +207,13 @@ class TrainProgress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
+        self.collator.tokens = self.collator.trained_tokens = 0  # evaluation batches do not count
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
             return
         elapsed = time.perf_counter() - self.started
-        self.tokens = state.num_input_tokens_seen
+        self.tokens, self.trained_tokens = self.collator.tokens, self.collator.trained_tokens
         step, total = state.global_step, state.max_steps
         entry = {
             "step": step,
@@ -199,6 +223,7 @@ class TrainProgress(TrainerCallback):
             "grad_norm": _round(logs.get("grad_norm")),
             "tokens_seen": self.tokens,
             "tokens_per_second": round(self.tokens / elapsed, 1) if elapsed else None,
+            "trained_tokens_per_second": round(self.trained_tokens / elapsed, 1) if elapsed else None,
             "elapsed_s": round(elapsed, 2),
         }
         self.record(entry)
