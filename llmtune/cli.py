@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Check and show recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+data_app = typer.Typer(help="See what the model will learn from your data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 STAGE_DIRS = {"prepare": "prepared", "train": "adapter", "merge": "merged", "export": "exported"}
 
@@ -153,6 +155,51 @@ def recipe_show(recipe: RecipeArg, set: SetOpt = []):
     from llmtune.recipe import dump_recipe, load_recipe
 
     typer.echo(dump_recipe(load_recipe(recipe, set)), nl=False)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: RecipeArg,
+    n: Annotated[int, typer.Option("-n", help="How many rows to show.")] = 3,
+    split: Annotated[str, typer.Option(help="train or validation.")] = "train",
+    set: SetOpt = [],
+    run_dir: RunDirOpt = None,
+):
+    """Prepare (if needed) and show rows with the trained tokens highlighted.
+
+    On a terminal, trained tokens are bold green and the rest dim; otherwise trained text is
+    wrapped in ⟦ ⟧ and each packed example starts on a line of its own after "── example".
+    """
+    from datasets import load_from_disk
+
+    from llmtune.data.chat import label_runs
+    from llmtune.models import load_tokenizer, resolve
+
+    if split not in ("train", "validation"):
+        raise LlmtuneError(f"--split {split}: expected train or validation")
+    loaded, run_path = _open_run(recipe, set, run_dir)
+    _run_stage("prepare", loaded, run_path, force=False)
+    rows = load_from_disk(str(run_path / "prepared" / split))
+    tokenizer = load_tokenizer(resolve(loaded.model.path, loaded.model.revision))
+    styled = console.is_terminal
+    for index in range(min(n, len(rows))):
+        row = rows[index]
+        trained = sum(1 for label in row["labels"] if label != -100)
+        console.rule(f"{split} row {index}: {len(row['input_ids'])} tokens, {trained} trained")
+        for tokens, is_trained, new_example in label_runs(
+            row["input_ids"], row["labels"], row.get("position_ids")
+        ):
+            if new_example:
+                console.print("\n── example", style="dim" if styled else None)
+            text = tokenizer.decode(tokens)
+            if styled:
+                console.print(text, style="bold green" if is_trained else "dim", end="", markup=False)
+            else:
+                console.print(f"⟦{text}⟧" if is_trained else text, end="", markup=False)
+        console.print()
 
 
 # --- helpers ---------------------------------------------------------------------------------

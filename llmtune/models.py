@@ -66,7 +66,9 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # peft calls transformers APIs that transformers has deprecated; users cannot act on it
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 def cache_dir() -> Path:

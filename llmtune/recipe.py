@@ -97,7 +97,10 @@ class DataSection(Section):
     dedup: bool = True  # drop exact duplicate samples
     max_samples: int | None = Field(default=None, gt=0)  # cap on training examples
     packing: bool = False
-    num_proc: int | None = Field(default=None, gt=0)  # tokeniser processes (default: by data size)
+    # Worker processes for rendering and tokenising. The Rust tokenizer already uses every core,
+    # so more processes pay only for heavy templates on many cores (bench_prepare.py: on 2 cores,
+    # num_proc 2 halved throughput).
+    num_proc: int = Field(default=1, gt=0)
 
 
 class AdapterSection(Section):

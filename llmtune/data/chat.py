@@ -9,9 +9,10 @@ equal to the pad token (as in SmolLM2) is still trained.
 
 from __future__ import annotations
 
+import bisect
+import functools
 from dataclasses import dataclass
 
-import numpy as np
 
 from llmtune.errors import InputError
 
@@ -27,10 +28,29 @@ class Example:
 
 
 def render(tokenizer, messages, add_generation_prompt: bool = False, template: str | None = None) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), chat_template=template, tokenize=False,
-        add_generation_prompt=add_generation_prompt,
+    """The chat template applied to `messages`, as transformers' apply_chat_template does."""
+    compiled = _compiled(template or tokenizer.chat_template)
+    if compiled is None:
+        return tokenizer.apply_chat_template(
+            list(messages), chat_template=template, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    return compiled.render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt,
+        **tokenizer.special_tokens_map,
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """transformers' own compiled Jinja template, rendered directly: apply_chat_template's
+    per-call checks cost as much as the rendering (28 vs 15 us per call, measured on SmolLM2).
+    None when that private helper moves, and then apply_chat_template is used."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return None
+    return _compile_jinja_template(template)
 
 
 def assistant_spans(tokenizer, messages, template: str | None = None) -> tuple[str, list[Span]]:
@@ -41,7 +61,8 @@ def assistant_spans(tokenizer, messages, template: str | None = None) -> tuple[s
         if message["role"] != "assistant":
             continue
         prompt = render(tokenizer, messages[:index], add_generation_prompt=True, template=template)
-        upto = render(tokenizer, messages[: index + 1], template=template)
+        last = index == len(messages) - 1
+        upto = full if last else render(tokenizer, messages[: index + 1], template=template)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise InputError(
                 "the chat template renders a conversation differently from its prefixes, "
@@ -74,20 +95,40 @@ def render_sample(sample: dict, tokenizer, template: str | None = None,
 
 
 def encode(tokenizer, rendered: list[tuple[str, list[Span]]]) -> list[Example]:
-    """Tokenise rendered samples in one batch; labels are -100 outside the trained spans."""
+    """Tokenise rendered samples in one batch; labels are -100 outside the trained spans.
+
+    Calls the Rust tokenizer directly: the transformers wrapper converts every encoding into
+    Python dicts first, which cost more than the tokenisation itself (bench_prepare.py).
+    """
     if not rendered:
         return []
-    texts = [text for text, _ in rendered]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    encodings = tokenizer.backend_tokenizer.encode_batch(
+        [text for text, _ in rendered], add_special_tokens=False
+    )
     examples = []
-    for ids, offsets, (_, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered):
-        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        trained = np.zeros(len(ids), dtype=bool)
+    for encoding, (text, spans) in zip(encodings, rendered):
+        ids = encoding.ids
+        labels = [IGNORE] * len(ids)
         for start, end in spans:
-            trained |= (bounds[:, 0] < end) & (bounds[:, 1] > start)
-        labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE)
-        examples.append(Example(list(ids), labels.tolist()))
+            first, last = _token_range(encoding, start, end, len(text))
+            labels[first:last] = ids[first:last]
+        examples.append(Example(ids, labels))
     return examples
+
+
+def _token_range(encoding, start: int, end: int, text_length: int) -> tuple[int, int]:
+    """Indices [first, last) of the tokens overlapping characters [start, end)."""
+    # char_to_token is cheap but answers None inside added special tokens (an EOS often ends a
+    # span), so the end is found from the character after the span where possible.
+    first = encoding.char_to_token(start)
+    after = len(encoding.ids) if end >= text_length else encoding.char_to_token(end)
+    if first is not None and after is not None:
+        return first, after
+    # Otherwise search the offsets, which increase along the text: overlapping tokens are a run.
+    offsets = encoding.offsets
+    first = bisect.bisect_right(offsets, start, key=lambda o: o[1])
+    last = bisect.bisect_left(offsets, end, key=lambda o: o[0])
+    return first, last
 
 
 def encode_sample(tokenizer, sample: dict, template: str | None = None,
@@ -107,3 +148,17 @@ def trained_segments(example: Example) -> list[list[int]]:
             segments[-1].append(token)
         previous_trained = trained
     return segments
+
+
+def label_runs(input_ids: list[int], labels: list[int], position_ids: list[int] | None = None):
+    """Split a row into runs of (token ids, trained, starts a new example) for display.
+    A packed row's examples start where its position ids restart at 0."""
+    runs: list[tuple[list[int], bool, bool]] = []
+    for index, (token, label) in enumerate(zip(input_ids, labels)):
+        trained = label != IGNORE
+        starts = bool(position_ids) and index > 0 and position_ids[index] == 0
+        if runs and runs[-1][1] == trained and not starts:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], trained, starts))
+    return runs

@@ -17,7 +17,7 @@ def percentile(values: list[int], q: float) -> int:
 def split_stats(examples: list[Example]) -> dict[str, float | int]:
     lengths = [len(e.input_ids) for e in examples]
     tokens = sum(lengths)
-    trained = sum(sum(1 for label in e.labels if label != IGNORE) for e in examples)
+    trained = tokens - sum(e.labels.count(IGNORE) for e in examples)
     return {
         "examples": len(examples),
         "tokens": tokens,

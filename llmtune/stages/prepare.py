@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
+import re
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 from datasets import Dataset
+from datasets.table import InMemoryTable
 
 from llmtune import models
 from llmtune.console import console
@@ -28,9 +30,7 @@ from llmtune.errors import InputError
 from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, sha256_file, start_stage
 from llmtune.recipe import DataSection, Recipe, section_sha256
 
-# Below this many rows, worker processes cost more to start than they save.
-PARALLEL_ROWS = 20_000
-BATCH = 1000
+BATCH = 8192  # rows per tokenizer call: larger batches keep every core busy
 
 
 def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
@@ -81,14 +81,14 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
     examples = [example for _, example in train]
     packed = pack(examples, data.max_seq_len, data.seed) if data.packing else None
-    _save_examples(train, packed, partial / "train")
-    _save_examples(validation, None, partial / "validation")
+    _save_examples(train, packed, partial / "train", with_samples=False)
+    _save_examples(validation, None, partial / "validation", with_samples=True)
 
     stats = {
         "rows_read": rows_read,
         "rows_kept": rows_kept,
         "rows_skipped": sum(skipped.values()),
-        "skipped_by_reason": dict(skipped.most_common()),
+        "skipped_by_reason": {reason: n for reason, n in skipped.most_common() if n},
         "max_seq_len": data.max_seq_len,
         "overlong": data.overlong,
         "train": split_stats(examples),
@@ -156,62 +156,70 @@ def _read(source, index: int, data: DataSection, skipped: Counter) -> list[Row]:
     return rows
 
 
-def _tokenize(encoder, rows: list[Row], num_proc: int | None) -> list[Example]:
+def _tokenize(encoder, rows: list[Row], workers: int) -> list[Example]:
     """Render and tokenise in batches; in worker processes when the data is large."""
-    samples = [json.dumps(sample) for _, _, sample in rows]
-    workers = num_proc or (min(os.cpu_count() or 1, 8) if len(samples) >= PARALLEL_ROWS else 1)
     if workers <= 1:
-        columns: dict[str, list] = {"input_ids": [], "labels": []}
-        for start in range(0, len(samples), BATCH):
-            for key, values in encoder({"sample": samples[start:start + BATCH]}).items():
-                columns[key] += values
-    else:
-        columns = Dataset.from_dict({"sample": samples}).map(
-            encoder, batched=True, batch_size=BATCH, num_proc=workers, remove_columns=["sample"]
-        ).to_dict()
+        examples = []
+        for start in range(0, len(rows), BATCH):
+            examples += encoder([sample for _, _, sample in rows[start:start + BATCH]])
+        return examples
+    # Worker processes exchange Arrow tables: samples travel as JSON strings.
+    columns = Dataset.from_dict({"sample": [json.dumps(sample) for _, _, sample in rows]}).map(
+        functools.partial(_encode_json_batch, encoder), batched=True, batch_size=BATCH,
+        num_proc=workers, remove_columns=["sample"],
+    ).to_dict()
     return [Example(ids, labels) for ids, labels in zip(columns["input_ids"], columns["labels"])]
 
 
-def _encode_batch(tokenizer, template, train_on, batch: dict) -> dict[str, list]:
-    rendered = [render_sample(json.loads(s), tokenizer, template, train_on) for s in batch["sample"]]
-    examples = encode(tokenizer, rendered)
+def _encode_batch(tokenizer, template, train_on, samples: list[dict]) -> list[Example]:
+    return encode(tokenizer, [render_sample(s, tokenizer, template, train_on) for s in samples])
+
+
+def _encode_json_batch(encoder, batch: dict) -> dict[str, list]:
+    examples = encoder([json.loads(s) for s in batch["sample"]])
     return {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
 
 
 def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped: Counter):
     """Apply data.overlong; drop examples left with nothing to train. Returns (row, example)."""
-    kept = []
+    kept, overlong = [], []
     for row, example in zip(rows, examples):
         if len(example.input_ids) > data.max_seq_len:
             if data.overlong == "error":
-                raise InputError(
-                    f"{row[0]}: overlong: {len(example.input_ids)} tokens > data.max_seq_len "
-                    f"{data.max_seq_len}",
-                    hint="raise data.max_seq_len, or set data.overlong: truncate or drop",
-                )
+                overlong.append((row[0], len(example.input_ids)))
+                continue
             if data.overlong == "drop":
                 skipped["overlong"] += 1
                 continue
             example = Example(example.input_ids[: data.max_seq_len],
                               example.labels[: data.max_seq_len], truncated=True)
-        if all(label == IGNORE for label in example.labels):
+        if example.labels.count(IGNORE) == len(example.labels):
             skipped["no trained tokens within max_seq_len"] += 1
             continue
         kept.append((row, example))
+    if overlong:
+        overlong.sort(key=lambda item: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])])
+        listed = "; ".join(f"{where}: overlong: {n} tokens > data.max_seq_len {data.max_seq_len}"
+                           for where, n in overlong[:3])
+        more = f" (and {len(overlong) - 3} more)" if len(overlong) > 3 else ""
+        raise InputError(f"{len(overlong)} overlong row(s): {listed}{more}",
+                         hint="raise data.max_seq_len, or set data.overlong: truncate or drop")
     return kept
 
 
-def _save_examples(pairs, packed: list[dict] | None, path: Path) -> None:
+def _save_examples(pairs, packed: list[dict] | None, path: Path, with_samples: bool) -> None:
+    """Write a split as a `datasets` folder. With `with_samples`, each row also keeps its sample
+    as JSON, so later stages can show and score it (the validation split)."""
     if packed is not None:
-        Dataset.from_list(packed).save_to_disk(str(path))
-        return
-    # The sample travels with its tokens (as JSON) so later stages can show and score it.
-    columns = {
-        "input_ids": [e.input_ids for _, e in pairs],
-        "labels": [e.labels for _, e in pairs],
-        "sample": [json.dumps(row[2], ensure_ascii=False) for row, _ in pairs],
-    }
-    Dataset.from_dict(columns).save_to_disk(str(path))
+        columns = {key: [row[key] for row in packed] for key in ("input_ids", "labels", "position_ids")}
+    else:
+        columns = {"input_ids": [e.input_ids for _, e in pairs], "labels": [e.labels for _, e in pairs]}
+        if with_samples:
+            columns["sample"] = [json.dumps(row[2], ensure_ascii=False) for row, _ in pairs]
+    # Arrow arrays with a declared type: 3x faster than letting `datasets` infer it from lists.
+    ids = pa.list_(pa.int32())
+    table = pa.table({k: pa.array(v, type=pa.string() if k == "sample" else ids) for k, v in columns.items()})
+    Dataset(InMemoryTable(table)).save_to_disk(str(path))
 
 
 def _content_hashes(data: DataSection) -> dict[str, str]:

@@ -43,7 +43,11 @@ def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     set_seed(cfg.seed)
     device = models.pick_device()
     tokenizer = models.load_tokenizer(ref)
-    model = get_peft_model(models.load_model(ref), _lora_config(recipe))
+    base_model = models.load_model(ref)
+    # With a cache, transformers does not read packed position ids as sequence boundaries, and
+    # packed examples would attend to each other; training never uses the cache anyway.
+    base_model.config.use_cache = False
+    model = get_peft_model(base_model, _lora_config(recipe))
     # Where a PEFT loader looks for the base: the hub id, or the local folder we trained on.
     model.peft_config["default"].base_model_name_or_path = (
         ref.source if ref.kind == "hub" else str(ref.local_dir)

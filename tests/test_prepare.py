@@ -1,0 +1,238 @@
+"""prepare: formats, sources, templates, bad rows, overlong, dedup, weights, packing, caching."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+
+from conftest import chat_rows, llmtune, write_jsonl, write_recipe
+from llmtune.data.chat import IGNORE, Example, encode_sample, render_sample, trained_segments
+from llmtune.data.formats import to_sample
+from llmtune.data.packing import pack
+from llmtune.data.templates import BUILT_IN
+from llmtune.errors import InputError
+from llmtune.recipe import load_recipe
+from llmtune.stages.prepare import prepare
+from llmtune.testing import build_tiny_tokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! Ünïcode ✓"},
+    {"role": "user", "content": "Again?"},
+    {"role": "assistant", "content": "Sure."},
+]
+# What ends an assistant turn in each built-in template (the tiny tokenizer's EOS is <|im_end|>)
+TURN_END = {"chatml": "<|im_end|>", "llama-3": "<|eot_id|>", "mistral": "<|im_end|>", "alpaca": "<|im_end|>"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
+def test_every_built_in_template_trains_exactly_the_assistant_turns(tokenizer, name):
+    example = encode_sample(tokenizer, {"messages": CONVERSATION}, template=BUILT_IN[name])
+    decoded = [tokenizer.decode(s).strip() for s in trained_segments(example)]
+    assert decoded == [f"Hello! Ünïcode ✓{TURN_END[name]}", f"Sure.{TURN_END[name]}"]
+    last_only = encode_sample(tokenizer, {"messages": CONVERSATION}, BUILT_IN[name], "last_assistant")
+    assert [tokenizer.decode(s).strip() for s in trained_segments(last_only)] == [f"Sure.{TURN_END[name]}"]
+
+
+ROWS = {
+    "chat": ({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}, {}),
+    "sharegpt": ({"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}, {}),
+    "alpaca": ({"instruction": "Q?", "input": "", "output": "A."}, {}),
+    "completion": ({"question": "Q?", "answer": "A."}, {"prompt": "question", "completion": "answer"}),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(ROWS))
+def test_every_format_trains_the_answer_and_its_eos(tokenizer, fmt):
+    row, fields = ROWS[fmt]
+    sample, problem = to_sample(row, fmt, fields, separator="\n")
+    assert problem is None
+    example = encode_sample(tokenizer, sample)
+    assert [tokenizer.decode(s) for s in trained_segments(example)] == ["A.<|im_end|>"]
+    prompt = tokenizer.decode([i for i, l in zip(example.input_ids, example.labels) if l == IGNORE])
+    assert "Q?" in prompt
+
+
+def test_text_format_trains_everything_and_all_trains_the_prompt(tokenizer):
+    sample, _ = to_sample({"body": "Some prose."}, "text", {"text": "body"})
+    example = encode_sample(tokenizer, sample)
+    assert IGNORE not in example.labels and tokenizer.decode(example.input_ids) == "Some prose.<|im_end|>"
+    everything = encode_sample(tokenizer, {"messages": CONVERSATION}, train_on="all")
+    assert IGNORE not in everything.labels
+
+
+def test_system_prompt_is_added_when_missing(tokenizer):
+    sample, _ = to_sample(ROWS["chat"][0], "chat", {}, system_prompt="You are terse.")
+    text, _ = render_sample(sample, tokenizer)
+    assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>")
+
+
+def test_packing_keeps_every_example_and_restarts_positions():
+    examples = [Example(list(range(n)), list(range(n))) for n in (5, 3, 7, 2, 6, 1)]
+    rows = pack(examples, max_len=8, seed=0)
+    assert all(len(r["input_ids"]) <= 8 for r in rows)
+    assert sum(len(r["input_ids"]) for r in rows) == 24 and len(rows) == 3  # 24 tokens, 3 full bins
+    for row in rows:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert all(row["labels"][i] == IGNORE for i in starts)  # no label across examples
+
+
+def test_packed_batch_loss_equals_unpacked_per_example(tiny_model, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmtune.stages.train import PadCollator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model.config.use_cache = False  # as the train stage sets it: with a cache, packing leaks
+    samples = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w * k}]}
+               for w, k in (("ab", 3), ("cde", 1), ("f", 9), ("ghij", 2))]
+    examples = [encode_sample(tokenizer, s) for s in samples]
+
+    def per_token_losses(batch):
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        shifted = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none")
+        return sorted(losses[shifted != IGNORE].tolist())
+
+    collate = PadCollator(tokenizer.pad_token_id)
+    unpacked = per_token_losses(collate([{"input_ids": e.input_ids, "labels": e.labels} for e in examples]))
+    masked = per_token_losses(PadCollator(tokenizer.pad_token_id, attention_mask=True)(
+        [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]))
+    packed_rows = pack(examples, max_len=80, seed=0)
+    assert len(packed_rows) < len(examples)
+    packed = per_token_losses(collate(packed_rows))
+    assert len(packed) == len(unpacked)
+    assert max(abs(a - b) for a, b in zip(packed, unpacked)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(masked, unpacked)) < 1e-5  # no mask = mask, right-padded
+
+
+def _prepare(folder: Path, model, **sections):
+    recipe = load_recipe(write_recipe(folder, model, **sections))
+    outcome = prepare(recipe, folder / "runs" / "tiny")
+    return outcome, json.loads((folder / "runs" / "tiny" / "prepared" / "stats.json").read_text())
+
+
+def test_sources_of_every_file_type_mix_with_weights(tiny_model, tmp_path):
+    rows = chat_rows(12)
+    write_jsonl(tmp_path / "d" / "a.jsonl", rows[:4])
+    (tmp_path / "d" / "b.json").write_text(json.dumps(rows[4:8]))
+    with open(tmp_path / "d" / "c.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["q", "a"])
+        writer.writerows([[r["messages"][0]["content"], r["messages"][1]["content"]] for r in rows[8:12]])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([{"instruction": f"Spell {w}", "output": " ".join(w)}
+                                         for w in ("cat", "dog", "owl")]), tmp_path / "d" / "e.parquet")
+    (tmp_path / "d" / "texts").mkdir()
+    (tmp_path / "d" / "texts" / "one.txt").write_text("First document.")
+    (tmp_path / "d" / "texts" / "two.md").write_text("Second document.")
+    outcome, stats = _prepare(tmp_path, tiny_model, data={
+        "train": [
+            {"path": "d/a.jsonl"},
+            {"path": "d/b.json", "weight": 2},
+            {"path": "d/c.csv", "format": "completion", "fields": {"prompt": "q", "completion": "a"}},
+            {"path": "d/e.parquet", "format": "alpaca", "weight": 0.5},
+            {"path": "d/texts", "format": "text"},
+        ],
+        "validation": {"fraction": 0.0},
+    })
+    assert stats["rows_read"] == 4 + 4 + 4 + 3 + 2 == stats["rows_kept"]
+    # weights: b.json twice (8), e.parquet half (2 of 3 rounds to 2... round(1.5) == 2)
+    assert outcome.manifest["summary"]["train_examples"] == 4 + 8 + 4 + 2 + 2
+
+
+def test_bad_rows_stop_with_file_and_line_or_are_counted(tiny_model, tmp_path):
+    lines = [json.dumps(r) for r in chat_rows(10)]
+    lines[6] = '{"messages": [broken'
+    lines[8] = json.dumps({"messages": [{"role": "robot", "content": "x"}]})
+    write_recipe(tmp_path, tiny_model)
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    result = llmtune("prepare", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "train.jsonl:7: malformed JSON" in result.stderr
+    result = llmtune("prepare", "recipe.yaml", "--set", "data.bad_rows=skip", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((tmp_path / "runs" / "tiny" / "prepared" / "stats.json").read_text())
+    assert stats["rows_read"] == 10 == stats["rows_kept"] + stats["rows_skipped"]
+    assert stats["skipped_by_reason"] == {"malformed JSON": 1, "unknown role": 1}
+    assert "skipped, malformed JSON: 1" in result.stdout
+
+
+def test_overlong_policies(tiny_model, tmp_path):
+    long_prompt = {"messages": [{"role": "user", "content": "x" * 200}, {"role": "assistant", "content": "y"}]}
+    long_answer = {"messages": [{"role": "user", "content": "Go"}, {"role": "assistant", "content": "z" * 300}]}
+    write_recipe(tmp_path, tiny_model)
+    write_jsonl(tmp_path / "data" / "train.jsonl", chat_rows(6) + [long_prompt, long_answer])
+    recipe_file = tmp_path / "recipe.yaml"
+    run = tmp_path / "runs" / "tiny"
+    base = ["data.validation.fraction=0", "data.max_seq_len=128"]
+
+    outcome = prepare(load_recipe(recipe_file, base), run)
+    stats = json.loads((run / "prepared" / "stats.json").read_text())
+    assert outcome.manifest["summary"]["truncated"] == 1 and stats["rows_kept"] == 7
+    assert stats["skipped_by_reason"] == {"no trained tokens within max_seq_len": 1}
+    assert stats["train"]["length_max"] == 128
+
+    prepare(load_recipe(recipe_file, [*base, "data.overlong=drop"]), run)
+    stats = json.loads((run / "prepared" / "stats.json").read_text())
+    assert stats["skipped_by_reason"] == {"overlong": 2} and stats["rows_kept"] == 6
+    assert stats["rows_read"] == 8 == stats["rows_kept"] + stats["rows_skipped"]
+
+    with pytest.raises(InputError, match=r"train.jsonl:7: overlong: \d+ tokens > data.max_seq_len 128"):
+        prepare(load_recipe(recipe_file, [*base, "data.overlong=error"]), run)
+
+
+def test_dedup_and_max_samples_are_counted(tiny_model, tmp_path):
+    rows = chat_rows(8)
+    recipe_file = write_recipe(tmp_path, tiny_model, data={"max_samples": 5, "validation": {"fraction": 0.0}})
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows + rows[:3])
+    prepare(load_recipe(recipe_file), tmp_path / "runs" / "tiny")
+    stats = json.loads((tmp_path / "runs" / "tiny" / "prepared" / "stats.json").read_text())
+    assert stats["rows_read"] == 11
+    assert stats["skipped_by_reason"] == {"duplicate": 3, "beyond max_samples": 3}
+    assert stats["rows_kept"] == 5
+
+
+def test_editing_a_data_file_reprepares(tiny_model, tmp_path):
+    recipe_file = write_recipe(tmp_path, tiny_model, rows=10)
+    run = tmp_path / "runs" / "tiny"
+    assert not prepare(load_recipe(recipe_file), run).up_to_date
+    assert prepare(load_recipe(recipe_file), run).up_to_date
+    with open(tmp_path / "data" / "train.jsonl", "a") as handle:
+        handle.write(json.dumps(chat_rows(11)[10]) + "\n")
+    assert not prepare(load_recipe(recipe_file), run).up_to_date
+    assert not prepare(load_recipe(recipe_file, ["data.template=chatml"]), run).up_to_date
+
+
+def test_packing_in_prepare_and_training(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model, rows=40, data={"packing": True, "max_seq_len": 256},
+                          train={"max_steps": 3}, preview={"count": 1})
+    result = llmtune("run", recipe, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    train = load_from_disk(str(tmp_path / "runs" / "tiny" / "prepared" / "train"))
+    assert "position_ids" in train.column_names and len(train) < 36
+    stats = json.loads((tmp_path / "runs" / "tiny" / "prepared" / "stats.json").read_text())
+    assert stats["packing"]["efficiency"] > 0.75  # rows of ~68 tokens: 3 fit in 256
+    assert "packed into" in result.stdout
+
+
+def test_data_preview_marks_trained_text(tiny_model, tmp_path):
+    write_recipe(tmp_path, tiny_model, rows=10)
+    result = llmtune("data", "preview", "recipe.yaml", "-n", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "train row 0" in result.stdout and "train row 1" in result.stdout
+    assert result.stdout.count("⟦") == 2
+    assert "three times" in result.stdout  # the prompt is shown, unmarked
