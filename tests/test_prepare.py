@@ -236,3 +236,15 @@ def test_data_preview_marks_trained_text(tiny_model, tmp_path):
     assert "train row 0" in result.stdout and "train row 1" in result.stdout
     assert result.stdout.count("⟦") == 2
     assert "three times" in result.stdout  # the prompt is shown, unmarked
+
+
+def test_validation_sources_and_dedup_across_splits(tiny_model, tmp_path):
+    rows = chat_rows(10)
+    write_jsonl(tmp_path / "val.jsonl", rows[8:10] + chat_rows(12)[10:12])  # two repeat train rows
+    recipe_file = write_recipe(tmp_path, tiny_model, rows=10,
+                               data={"validation": {"sources": [{"path": "val.jsonl"}]}})
+    outcome = prepare(load_recipe(recipe_file), tmp_path / "runs" / "tiny")
+    summary = outcome.manifest["summary"]
+    assert summary["train_examples"] == 10 and summary["validation_examples"] == 2
+    stats = json.loads((tmp_path / "runs" / "tiny" / "prepared" / "stats.json").read_text())
+    assert stats["skipped_by_reason"] == {"duplicate": 2} and stats["rows_read"] == 14
