@@ -6,12 +6,15 @@ Stages (and with them torch/transformers) are imported inside the commands, so `
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from llmtune import __version__
@@ -44,14 +47,53 @@ RunDirOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even when up to date.")]
 
 
+# Exit codes: 0 done, 2 a problem with the input (message and hint, no traceback), 3 an output
+# failed its check, 4 the disk is full, 1 a bug (with a traceback).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 def main() -> None:
+    sys.exit(run_cli(sys.argv[1:]))
+
+
+def run_cli(args: list[str]) -> int:
+    """Run the command line and return its exit code; user errors become one message."""
     try:
-        app(prog_name="llmtune")
+        app(args=args, prog_name="llmtune")  # usage errors print and exit 2 (SystemExit)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except LlmtuneError as exc:
-        error_console.print(f"[bold red]error:[/] {exc.message}", markup=True, soft_wrap=True)
-        if exc.hint:
-            error_console.print(f"[bold]hint:[/] {exc.hint}", markup=True, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _print_error(exc.message, exc.hint)
+        return exc.exit_code
+    except Exception as exc:
+        cause = _disk_full_cause(exc)
+        if cause is None:
+            raise
+        _print_error(
+            f"out of disk space: {cause}",
+            "free some space and run the same command again: finished stages are kept, "
+            "the unfinished one restarts",
+        )
+        return 4
+    return 0
+
+
+def _disk_full_cause(exc: BaseException) -> str | None:
+    """A one-line description when `exc` (or what caused it) is a full disk or a file-size
+    limit, else None. Rust writers (safetensors, tokenizers) report these as plain text."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return f"{exc.strerror} writing {exc.filename or 'a file'}"
+        if re.search(r"os error (%s)\b" % "|".join(map(str, DISK_FULL_ERRNOS)), str(exc)):
+            return str(exc).splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _print_error(message: str, hint: str | None) -> None:
+    error_console.print(f"[bold red]error:[/] {escape(message)}", markup=True)
+    if hint:
+        error_console.print(f"[bold]hint:[/] {escape(hint)}", markup=True)
 
 
 @app.callback(invoke_without_command=True)
@@ -176,14 +218,14 @@ def data_preview(
     from datasets import load_from_disk
 
     from llmtune.data.chat import label_runs
-    from llmtune.models import load_tokenizer, resolve
+    from llmtune.models import load_tokenizer, resolve_section
 
     if split not in ("train", "validation"):
         raise LlmtuneError(f"--split {split}: expected train or validation")
     loaded, run_path = _open_run(recipe, set, run_dir)
     _run_stage("prepare", loaded, run_path, force=False)
     rows = load_from_disk(str(run_path / "prepared" / split))
-    tokenizer = load_tokenizer(resolve(loaded.model.path, loaded.model.revision))
+    tokenizer = load_tokenizer(resolve_section(loaded.model))
     styled = console.is_terminal
     for index in range(min(n, len(rows))):
         row = rows[index]

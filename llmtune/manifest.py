@@ -95,6 +95,15 @@ def finish_stage(
     return manifest
 
 
+def space_warning(path: Path, needed_bytes: int, what: str) -> str | None:
+    """A warning when the filesystem holding `path` clearly lacks room for `needed_bytes`."""
+    free = shutil.disk_usage(path if path.exists() else path.parent).free
+    if free >= needed_bytes * 1.1:
+        return None
+    return (f"{what} needs about {needed_bytes / 1e9:.2f} GB and only {free / 1e9:.2f} GB is free "
+            f"under {path}; it will probably fail")
+
+
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     """The manifest of a finished stage, or None when there is none or it is unreadable."""
     try:

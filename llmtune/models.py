@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ EMBEDDED_MODELS = {
 }
 _CONVERTED_MARKER = "llmtune-converted.json"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_HUB_CODE_PATTERNS = ["*.py"]  # only with trust_remote_code
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,17 @@ class ModelRef:
     local_dir: Path  # a transformers folder: config, safetensors, tokenizer
     revision: str | None  # hub commit hash, when the source is a hub id
     fingerprint: str  # changes whenever the weights, config or tokenizer change
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
-    def as_manifest(self) -> dict[str, str | None]:
+    def as_manifest(self) -> dict[str, str | bool | None]:
         return {
             "source": self.source,
             "kind": self.kind,
             "revision": self.revision,
             "fingerprint": self.fingerprint,
+            "allow_pickle": self.allow_pickle,
+            "trust_remote_code": self.trust_remote_code,
         }
 
 
@@ -81,34 +88,71 @@ def pick_device() -> str:
     return "cpu"
 
 
+def resolve_section(section) -> ModelRef:
+    """`resolve` for a recipe's model section, or an adapter manifest's base_model entry."""
+    if isinstance(section, dict):
+        return resolve(section["source"], section.get("revision"),
+                       section.get("allow_pickle", False), section.get("trust_remote_code", False))
+    return resolve(section.path, section.revision, section.allow_pickle, section.trust_remote_code)
+
+
 @functools.lru_cache(maxsize=16)
-def resolve(source: str, revision: str | None = None) -> ModelRef:
+def resolve(source: str, revision: str | None = None, allow_pickle: bool = False,
+            trust_remote_code: bool = False) -> ModelRef:
     """Find the model a recipe names, converting or downloading it once when needed."""
+    flags = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     if source.startswith("embedded:"):
-        return _from_gguf(_embedded_file(source), source, kind="embedded")
+        return _from_gguf(_embedded_file(source), source, "embedded", flags)
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():
             raise InputError(f"model.path: GGUF file not found: {source}")
-        return _from_gguf(path, source, kind="gguf")
+        return _from_gguf(path, source, "gguf", flags)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(
                 f"model.path: {source} is a folder without config.json",
                 hint="point model.path at a transformers model folder (config.json, *.safetensors)",
             )
-        return ModelRef(source, "local", path, None, _folder_fingerprint(path))
+        check_weight_files(path, allow_pickle)
+        return ModelRef(source, "local", path, None, _folder_fingerprint(path), **flags)
     if source.startswith((".", "/", "~")) or path.exists():
         raise InputError(f"model.path: not found: {source}")
-    return _from_hub(source, revision)
+    if trust_remote_code and not (revision and re.fullmatch(r"[0-9a-f]{40}", revision)):
+        raise InputError(
+            f"model.trust_remote_code: true runs code from {source!r}; pin model.revision to a "
+            "full 40-character commit hash so the code cannot change under you",
+            hint="find the commit on the model's hub page (Files and versions), then set model.revision",
+        )
+    return _from_hub(source, revision, flags)
+
+
+def check_weight_files(folder: Path, allow_pickle: bool) -> None:
+    """Refuse pickle-based weights (they can run code when opened) unless the recipe opts in.
+    Only names are looked at: nothing is opened before this check."""
+    if allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise InputError(
+            f"model.path: {pickled[0]} holds pickle-based weights, which can run code when "
+            "loaded; llmtune loads only safetensors by default",
+            hint="convert the weights to safetensors, or, if you trust the file, set "
+            "model.allow_pickle: true",
+        )
 
 
 def load_tokenizer(ref: ModelRef):
-    return AutoTokenizer.from_pretrained(ref.local_dir)
+    return AutoTokenizer.from_pretrained(ref.local_dir, trust_remote_code=ref.trust_remote_code)
 
 
 def load_model(ref: ModelRef, dtype: torch.dtype = torch.float32):
-    return AutoModelForCausalLM.from_pretrained(ref.local_dir, dtype=dtype)
+    # use_safetensors=True: transformers never falls back to a pickle file next to the
+    # safetensors. With allow_pickle it may; torch.load there runs with weights_only=True.
+    return AutoModelForCausalLM.from_pretrained(
+        ref.local_dir, dtype=dtype, use_safetensors=None if ref.allow_pickle else True,
+        trust_remote_code=ref.trust_remote_code,
+    )
 
 
 def eos_token_ids(tokenizer, model_config) -> list[int]:
@@ -143,12 +187,12 @@ def _embedded_file(source: str) -> Path:
     return path
 
 
-def _from_gguf(gguf_path: Path, source: str, kind: str) -> ModelRef:
+def _from_gguf(gguf_path: Path, source: str, kind: str, flags: dict) -> ModelRef:
     digest = sha256_file(gguf_path)
     target = cache_dir() / "gguf" / digest[:24]
     if not (target / _CONVERTED_MARKER).is_file():
         _convert_gguf(gguf_path, target, digest)
-    return ModelRef(source, kind, target, None, f"sha256:{digest}")
+    return ModelRef(source, kind, target, None, f"sha256:{digest}", **flags)
 
 
 def _convert_gguf(gguf_path: Path, target: Path, digest: str) -> None:
@@ -182,11 +226,17 @@ def _convert_gguf(gguf_path: Path, target: Path, digest: str) -> None:
     partial.rename(target)
 
 
-def _from_hub(repo_id: str, revision: str | None) -> ModelRef:
+def _from_hub(repo_id: str, revision: str | None, flags: dict) -> ModelRef:
     from huggingface_hub import snapshot_download
 
+    patterns = list(_HUB_PATTERNS)
+    if flags["allow_pickle"]:
+        patterns += [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
+    if flags["trust_remote_code"]:
+        patterns += _HUB_CODE_PATTERNS
     try:
-        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+        # The token, if any, comes from the environment (HF_TOKEN) through huggingface_hub.
+        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # the hub client raises many types: offline, auth, not found
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise InputError(
@@ -199,7 +249,8 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelRef:
         raise InputError(f"model.path: {repo_id!r} has no config.json; is it a transformers model?")
     # snapshot folders are named by commit hash: that is the exact revision we trained on
     commit = local.name
-    return ModelRef(repo_id, "hub", local, commit, f"hub:{repo_id}@{commit}")
+    check_weight_files(local, flags["allow_pickle"])
+    return ModelRef(repo_id, "hub", local, commit, f"hub:{repo_id}@{commit}", **flags)
 
 
 def _folder_fingerprint(folder: Path) -> str:

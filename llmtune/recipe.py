@@ -32,6 +32,10 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str = EMBEDDED_DEFAULT  # hub id | local HF folder | local .gguf file | embedded:NAME
     revision: str | None = None  # hub branch, tag or commit; ignored for local sources
+    # Pickle-based weights (.bin, .pt) can run code when opened: refused unless asked for.
+    allow_pickle: bool = False
+    # Runs Python code shipped with the model; hub sources must then pin a full commit hash.
+    trust_remote_code: bool = False
 
 
 DataFormat = Literal["chat", "sharegpt", "alpaca", "completion", "text"]
@@ -127,7 +131,7 @@ class TrainSection(Section):
 
 class MergeSection(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_shard_size: str = "2GB"
+    max_shard_size: str = Field(default="2GB", pattern=r"^[1-9][0-9]*(KB|MB|GB|KiB|MiB|GiB)$")
 
 
 class ExportSection(Section):
@@ -211,7 +215,9 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict, Origins]:
         where = f" (extended by {_label(chain[-1])})" if chain else ""
         raise RecipeError(f"{label}: recipe file not found{where}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{label}: not a text file (not UTF-8)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -240,6 +246,61 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict, Origins]:
     }
     merged.update(origins)
     return parent, merged
+
+
+# Anchors and aliases are handy in recipes, but a few nested aliases can stand for billions of
+# nodes ("billion laughs"). Refuse documents that would expand past this many nodes.
+MAX_YAML_NODES = 100_000
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python objects), refusing duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict)):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a plain value", key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"key {key!r} first given on line {seen[key] + 1}", node.start_mark,
+                    f"duplicate key {key!r}", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """Safe-load one YAML document: duplicate keys and alias bombs are errors."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise yaml.YAMLError(
+                f"the document expands to more than {MAX_YAML_NODES:,} values through anchors "
+                "and aliases; refusing it")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """How many nodes the document has once every alias is expanded (memoised per node)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a node reached again while counting it (a cycle) counts once
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_YAML_NODES + 1)
+    return memo[id(node)]
 
 
 def _non_mapping_keys(node: dict, prefix: tuple):
@@ -274,10 +335,10 @@ def _apply_override(raw: dict, origins: Origins, item: str) -> None:
     if not sep or not key.strip():
         raise RecipeError(f"--set {item}: expected KEY=VALUE, for example --set train.lr=1e-4")
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError:
         value = text
-    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    parts: list[Any] = [int(p) if p.isascii() and p.isdigit() else p for p in key.strip().split(".")]
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
         nxt = parts[depth + 1]

@@ -14,6 +14,7 @@ from llmtune.manifest import (
     is_up_to_date,
     read_manifest,
     require_stage,
+    space_warning,
     start_stage,
     upstream_ref,
 )
@@ -29,6 +30,12 @@ def export(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         return Outcome(read_manifest(out_dir), up_to_date=True)
 
     partial = start_stage(out_dir)
+    # Hard links cost no space; a copy (another filesystem) costs the merged model's size.
+    if os.stat(merged_dir).st_dev != os.stat(partial).st_dev:
+        needed = sum(p.stat().st_size for p in merged_dir.iterdir() if p.is_file())
+        warning = space_warning(partial, needed * len(recipe.export.formats), "the export")
+        if warning:
+            console.print(f"[yellow]warning:[/] {warning}", markup=True)
     sizes = {}  # "<format>_bytes" -> bytes written
     for name in recipe.export.formats:
         if name == "hf":

@@ -21,6 +21,7 @@ from llmtune.manifest import (
     is_up_to_date,
     read_manifest,
     require_stage,
+    space_warning,
     start_stage,
     upstream_ref,
 )
@@ -40,7 +41,7 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     adapter_dir, out_dir = run / "adapter", run / "merged"
     adapter_manifest = require_stage(adapter_dir, "train", f"llmtune train {run / 'recipe.yaml'}")
     base = adapter_manifest["inputs"]["base_model"]
-    ref = models.resolve(base["source"], base["revision"])
+    ref = models.resolve_section(base)
     if ref.fingerprint != base["fingerprint"]:
         raise InputError(
             f"the base model {base['source']} is not the one the adapter was trained on "
@@ -75,6 +76,10 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
             logits = merged(**batch).logits.float()
         cast_diff = _max_diff(logits, reference, batch["attention_mask"])
         console.print(f"merge: cast to {recipe.merge.dtype}: max logit difference {cast_diff:.2e}")
+    needed = sum(p.numel() * p.element_size() for p in merged.parameters())
+    warning = space_warning(partial, needed, "the merged model")
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}", markup=True)
     merged.generation_config.eos_token_id = models.eos_token_ids(tokenizer, merged.config)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(str(partial), max_shard_size=recipe.merge.max_shard_size)

@@ -35,7 +35,7 @@ BATCH = 8192  # rows per tokenizer call: larger batches keep every core busy
 
 def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     out_dir = run / "prepared"
-    ref = models.resolve(recipe.model.path, recipe.model.revision)
+    ref = models.resolve_section(recipe.model)
     data = recipe.data
     inputs = {
         "tokenizer": models.tokenizer_fingerprint(ref),

@@ -44,7 +44,7 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
     prompts, references = zip(*pairs)
 
     base = adapter_manifest["inputs"]["base_model"]
-    ref = models.resolve(base["source"], base["revision"])
+    ref = models.resolve_section(base)
     tokenizer = models.load_tokenizer(ref)
     template = resolve_template(recipe.data.template, tokenizer)
     model = PeftModel.from_pretrained(models.load_model(ref), str(adapter_dir)).eval()

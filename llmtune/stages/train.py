@@ -17,6 +17,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from llmtune import models
 from llmtune.console import console
 from llmtune.data.chat import IGNORE
+from llmtune.errors import InputError
 from llmtune.manifest import (
     Outcome,
     finish_stage,
@@ -32,7 +33,7 @@ from llmtune.recipe import Recipe, section_sha256
 def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     prepared_dir, out_dir = run / "prepared", run / "adapter"
     require_stage(prepared_dir, "prepare", f"llmtune prepare {run / 'recipe.yaml'}")
-    ref = models.resolve(recipe.model.path, recipe.model.revision)
+    ref = models.resolve_section(recipe.model)
     inputs = {"prepared": upstream_ref(prepared_dir, out_dir), "base_model": ref.as_manifest()}
     recipe_sha = section_sha256(recipe, "model", "adapter", "train")
     if not force and is_up_to_date(out_dir, "train", recipe_sha, inputs):
@@ -47,7 +48,11 @@ def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     # With a cache, transformers does not read packed position ids as sequence boundaries, and
     # packed examples would attend to each other; training never uses the cache anyway.
     base_model.config.use_cache = False
-    model = get_peft_model(base_model, _lora_config(recipe))
+    try:
+        model = get_peft_model(base_model, _lora_config(recipe))
+    except ValueError as exc:  # peft names the modules it could not find
+        raise InputError(f"adapter: {exc}", hint="check adapter.target_modules against the model's "
+                         "module names, or use target_modules: all-linear") from None
     # Where a PEFT loader looks for the base: the hub id, or the local folder we trained on.
     model.peft_config["default"].base_model_name_or_path = (
         ref.source if ref.kind == "hub" else str(ref.local_dir)
