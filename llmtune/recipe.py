@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +147,28 @@ class PreviewSection(Section):
     max_new_tokens: int = Field(default=64, gt=0)
 
 
+class EvalSection(Section):
+    """`llmtune eval`: base vs adapter vs merged on the validation set and these sources."""
+
+    sources: list[DataSource] = []
+    max_samples: int = Field(default=64, gt=0)  # rows per eval set
+    max_new_tokens: int = Field(default=128, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    # Extracts the answer from reference and generation, e.g. GSM8K: '#### *(-?[0-9.,]+)'
+    answer_regex: str | None = None
+    lm_eval_tasks: list[str] = []  # passed to lm-eval (pip install lm-eval) on the merged model
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str | None = None
@@ -157,6 +180,7 @@ class Recipe(Section):
     merge: MergeSection = MergeSection()
     export: ExportSection = ExportSection()
     preview: PreviewSection = PreviewSection()
+    eval: EvalSection = EvalSection()
 
 
 # Fields each data format reads (see data/formats.py); `fields` may rename only these.
@@ -169,7 +193,11 @@ FORMAT_FIELDS = {
 }
 
 # Keys whose values are filesystem paths, as key paths with "*" for any list index.
-_PATH_KEYS = [("data", "train", "*", "path"), ("data", "validation", "sources", "*", "path")]
+_PATH_KEYS = [
+    ("data", "train", "*", "path"),
+    ("data", "validation", "sources", "*", "path"),
+    ("eval", "sources", "*", "path"),
+]
 _SET_ORIGIN = "--set"
 
 Origins = dict[tuple, str]  # key path -> the file (or "--set") that set it

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from datasets import load_from_disk
 from peft import PeftModel
+from transformers import AutoTokenizer
 
 from llmtune import models
 from llmtune.console import console
@@ -54,7 +55,8 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         return Outcome(read_manifest(out_dir), up_to_date=True)
 
     partial = start_stage(out_dir)
-    tokenizer = models.load_tokenizer(ref)
+    # The adapter's tokenizer carries the chat template the model was trained with.
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model = PeftModel.from_pretrained(models.load_model(ref), str(adapter_dir)).eval()
     batch = _check_batch(adapter_dir, adapter_manifest, tokenizer.pad_token_id or 0)
     with torch.no_grad():

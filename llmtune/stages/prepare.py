@@ -47,7 +47,11 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
     partial = start_stage(out_dir)
     tokenizer = models.load_tokenizer(ref)
-    template = resolve_template(data.template, tokenizer)
+    conversational = any(s.format in ("chat", "sharegpt", "alpaca")
+                         for s in [*data.train, *(data.validation.sources or [])])
+    template = resolve_template(data.template, tokenizer) if conversational else None
+    if template:  # the template trained with travels on to the adapter and merged model
+        (partial / "chat_template.jinja").write_text(template, encoding="utf-8")
     skipped: Counter = Counter()
 
     train_rows = [r for i, s in enumerate(data.train) for r in _read(s, i, data, skipped)]

@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from datasets import load_from_disk
 from peft import PeftModel
+from transformers import AutoTokenizer
 
 from llmtune import models
 from llmtune.console import console
-from llmtune.data.chat import render
-from llmtune.data.templates import resolve_template
 from llmtune.manifest import manifest_sha256, require_stage
 from llmtune.recipe import Recipe
+from llmtune.stages.inference import generate, prompt_and_answer
 
 PREVIEW_FILE = "preview.json"
 
@@ -36,7 +35,7 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
 
     prepared = (adapter_dir / adapter_manifest["inputs"]["prepared"]["path"]).resolve()
     held_out = load_from_disk(str(prepared / "validation"))
-    pairs = [_prompt_and_answer(json.loads(s)) for s in held_out["sample"]]
+    pairs = [prompt_and_answer(json.loads(s)) for s in held_out["sample"]]
     pairs = [p for p in pairs if p is not None][: cfg.count]
     if not pairs:
         console.print("preview: no held-out prompts (empty validation set, or text data)")
@@ -45,13 +44,12 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
 
     base = adapter_manifest["inputs"]["base_model"]
     ref = models.resolve_section(base)
-    tokenizer = models.load_tokenizer(ref)
-    template = resolve_template(recipe.data.template, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the template trained with
     model = PeftModel.from_pretrained(models.load_model(ref), str(adapter_dir)).eval()
     console.print(f"preview: generating answers to {len(prompts)} held-out prompts, base and tuned")
-    tuned = generate(model, tokenizer, prompts, cfg.max_new_tokens, template)
+    tuned = [g.text for g in generate(model, tokenizer, prompts, cfg.max_new_tokens)]
     with model.disable_adapter():
-        untuned = generate(model, tokenizer, prompts, cfg.max_new_tokens, template)
+        untuned = [g.text for g in generate(model, tokenizer, prompts, cfg.max_new_tokens)]
 
     examples = [
         {
@@ -75,35 +73,6 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
     tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.rename(run / PREVIEW_FILE)
     return result
-
-
-def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | None = None) -> list[str]:
-    """Greedy, batched answers (left-padded, stops at any EOS id). A prompt is a conversation,
-    rendered with the chat template, or a plain completion prompt, used as it is."""
-    texts = [p if isinstance(p, str) else render(tokenizer, p, True, template) for p in prompts]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=models.eos_token_ids(tokenizer, model.config),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new_tokens = output[:, batch["input_ids"].shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def _prompt_and_answer(sample: dict) -> tuple[list[dict] | str, str] | None:
-    """The prompt up to the first assistant turn and that turn's text; None for text samples."""
-    if "prompt" in sample:
-        return sample["prompt"], sample["completion"]
-    if "messages" not in sample:
-        return None
-    messages = sample["messages"]
-    index = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:index], messages[index]["content"]
 
 
 def _read_json(path: Path) -> dict | None:

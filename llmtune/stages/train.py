@@ -27,6 +27,7 @@ from llmtune.manifest import (
     start_stage,
     upstream_ref,
 )
+from llmtune.plot import plot_metrics
 from llmtune.recipe import Recipe, section_sha256
 
 
@@ -44,6 +45,8 @@ def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     set_seed(cfg.seed)
     device = models.pick_device()
     tokenizer = models.load_tokenizer(ref)
+    if (prepared_dir / "chat_template.jinja").is_file():  # the template the data was rendered with
+        tokenizer.chat_template = (prepared_dir / "chat_template.jinja").read_text(encoding="utf-8")
     base_model = models.load_model(ref)
     # With a cache, transformers does not read packed position ids as sequence boundaries, and
     # packed examples would attend to each other; training never uses the cache anyway.
@@ -109,6 +112,8 @@ def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         summary=summary,
         device=device,
     )
+    plot_metrics(out_dir / "metrics.jsonl", run / "training_curves.png")
+    console.print(f"train: training curves -> {run / 'training_curves.png'}")
     return Outcome(manifest, up_to_date=False)
 
 

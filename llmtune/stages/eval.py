@@ -1,0 +1,164 @@
+"""eval: what the fine-tune changed. Base, adapter and merged model side by side on the held-out
+validation set and on `eval.sources`: loss and perplexity on the trained tokens; greedy
+generations scored by exact match, contains, a regex-extracted answer, and how often they end
+with EOS before the length limit. Writes eval/report.json and eval/generations.jsonl."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from datasets import load_from_disk
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmtune import models
+from llmtune.console import console
+from llmtune.data.chat import IGNORE, encode, render_sample
+from llmtune.data.formats import to_sample
+from llmtune.data.sources import read_source
+from llmtune.errors import InputError
+from llmtune.manifest import (
+    Outcome,
+    finish_stage,
+    is_up_to_date,
+    read_manifest,
+    require_stage,
+    sha256_file,
+    start_stage,
+    upstream_ref,
+)
+from llmtune.metrics import contains, exact_match, regex_match
+from llmtune.recipe import Recipe, section_sha256
+from llmtune.stages.inference import generate, mean_token_loss, perplexity, prompt_and_answer
+
+MODELS = ("base", "adapter", "merged")
+
+
+def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
+    adapter_dir, merged_dir, out_dir = run / "adapter", run / "merged", run / "eval"
+    adapter_manifest = require_stage(adapter_dir, "train", f"llmtune train {run / 'recipe.yaml'}")
+    inputs = {"adapter": upstream_ref(adapter_dir, out_dir)}
+    if read_manifest(merged_dir) is not None:
+        inputs["merged"] = upstream_ref(merged_dir, out_dir)
+    inputs["eval_files"] = {s.path: sha256_file(s.path) for s in recipe.eval.sources
+                            if s.path and Path(s.path).is_file()}
+    recipe_sha = section_sha256(recipe, "eval", "data")
+    if not force and is_up_to_date(out_dir, "eval", recipe_sha, inputs):
+        return Outcome(read_manifest(out_dir), up_to_date=True)
+
+    partial = start_stage(out_dir)
+    cfg = recipe.eval
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the template trained with
+    prepared = (adapter_dir / adapter_manifest["inputs"]["prepared"]["path"]).resolve()
+    eval_sets = {"validation": _prepared_rows(prepared / "validation", cfg.max_samples)}
+    for index, source in enumerate(cfg.sources):
+        name = f"{index}:{Path(source.path).name if source.path else source.hub}"
+        eval_sets[name] = _source_rows(source, recipe, tokenizer)
+    eval_sets = {name: rows for name, rows in eval_sets.items() if rows}
+    if not eval_sets:
+        raise InputError("nothing to evaluate: the validation set is empty and eval.sources gives no rows",
+                         hint="set data.validation.fraction or add eval.sources")
+
+    base = models.resolve_section(adapter_manifest["inputs"]["base_model"])
+    tuned = PeftModel.from_pretrained(models.load_model(base), str(adapter_dir)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval() if "merged" in inputs else None
+    report, generations = {"sets": {}}, []
+    for name, rows in eval_sets.items():
+        console.print(f"eval: {name}: {len(rows)} examples")
+        results = {}
+        for label in MODELS:
+            if label == "merged" and merged is None:
+                continue
+            model = merged if label == "merged" else tuned
+            if label == "base":
+                with tuned.disable_adapter():
+                    results[label] = _score(tuned, tokenizer, rows, cfg, name, label, generations)
+            else:
+                results[label] = _score(model, tokenizer, rows, cfg, name, label, generations)
+        report["sets"][name] = {"examples": len(rows), "models": results}
+
+    if cfg.lm_eval_tasks:
+        report["lm_eval"] = _lm_eval(merged_dir if merged is not None else None, cfg)
+    (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(partial / "generations.jsonl", "w", encoding="utf-8") as handle:
+        for entry in generations:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    first = next(iter(report["sets"].values()))["models"]
+    summary = {f"{label}_{key}": value for label, metrics in first.items()
+               for key, value in metrics.items() if key in ("loss", "exact_match", "regex_match")}
+    manifest = finish_stage(partial, out_dir, stage="eval", recipe_sha256=recipe_sha,
+                            inputs=inputs, summary=summary)
+    return Outcome(manifest, up_to_date=False)
+
+
+def _score(model, tokenizer, rows, cfg, set_name, label, generations) -> dict:
+    loss = mean_token_loss(model, rows, tokenizer.pad_token_id or 0, cfg.batch_size)
+    metrics = {"loss": _round(loss), "perplexity": _round(perplexity(loss))}
+    pairs = [prompt_and_answer(row["sample"]) for row in rows]
+    pairs = [p for p in pairs if p is not None]
+    if not pairs:
+        return metrics
+    prompts, references = zip(*pairs)
+    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size)
+    counts = Counter()
+    for prompt, reference, output in zip(prompts, references, outputs):
+        scores = {"exact_match": exact_match(output.text, reference),
+                  "contains": contains(output.text, reference),
+                  "ended_with_eos": output.ended_with_eos}
+        if cfg.answer_regex:
+            scores["regex_match"] = regex_match(output.text, reference, cfg.answer_regex)
+        counts.update({k: int(v) for k, v in scores.items()})
+        generations.append({"set": set_name, "model": label, "reference": reference,
+                            "output": output.text, **scores,
+                            "prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"]})
+    metrics.update({key: round(value / len(outputs), 4) for key, value in counts.items()})
+    metrics["generated"] = len(outputs)
+    return metrics
+
+
+def _prepared_rows(path: Path, limit: int) -> list[dict]:
+    if not path.is_dir():
+        return []
+    data = load_from_disk(str(path))
+    return [{"input_ids": r["input_ids"], "labels": r["labels"], "sample": json.loads(r["sample"])}
+            for r in data.select(range(min(limit, len(data))))]
+
+
+def _source_rows(source, recipe: Recipe, tokenizer) -> list[dict]:
+    """An eval source rendered and masked exactly as training data; bad rows are skipped."""
+    samples, skipped = [], 0
+    for record in read_source(source):
+        sample, reason = (None, record.error) if record.error else to_sample(
+            record.data, source.format, source.fields, recipe.data.system_prompt, source.separator)
+        if reason:
+            skipped += 1
+            continue
+        samples.append(sample)
+        if len(samples) == recipe.eval.max_samples:
+            break
+    if skipped:
+        console.print(f"eval: skipped {skipped} unusable rows in {source.path or source.hub}")
+    rendered = [render_sample(s, tokenizer, None, recipe.data.train_on) for s in samples]
+    limit = recipe.data.max_seq_len
+    return [{"input_ids": e.input_ids[:limit], "labels": e.labels[:limit], "sample": s}
+            for s, e in zip(samples, encode(tokenizer, rendered))
+            if e.labels[:limit].count(IGNORE) < len(e.labels[:limit])]
+
+
+def _lm_eval(merged_dir: Path | None, cfg) -> dict:
+    try:
+        import lm_eval
+    except ImportError:
+        raise InputError("eval.lm_eval_tasks needs the lm-eval package",
+                         hint="pip install lm-eval, or remove eval.lm_eval_tasks") from None
+    if merged_dir is None:
+        raise InputError("eval.lm_eval_tasks runs on the merged model", hint="run llmtune merge first")
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={merged_dir}",
+                                      tasks=list(cfg.lm_eval_tasks), limit=cfg.max_samples)
+    return results.get("results", {})
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
