@@ -49,7 +49,7 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even when up to 
 
 
 # Exit codes: 0 done, 2 a problem with the input (message and hint, no traceback), 3 an output
-# failed its check, 4 the disk is full, 1 a bug (with a traceback).
+# failed its check, 4 the disk is full, 75 training interrupted and resumable, 1 a bug.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
@@ -115,10 +115,18 @@ def prepare(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, forc
     _stage("prepare", recipe, set, run_dir, force)
 
 
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option("--resume", help="auto: continue an interrupted training from its newest good checkpoint."),
+]
+
+
 @app.command()
-def train(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
-    """Train a LoRA adapter on <run>/prepared into <run>/adapter."""
-    _stage("train", recipe, set, run_dir, force)
+def train(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False,
+          resume: ResumeOpt = None):
+    """Train a LoRA adapter on <run>/prepared into <run>/adapter (exit 75: interrupted, resumable)."""
+    loaded, run_path = _open_run(recipe, set, run_dir)
+    _run_stage("train", loaded, run_path, force, resume=_resume_flag(resume))
 
 
 @app.command()
@@ -134,11 +142,12 @@ def export(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force
 
 
 @app.command()
-def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
+def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False,
+        resume: ResumeOpt = None):
     """Run every stage; stages whose inputs are unchanged are skipped as up to date."""
     loaded, run_path = _open_run(recipe, set, run_dir)
     for stage in STAGE_DIRS:
-        _run_stage(stage, loaded, run_path, force)
+        _run_stage(stage, loaded, run_path, force, resume=_resume_flag(resume) and stage == "train")
     _print_results(run_path)
     from llmtune.stages.preview import preview
 
@@ -400,10 +409,17 @@ def _stage(stage: str, recipe_file: Path, sets: list[str], run_dir: Path | None,
     _run_stage(stage, loaded, run_path, force)
 
 
-def _run_stage(stage: str, recipe, run_path: Path, force: bool) -> None:
+def _resume_flag(value: str | None) -> bool:
+    if value not in (None, "auto"):
+        raise LlmtuneError(f"--resume {value}: the only choice is auto (the newest good checkpoint)")
+    return value == "auto"
+
+
+def _run_stage(stage: str, recipe, run_path: Path, force: bool, resume: bool = False) -> None:
     from llmtune.stages import STAGES
 
-    outcome = STAGES[stage](recipe, run_path, force=force)
+    extra = {"resume": resume} if stage == "train" else {}
+    outcome = STAGES[stage](recipe, run_path, force=force, **extra)
     where = run_path / STAGE_DIRS[stage]
     if outcome.up_to_date:
         console.print(f"[bold]{stage}:[/] up to date ({where})", markup=True)

@@ -146,13 +146,34 @@ def load_tokenizer(ref: ModelRef):
     return AutoTokenizer.from_pretrained(ref.local_dir, trust_remote_code=ref.trust_remote_code)
 
 
-def load_model(ref: ModelRef, dtype: torch.dtype = torch.float32):
+def load_model(ref: ModelRef, dtype: torch.dtype = torch.float32, quantize: str = "none",
+               double_quant: bool = True, compute_dtype: str = "auto"):
+    """The base model in `dtype`, or quantized by bitsandbytes (QLoRA) when `quantize` says so."""
+    extra = {}
+    if quantize != "none":
+        from transformers import BitsAndBytesConfig
+
+        compute = _compute_dtype(compute_dtype)
+        if quantize == "int8":
+            extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quantize,
+                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute)
+        dtype = compute
     # use_safetensors=True: transformers never falls back to a pickle file next to the
     # safetensors. With allow_pickle it may; torch.load there runs with weights_only=True.
     return AutoModelForCausalLM.from_pretrained(
         ref.local_dir, dtype=dtype, use_safetensors=None if ref.allow_pickle else True,
-        trust_remote_code=ref.trust_remote_code,
+        trust_remote_code=ref.trust_remote_code, **extra,
     )
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def eos_token_ids(tokenizer, model_config) -> list[int]:

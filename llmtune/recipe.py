@@ -37,6 +37,10 @@ class ModelSection(Section):
     allow_pickle: bool = False
     # Runs Python code shipped with the model; hub sources must then pin a full commit hash.
     trust_remote_code: bool = False
+    # QLoRA: load the frozen base quantized by bitsandbytes. Merging always uses the float base.
+    quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
+    double_quant: bool = True  # 4-bit: quantize the quantization constants too
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA
 
 
 DataFormat = Literal["chat", "sharegpt", "alpaca", "completion", "text"]
@@ -109,11 +113,25 @@ class DataSection(Section):
 
 
 class AdapterSection(Section):
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "dora"] = "lora"
     r: int = Field(default=16, gt=0)
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    # all-linear (every linear layer but the output head) | a list of module names | a regex
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] = []  # trained in full and saved, e.g. [embed_tokens, lm_head]
+    init: Literal["default", "gaussian", "pissa", "loftq"] = "default"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _regex_compiles(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not all-linear, a list, nor a valid regex: {exc}") from None
+        return value
 
 
 class TrainSection(Section):
@@ -128,6 +146,18 @@ class TrainSection(Section):
     max_grad_norm: float = Field(default=1.0, gt=0)
     seed: int = 0
     log_every: int = Field(default=1, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32
+    gradient_checkpointing: bool = False
+    eval_every: int | None = Field(default=None, gt=0)  # steps between validation losses
+    early_stopping_patience: int | None = Field(default=None, gt=0)  # evals without improvement
+    save_every: int | None = Field(default=None, gt=0)  # steps between resumable checkpoints
+    keep_checkpoints: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_eval(self) -> TrainSection:
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("early_stopping_patience needs eval_every")
+        return self
 
 
 class MergeSection(Section):

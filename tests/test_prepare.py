@@ -91,7 +91,7 @@ def test_packed_batch_loss_equals_unpacked_per_example(tiny_model, tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmtune.stages.train import PadCollator
+    from llmtune.stages.collate import PadCollator
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     model.config.use_cache = False  # as the train stage sets it: with a cache, packing leaks

@@ -48,7 +48,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | Non
 
 def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> float | None:
     """Mean cross-entropy over the trained tokens of prepared rows (input_ids, labels)."""
-    from llmtune.stages.train import PadCollator
+    from llmtune.stages.collate import PadCollator
 
     collate = PadCollator(pad_id, attention_mask=True)
     total, count = 0.0, 0

@@ -27,7 +27,7 @@ from llmtune.manifest import (
     upstream_ref,
 )
 from llmtune.recipe import Recipe, section_sha256
-from llmtune.stages.train import PadCollator
+from llmtune.stages.collate import PadCollator
 
 # An fp32 merge only reorders floating-point additions: after the quickstart, SmolLM2-135M
 # (30 layers) shows 2.3e-4 on logits of magnitude ~20. A wrong merge (a lost alpha/r scale, a

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from peft import LoftQConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from llmtune import models
 from llmtune.console import console
-from llmtune.data.chat import IGNORE
-from llmtune.errors import InputError
+from llmtune.errors import InputError, LlmtuneError
 from llmtune.manifest import (
     Outcome,
     finish_stage,
     is_up_to_date,
+    partial_dir,
     read_manifest,
     require_stage,
     start_stage,
@@ -29,10 +28,20 @@ from llmtune.manifest import (
 )
 from llmtune.plot import plot_metrics
 from llmtune.recipe import Recipe, section_sha256
+from llmtune.stages import checkpoints
+from llmtune.stages.callbacks import EarlyStop, MarkCheckpoints, StopOnSignal, TrainProgress
+from llmtune.stages.collate import PadCollator
 
 
-def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
+class Interrupted(LlmtuneError):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint: run again to resume."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) -> Outcome:
     prepared_dir, out_dir = run / "prepared", run / "adapter"
+    command = f"llmtune train {run / 'recipe.yaml'}"
     require_stage(prepared_dir, "prepare", f"llmtune prepare {run / 'recipe.yaml'}")
     ref = models.resolve_section(recipe.model)
     inputs = {"prepared": upstream_ref(prepared_dir, out_dir), "base_model": ref.as_manifest()}
@@ -40,30 +49,40 @@ def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     if not force and is_up_to_date(out_dir, "train", recipe_sha, inputs):
         return Outcome(read_manifest(out_dir), up_to_date=True)
 
-    partial = start_stage(out_dir)
+    depends_on = {
+        "model section": section_sha256(recipe, "model"),
+        "adapter section": section_sha256(recipe, "adapter"),
+        "train section": section_sha256(recipe, "train"),
+        "prepared data": inputs["prepared"]["manifest_sha256"],
+        "base model weights": ref.fingerprint,
+    }
+    partial, checkpoint = partial_dir(out_dir), None
+    state = checkpoints.read_resume_state(partial) if resume and not force else None
+    if state is not None:
+        checkpoints.check_same_run(state["depends_on"], depends_on, command)
+        checkpoint = checkpoints.newest_good(partial / checkpoints.CHECKPOINTS)
+    if checkpoint is None:
+        if resume:
+            console.print("train: no good checkpoint to resume from; starting from the beginning")
+        partial = start_stage(out_dir)
+        state = {"depends_on": depends_on}
+        checkpoints.write_resume_state(partial, state)
+    else:
+        console.print(f"train: resuming from {checkpoint}")
+        _drop_metrics_after(partial / "metrics.jsonl", checkpoints.step_of(checkpoint))
+
     cfg = recipe.train
     set_seed(cfg.seed)
     device = models.pick_device()
     tokenizer = models.load_tokenizer(ref)
     if (prepared_dir / "chat_template.jinja").is_file():  # the template the data was rendered with
         tokenizer.chat_template = (prepared_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    base_model = models.load_model(ref)
-    # With a cache, transformers does not read packed position ids as sequence boundaries, and
-    # packed examples would attend to each other; training never uses the cache anyway.
-    base_model.config.use_cache = False
-    try:
-        model = get_peft_model(base_model, _lora_config(recipe))
-    except ValueError as exc:  # peft names the modules it could not find
-        raise InputError(f"adapter: {exc}", hint="check adapter.target_modules against the model's "
-                         "module names, or use target_modules: all-linear") from None
-    # Where a PEFT loader looks for the base: the hub id, or the local folder we trained on.
-    model.peft_config["default"].base_model_name_or_path = (
-        ref.source if ref.kind == "hub" else str(ref.local_dir)
-    )
+    model = _adapter_model(recipe, ref)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(
         f"train: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.2f}%), device {device}"
+        f"({100 * trainable / total:.2f}%), device {device}, precision {_precision(cfg.precision, device)}"
+        + (f", base quantized {recipe.model.quantize}" if recipe.model.quantize != "none" else "")
     )
 
     train_set = load_from_disk(str(prepared_dir / "train"))
@@ -71,65 +90,128 @@ def train(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     validation = validation if len(validation) else None
     collator = PadCollator(tokenizer.pad_token_id or 0)
     progress = TrainProgress(partial / "metrics.jsonl", collator)
+    stop = StopOnSignal()
+    callbacks = [progress, stop, MarkCheckpoints(partial / checkpoints.CHECKPOINTS, cfg.keep_checkpoints)]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStop(cfg.early_stopping_patience))
     trainer = Trainer(
         model=model,
-        args=_training_arguments(recipe, partial / "trainer", device),
+        args=_training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, validation is not None),
         train_dataset=train_set,
         eval_dataset=validation,
         data_collator=collator,
-        callbacks=[progress],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
-    eval_before = _evaluate(trainer, "before training", progress)
+    if "eval_loss_before" not in state:
+        state["eval_loss_before"] = _evaluate(trainer, "before training")
+        checkpoints.write_resume_state(partial, state)
     started = time.perf_counter()
-    result = trainer.train()
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        stop.uninstall()
     seconds = time.perf_counter() - started
-    eval_after = _evaluate(trainer, "after training", progress)
+    if stop.received is not None:
+        raise Interrupted(
+            f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved "
+            f"in {partial / checkpoints.CHECKPOINTS}",
+            hint=f"resume with: {command} --resume auto",
+        )
+    eval_after = _evaluate(trainer, "after training")
 
-    shutil.rmtree(partial / "trainer", ignore_errors=True)
     model.save_pretrained(str(partial))
     tokenizer.save_pretrained(str(partial))
+    (partial / checkpoints.RESUME_STATE).unlink()
     summary = {
         "steps": result.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "train_loss": round(result.training_loss, 5),
-        "eval_loss_before": eval_before,
+        "eval_loss_before": state["eval_loss_before"],
         "eval_loss": eval_after,
         "trainable_params": trainable,
         "total_params": total,
         "train_seconds": round(seconds, 1),
+        "resumed_from_step": checkpoints.step_of(checkpoint) if checkpoint else None,
         "tokens_per_second": round(progress.tokens / seconds, 1) if seconds else None,
         "trained_tokens_per_second": round(progress.trained_tokens / seconds, 1) if seconds else None,
     }
-    manifest = finish_stage(
-        partial,
-        out_dir,
-        stage="train",
-        recipe_sha256=recipe_sha,
-        inputs=inputs,
-        summary=summary,
-        device=device,
-    )
+    manifest = finish_stage(partial, out_dir, stage="train", recipe_sha256=recipe_sha,
+                            inputs=inputs, summary=summary, device=device)
     plot_metrics(out_dir / "metrics.jsonl", run / "training_curves.png")
     console.print(f"train: training curves -> {run / 'training_curves.png'}")
     return Outcome(manifest, up_to_date=False)
 
 
+def _adapter_model(recipe: Recipe, ref):
+    """The base (quantized for QLoRA) with a fresh LoRA/DoRA adapter on it."""
+    quantize = recipe.model.quantize
+    base = models.load_model(ref, quantize=quantize, double_quant=recipe.model.double_quant,
+                             compute_dtype=recipe.model.compute_dtype)
+    # With a cache, transformers does not read packed position ids as sequence boundaries, and
+    # packed examples would attend to each other; training never uses the cache anyway.
+    base.config.use_cache = False
+    if quantize != "none":
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    try:
+        model = get_peft_model(base, _lora_config(recipe))
+    except ValueError as exc:  # peft names the modules it could not find
+        raise InputError(f"adapter: {exc}", hint="check adapter.target_modules against the model's "
+                         "module names, or use target_modules: all-linear") from None
+    # Where a PEFT loader looks for the base: the hub id, or the local folder we trained on.
+    model.peft_config["default"].base_model_name_or_path = (
+        ref.source if ref.kind == "hub" else str(ref.local_dir))
+    return model
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Resuming repeats the steps after the checkpoint: forget what they logged."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _precision(choice: str, device: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}
+
+
 def _lora_config(recipe: Recipe) -> LoraConfig:
     adapter = recipe.adapter
+    extra = {}
+    if adapter.init == "loftq":
+        if recipe.model.quantize != "none":
+            raise InputError("adapter.init: loftq quantizes the base itself; use it with model.quantize: none")
+        extra["loftq_config"] = LoftQConfig(loftq_bits=4)
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=adapter.target_modules,
+        modules_to_save=adapter.modules_to_save or None,
+        use_dora=adapter.method == "dora",
+        use_rslora=adapter.rslora,
+        init_lora_weights=_INIT[adapter.init],
         task_type="CAUSAL_LM",
+        **extra,
     )
 
 
-def _training_arguments(recipe: Recipe, output_dir: Path, device: str) -> TrainingArguments:
+def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval: bool) -> TrainingArguments:
     cfg = recipe.train
+    precision = _precision(cfg.precision, device)
+    if precision == "fp16" and device != "cuda":
+        raise InputError("train.precision: fp16 needs a CUDA GPU", hint="use bf16 or fp32 on CPU")
+    periodic_eval = has_eval and cfg.eval_every is not None
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -144,10 +226,19 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str) -> Traini
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         logging_steps=cfg.log_every,
         logging_strategy="steps",
-        save_strategy="no",
-        eval_strategy="no",
+        # Checkpoints every save_every steps (and on SIGTERM/SIGINT); MarkCheckpoints rotates
+        # them itself, after marking, so rotation can never remove the last good one.
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 500,
+        save_total_limit=None,
+        eval_strategy="steps" if periodic_eval else "no",
+        eval_steps=cfg.eval_every if periodic_eval else None,
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -156,102 +247,9 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str) -> Traini
     )
 
 
-def _evaluate(trainer: Trainer, when: str, progress: TrainProgress) -> float | None:
+def _evaluate(trainer: Trainer, when: str) -> float | None:
     if trainer.eval_dataset is None:
         return None
     loss = round(trainer.evaluate()["eval_loss"], 5)
     console.print(f"train: eval loss {when}: {loss:.4f} (perplexity {math.exp(loss):.2f})")
-    progress.record({"step": trainer.state.global_step, "eval_loss": loss, "when": when})
     return loss
-
-
-class PadCollator:
-    """Right-pads a batch to its longest row; labels pad with -100, never masked by pad id
-    (SmolLM2's pad token is its EOS, which must be trained).
-
-    Training passes no attention mask: under the causal mask, right padding never reaches a real
-    token, and without a mask SDPA takes its causal fast path. Packed rows carry position ids
-    that restart at each example, and their pads restart once more, so transformers keeps
-    attention inside each example. Counts real and trained tokens for the progress line.
-    """
-
-    def __init__(self, pad_id: int, attention_mask: bool = False):
-        self.pad_id = pad_id
-        self.attention_mask = attention_mask
-        self.tokens = 0
-        self.trained_tokens = 0
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        packed = "position_ids" in rows[0]
-        positions = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[i, :n] = torch.tensor(row["input_ids"])
-            labels[i, :n] = torch.tensor(row["labels"])
-            mask[i, :n] = 1
-            if packed:
-                positions[i, :n] = torch.tensor(row["position_ids"])
-                positions[i, n:] = torch.arange(longest - n)
-        self.tokens += int(mask.sum())
-        self.trained_tokens += int((labels != IGNORE).sum())
-        batch = {"input_ids": ids, "labels": labels}
-        if packed:
-            batch["position_ids"] = positions
-        if self.attention_mask:
-            batch["attention_mask"] = mask
-        return batch
-
-
-class TrainProgress(TrainerCallback):
-    """One terminal line and one metrics.jsonl record per logging step: loss, lr, tokens/s, ETA."""
-
-    def __init__(self, metrics_path: Path, collator: PadCollator):
-        self.metrics_path = metrics_path
-        self.collator = collator
-        self.started = time.perf_counter()
-        self.tokens = self.trained_tokens = 0
-
-    def record(self, entry: dict) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
-        self.collator.tokens = self.collator.trained_tokens = 0  # evaluation batches do not count
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
-            return
-        elapsed = time.perf_counter() - self.started
-        self.tokens, self.trained_tokens = self.collator.tokens, self.collator.trained_tokens
-        step, total = state.global_step, state.max_steps
-        entry = {
-            "step": step,
-            "epoch": round(state.epoch or 0.0, 4),
-            "loss": round(logs["loss"], 5),
-            "lr": logs.get("learning_rate"),
-            "grad_norm": _round(logs.get("grad_norm")),
-            "tokens_seen": self.tokens,
-            "tokens_per_second": round(self.tokens / elapsed, 1) if elapsed else None,
-            "trained_tokens_per_second": round(self.trained_tokens / elapsed, 1) if elapsed else None,
-            "elapsed_s": round(elapsed, 2),
-        }
-        self.record(entry)
-        eta = elapsed / step * (total - step) if step else 0.0
-        console.print(
-            f"  step {step}/{total}  loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
-            f"{entry['tokens_per_second'] or 0:.0f} tok/s  ETA {_duration(eta)}"
-        )
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 5)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s"

@@ -1,0 +1,128 @@
+"""Training: the LoRA family and QLoRA learn; resume after SIGKILL or SIGTERM gives the same
+adapter as an uninterrupted run; corrupt checkpoints are never resumed from."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import llmtune, write_recipe
+from llmtune.recipe import load_recipe
+from llmtune.stages import checkpoints
+from llmtune.stages.prepare import prepare
+from llmtune.stages.train import train
+
+
+@pytest.mark.parametrize("sets", [
+    [],
+    ["adapter.method=dora"],
+    ["adapter.rslora=true", "adapter.init=gaussian"],
+    ["model.quantize=nf4", "model.compute_dtype=float32"],
+    ["adapter.modules_to_save=[lm_head]", "adapter.target_modules=.*(q|v)_proj"],
+    ["train.precision=bf16", "train.gradient_checkpointing=true"],
+], ids=["lora", "dora", "rslora", "qlora-nf4", "regex+modules_to_save", "bf16+checkpointing"])
+def test_adapter_variants_lower_the_loss(tiny_model, tmp_path, sets):
+    recipe_file = write_recipe(tmp_path, tiny_model, rows=40, train={"max_steps": 12, "lr": 5e-3})
+    recipe = load_recipe(recipe_file, sets)
+    run = tmp_path / "runs" / "tiny"
+    prepare(recipe, run)
+    summary = train(recipe, run).manifest["summary"]
+    assert summary["eval_loss"] < summary["eval_loss_before"]
+
+
+def _adapter(run):
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _max_difference(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+RESUMABLE = {"max_steps": 300, "batch_size": 1, "save_every": 20, "keep_checkpoints": 2, "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    recipe = write_recipe(folder, tiny_model, rows=40, adapter={"dropout": 0.1}, train=RESUMABLE,
+                          preview={"count": 0})
+    assert llmtune("prepare", recipe, cwd=folder).returncode == 0
+    result = llmtune("train", recipe, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return _adapter(folder / "runs" / "tiny")
+
+
+def _start_and_wait(folder, recipe, step: int) -> subprocess.Popen:
+    """Start training and return once checkpoint-`step` is marked good."""
+    process = subprocess.Popen([sys.executable, "-m", "llmtune", "train", str(recipe)], cwd=folder,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mark = folder / "runs" / "tiny" / "adapter.partial" / "checkpoints" / f"checkpoint-{step}" / checkpoints.MARK
+    deadline = time.monotonic() + 180
+    while not mark.exists():
+        assert process.poll() is None, "training ended before the checkpoint: " + process.stderr.read()
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    return process
+
+
+def _fresh(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model, rows=40, adapter={"dropout": 0.1}, train=RESUMABLE,
+                          preview={"count": 0})
+    assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
+    return recipe
+
+
+def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model, tmp_path):
+    recipe = _fresh(tiny_model, tmp_path)
+    process = _start_and_wait(tmp_path, recipe, 40)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    root = tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints"
+    assert checkpoints.newest_good(root) is not None
+    resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert _max_difference(_adapter(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
+
+
+def test_corrupt_checkpoint_is_skipped_and_rotation_keeps_a_good_one(uninterrupted, tiny_model, tmp_path):
+    recipe = _fresh(tiny_model, tmp_path)
+    process = _start_and_wait(tmp_path, recipe, 60)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    root = tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints"
+    good = [c for c in checkpoints.checkpoints(root) if checkpoints.is_good(c)]
+    assert 1 <= len(good) <= 2  # keep_checkpoints: 2
+    newest = good[0]
+    with open(newest / "optimizer.pt", "r+b") as handle:  # flip bytes in the newest
+        handle.seek(100)
+        handle.write(b"\x00corrupt\x00")
+    (root / "checkpoint-999").mkdir()  # a checkpoint cut short: no mark
+    assert checkpoints.newest_good(root) in (good[1:] or [None])
+    resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _max_difference(_adapter(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
+
+
+def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tiny_model, tmp_path):
+    recipe = _fresh(tiny_model, tmp_path)
+    process = _start_and_wait(tmp_path, recipe, 20)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 75, err
+    assert "interrupted at step" in err and "--resume auto" in err
+    root = tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints"
+    newest = checkpoints.newest_good(root)
+    assert newest is not None and checkpoints.step_of(newest) > 20  # saved where it stopped
+
+    changed = llmtune("train", recipe, "--resume", "auto", "--set", "train.lr=5e-4", cwd=tmp_path)
+    assert changed.returncode == 2 and "cannot resume: train section changed" in changed.stderr
+    resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _max_difference(_adapter(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
