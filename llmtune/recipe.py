@@ -396,6 +396,8 @@ def _apply_override(raw: dict, origins: Origins, item: str) -> None:
         value = parse_yaml(text)
     except yaml.YAMLError:
         value = text
+    if value is None and text.strip() not in ("", "null", "Null", "NULL", "~"):
+        value = text  # e.g. a regex starting with "#", which YAML reads as a comment
     parts: list[Any] = [int(p) if p.isascii() and p.isdigit() else p for p in key.strip().split(".")]
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):

@@ -62,6 +62,8 @@ def test_set_overrides_parse_as_yaml_scalars(tmp_path):
     assert recipe.train.lr == 1e-4 and recipe.train.max_steps == 5
     assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
     assert recipe.name == "other"
+    hashed = load_recipe(recipe_file, ["eval.answer_regex=#### *(-?[0-9.,]+)", "model.revision=null"])
+    assert hashed.eval.answer_regex == "#### *(-?[0-9.,]+)" and hashed.model.revision is None
 
 
 def test_every_problem_reported_at_once_with_file_and_key_path(tmp_path):
