@@ -10,7 +10,6 @@ from llmtune.data.chat import IGNORE, Example, encode_sample, trained_segments
 from llmtune.data.formats import to_sample
 from llmtune.data.split import split_rows
 from llmtune.data.stats import percentile, split_stats
-from llmtune.errors import InputError
 from llmtune.testing import build_tiny_tokenizer
 
 CONVERSATION = [

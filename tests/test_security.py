@@ -3,7 +3,6 @@ tokens never written or printed, a full disk leaves finished work intact."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import resource
