@@ -26,6 +26,13 @@ from llmtune.errors import RecipeError
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 
 
+def _check_regex(value: str, problem: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{problem}: {exc}") from None
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -127,10 +134,7 @@ class AdapterSection(Section):
     @classmethod
     def _regex_compiles(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, str) and value != "all-linear":
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not all-linear, a list, nor a valid regex: {exc}") from None
+            _check_regex(value, "not all-linear, a list, nor a valid regex")
         return value
 
 
@@ -192,10 +196,7 @@ class EvalSection(Section):
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
+            _check_regex(value, "not a valid regular expression")
         return value
 
 

@@ -13,6 +13,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
+# A multi-turn conversation with a system prompt and non-ASCII text, for masking tests.
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! Ünïcode ✓"},
+    {"role": "user", "content": "Again?"},
+    {"role": "assistant", "content": "Sure."},
+]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_environment(tmp_path_factory):
@@ -21,6 +30,13 @@ def isolated_environment(tmp_path_factory):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["COLUMNS"] = "200"  # rich wraps at the terminal width; keep messages on one line
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from llmtune.testing import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -6,24 +6,11 @@ import json
 
 import pytest
 
+from conftest import CONVERSATION
 from llmtune.data.chat import IGNORE, Example, encode_sample, trained_segments
 from llmtune.data.formats import to_sample
 from llmtune.data.split import split_rows
 from llmtune.data.stats import percentile, split_stats
-from llmtune.testing import build_tiny_tokenizer
-
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi there"},
-    {"role": "assistant", "content": "Hello! Ünïcode ✓"},
-    {"role": "user", "content": "Again?"},
-    {"role": "assistant", "content": "Sure."},
-]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 def test_trained_spans_are_exactly_the_assistant_turns_with_their_eos(tokenizer):

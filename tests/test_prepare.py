@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from conftest import chat_rows, llmtune, write_jsonl, write_recipe
+from conftest import CONVERSATION, chat_rows, llmtune, write_jsonl, write_recipe
 from llmtune.data.chat import IGNORE, Example, encode_sample, render_sample, trained_segments
 from llmtune.data.formats import to_sample
 from llmtune.data.packing import pack
@@ -17,22 +17,9 @@ from llmtune.data.templates import BUILT_IN
 from llmtune.errors import InputError
 from llmtune.recipe import load_recipe
 from llmtune.stages.prepare import prepare
-from llmtune.testing import build_tiny_tokenizer
 
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi there"},
-    {"role": "assistant", "content": "Hello! Ünïcode ✓"},
-    {"role": "user", "content": "Again?"},
-    {"role": "assistant", "content": "Sure."},
-]
 # What ends an assistant turn in each built-in template (the tiny tokenizer's EOS is <|im_end|>)
 TURN_END = {"chatml": "<|im_end|>", "llama-3": "<|eot_id|>", "mistral": "<|im_end|>", "alpaca": "<|im_end|>"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
 
 
 @pytest.mark.parametrize("name", sorted(BUILT_IN))
