@@ -152,6 +152,9 @@ class TrainSection(Section):
     log_every: int = Field(default=1, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32
     gradient_checkpointing: bool = False
+    # chunked: the loss from hidden states in chunks, never all logits at once (see stages/loss.py);
+    # auto: chunked for architectures with a plain output head, standard otherwise.
+    loss: Literal["auto", "chunked", "standard"] = "auto"
     eval_every: int | None = Field(default=None, gt=0)  # steps between validation losses
     early_stopping_patience: int | None = Field(default=None, gt=0)  # evals without improvement
     save_every: int | None = Field(default=None, gt=0)  # steps between resumable checkpoints

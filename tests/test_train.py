@@ -126,3 +126,37 @@ def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tiny_model, tmp_path)
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert _max_difference(_adapter(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
+
+
+def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
+    import types
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import chat_rows
+    from llmtune.data.chat import encode_sample
+    from llmtune.stages import loss as loss_module
+    from llmtune.stages.collate import PadCollator
+
+    monkeypatch.setattr(loss_module, "CHUNK", 7)  # several chunks, the last one partial
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    examples = [encode_sample(tokenizer, row) for row in chat_rows(3)]
+    batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        value = compute()
+        value.backward()
+        return float(value), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    standard, standard_grads = loss_and_grads(lambda: model(**batch).loss)
+    fake_trainer = types.SimpleNamespace()
+    chunked, chunked_grads = loss_and_grads(
+        lambda: loss_module.ChunkedLossTrainer.compute_loss(fake_trainer, model, dict(batch)))
+    assert chunked == pytest.approx(standard, abs=1e-5)
+    assert max(float((a - b).abs().max()) for a, b in zip(chunked_grads, standard_grads)) < 1e-5
+    assert loss_module.chunked_loss_supported(model.config)  # the tiny model is a llama

@@ -31,6 +31,7 @@ from llmtune.recipe import Recipe, section_sha256
 from llmtune.stages import checkpoints
 from llmtune.stages.callbacks import EarlyStop, MarkCheckpoints, StopOnSignal, TrainProgress
 from llmtune.stages.collate import PadCollator
+from llmtune.stages.loss import ChunkedLossTrainer, chunked_loss_supported
 
 
 class Interrupted(LlmtuneError):
@@ -94,7 +95,9 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     callbacks = [progress, stop, MarkCheckpoints(partial / checkpoints.CHECKPOINTS, cfg.keep_checkpoints)]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStop(cfg.early_stopping_patience))
-    trainer = Trainer(
+    chunked = cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(model.config))
+    console.print(f"train: loss {'chunked (no full logits)' if chunked else 'standard'}")
+    trainer = (ChunkedLossTrainer if chunked else Trainer)(
         model=model,
         args=_training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, validation is not None),
         train_dataset=train_set,
@@ -240,6 +243,7 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval:
         eval_strategy="steps" if periodic_eval else "no",
         eval_steps=cfg.eval_every if periodic_eval else None,
         report_to="none",
+        prediction_loss_only=True,
         disable_tqdm=True,
         remove_unused_columns=False,
         use_cpu=device == "cpu",

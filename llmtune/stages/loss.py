@@ -1,0 +1,52 @@
+"""The training loss without the full tokens x vocabulary logits.
+
+A causal LM computes logits for every position (SmolLM2: 8 x 512 tokens x 49,152 vocabulary is
+805 MB in fp32, and backward keeps more of the same) although only trained positions count.
+ChunkedLossTrainer takes the final hidden states, keeps the trained positions, and computes
+the cross-entropy `CHUNK` tokens at a time under activation checkpointing, so at most one chunk
+of logits exists at once; the value and gradients equal the model's own loss (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer
+
+from llmtune.data.chat import IGNORE
+
+CHUNK = 1024
+# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
+PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3"}
+
+
+def chunked_loss_supported(config) -> bool:
+    return getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
+
+
+class ChunkedLossTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        forward = {key: value for key, value in inputs.items() if key != "labels"}
+        # logits_to_keep=1: the model's own head runs on one position only
+        outputs = model(**forward, output_hidden_states=True, logits_to_keep=1)
+        hidden = outputs.hidden_states[-1][:, :-1]
+        targets = labels[:, 1:]
+        trained = targets != IGNORE
+        hidden, targets = hidden[trained], targets[trained]
+        head = model.get_output_embeddings()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), CHUNK):
+            total = total + checkpoint(_chunk_loss, head, hidden[start:start + CHUNK],
+                                       targets[start:start + CHUNK], use_reentrant=False)
+        # Normalised over the whole accumulated batch when the Trainer counts it, as the model's
+        # own loss is; then the Trainer must not divide by the accumulation steps again.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        count = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
+        loss = total / count
+        return (loss, outputs) if return_outputs else loss
+
+
+def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
