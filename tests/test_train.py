@@ -78,12 +78,17 @@ def _fresh(tiny_model, tmp_path):
     return recipe
 
 
-def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model, tmp_path):
+def _killed_after(tiny_model, tmp_path, step: int):
+    """A fresh run SIGKILLed once checkpoint-`step` is marked: (recipe, checkpoints folder)."""
     recipe = _fresh(tiny_model, tmp_path)
-    process = _start_and_wait(tmp_path, recipe, 40)
+    process = _start_and_wait(tmp_path, recipe, step)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    root = tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints"
+    return recipe, tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints"
+
+
+def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model, tmp_path):
+    recipe, root = _killed_after(tiny_model, tmp_path, 40)
     assert checkpoints.newest_good(root) is not None
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -92,11 +97,7 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model, tmp
 
 
 def test_corrupt_checkpoint_is_skipped_and_rotation_keeps_a_good_one(uninterrupted, tiny_model, tmp_path):
-    recipe = _fresh(tiny_model, tmp_path)
-    process = _start_and_wait(tmp_path, recipe, 60)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    root = tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints"
+    recipe, root = _killed_after(tiny_model, tmp_path, 60)
     good = [c for c in checkpoints.checkpoints(root) if checkpoints.is_good(c)]
     assert 1 <= len(good) <= 2  # keep_checkpoints: 2
     newest = good[0]
