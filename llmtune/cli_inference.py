@@ -1,0 +1,146 @@
+"""The inference commands: eval, generate, chat and plot (registered on the `llmtune` app)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llmtune.cli import ForceOpt, RecipeArg, RunDirOpt, SetOpt, _open_run, app
+from llmtune.console import console
+from llmtune.errors import LlmtuneError
+
+
+@app.command("eval")
+def eval_(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
+    """Compare base, adapter and merged: loss, perplexity, exact/contains/regex match, EOS rate."""
+    loaded, run_path = _open_run(recipe, set, run_dir)
+    from llmtune.stages.eval import evaluate
+
+    outcome = evaluate(loaded, run_path, force=force)
+    state = "up to date" if outcome.up_to_date else "done"
+    report = json.loads((run_path / "eval" / "report.json").read_text())
+    for name, result in report["sets"].items():
+        models_ = list(result["models"])
+        table = Table(f"{name} ({result['examples']} examples)", *models_, title=None)
+        keys = list(dict.fromkeys(k for m in result["models"].values() for k in m))
+        for key in keys:
+            table.add_row(key, *[_cell(result["models"][m].get(key)) for m in models_])
+        console.print(table)
+    console.print(f"[bold]eval:[/] {state} -> {run_path / 'eval' / 'report.json'}", markup=True)
+
+
+@app.command()
+def generate(
+    target: Annotated[Path, typer.Argument(help="A run directory or a transformers model folder.")],
+    input: Annotated[Path, typer.Option("--input", help='JSONL: {"prompt": ...} or {"messages": [...]} per line.')],
+    output: Annotated[Path, typer.Option("--output", help="JSONL written: each input row plus output.")],
+    adapter: Annotated[Path | None, typer.Option(help="A PEFT adapter to apply to a model folder.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+):
+    """Answer every prompt of a JSONL file (greedy), for scripts."""
+    from llmtune.data.formats import check_messages
+    from llmtune.models import quiet_libraries
+    from llmtune.stages.inference import generate as run_generation
+    from llmtune.stages.inference import load_tuned
+
+    quiet_libraries()
+    rows, prompts = [], []
+    for number, line in enumerate(input.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LlmtuneError(f"{input}:{number}: malformed JSON: {exc.msg}") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if prompt is None and isinstance(row, dict) and "messages" in row:
+            problem = check_messages([*row["messages"], {"role": "assistant", "content": "x"}])
+            if problem:
+                raise LlmtuneError(f"{input}:{number}: {problem}")
+            prompt = row["messages"]
+        if not isinstance(prompt, (str, list)):
+            raise LlmtuneError(f'{input}:{number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+        rows.append(row)
+        prompts.append(prompt)
+    model, tokenizer = load_tuned(target, adapter)
+    results = run_generation(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    tmp = output.with_name(output.name + ".partial")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row, result in zip(rows, results):
+            handle.write(json.dumps({**row, "output": result.text,
+                                     "ended_with_eos": result.ended_with_eos}, ensure_ascii=False) + "\n")
+    os.replace(tmp, output)
+    console.print(f"generate: {len(results)} answers -> {output}")
+
+
+@app.command()
+def chat(
+    target: Annotated[Path, typer.Argument(help="A run directory or a transformers model folder.")],
+    adapter: Annotated[Path | None, typer.Option(help="A PEFT adapter to apply to a model folder.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt to start with.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
+):
+    """Chat with the model, streamed. Commands: /reset, /system TEXT, /exit (or end of input)."""
+    from transformers import TextStreamer
+
+    from llmtune.data.chat import render
+    from llmtune.models import eos_token_ids, quiet_libraries
+    from llmtune.stages.inference import load_tuned
+
+    quiet_libraries()
+    model, tokenizer = load_tuned(target, adapter)
+    if not tokenizer.chat_template:
+        raise LlmtuneError(f"{target}: the tokenizer has no chat template to chat with")
+    console.print("chat: /reset clears the conversation, /system TEXT sets the system prompt, /exit leaves")
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        command, _, rest = line.strip().partition(" ")
+        if command == "/exit":
+            break
+        if command == "/reset":
+            history = []
+            console.print("(conversation cleared)")
+            continue
+        if command == "/system":
+            system = rest or None
+            console.print(f"(system prompt {'set' if system else 'cleared'})")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        batch = tokenizer(render(tokenizer, messages, add_generation_prompt=True),
+                          add_special_tokens=False, return_tensors="pt").to(model.device)
+        print("model> ", end="", flush=True)
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=eos_token_ids(tokenizer, model.config),
+                                pad_token_id=tokenizer.pad_token_id,
+                                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+        answer = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": answer.strip()})
+    console.print("bye")
+
+
+@app.command()
+def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)]):
+    """Render <run>/adapter/metrics.jsonl to <run>/training_curves.png (loss, eval loss, lr)."""
+    from llmtune.plot import plot_metrics
+
+    path = plot_metrics(run_dir / "adapter" / "metrics.jsonl", run_dir / "training_curves.png")
+    console.print(f"plot: {path}")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
