@@ -7,6 +7,7 @@ Stages (and with them torch/transformers) are imported inside the commands, so `
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import sys
@@ -154,6 +155,28 @@ def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: F
     if result:
         _print_preview(result, loaded.preview.show)
     console.print(f"[bold green]done:[/] {run_path}", markup=True)
+
+
+@app.command()
+def plan(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False):
+    """Before training: parameters, trainable parameters, tokens, steps, estimated peak memory."""
+    loaded, run_path = _open_run(recipe, set, run_dir)
+    from llmtune.stages.plan import plan as make_plan
+
+    if as_json:
+        console.file = sys.stderr  # progress lines go to stderr, stdout holds only the JSON
+    result = make_plan(loaded, run_path)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table("plan", "value", show_header=False)
+    for key, value in result.items():
+        if key != "memory_bytes":
+            table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+    for key, value in result["memory_bytes"].items():
+        table.add_row(f"memory: {key}" + (" (estimate)" if key == "total" else ""), f"{value / 1e9:.2f} GB")
+    console.print(table)
 
 
 @app.command()

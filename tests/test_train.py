@@ -161,3 +161,26 @@ def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
     assert chunked == pytest.approx(standard, abs=1e-5)
     assert max(float((a - b).abs().max()) for a, b in zip(chunked_grads, standard_grads)) < 1e-5
     assert loss_module.chunked_loss_supported(model.config)  # the tiny model is a llama
+
+
+def test_plan_counts_parameters_and_steps_before_training(tiny_model, tmp_path):
+    import json as json_module
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path, tiny_model, rows=40, train={"batch_size": 4, "grad_accum": 2, "epochs": 3})
+    result = llmtune("plan", recipe, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plan = json_module.loads(result.stdout)
+    real = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert (plan["trainable_parameters"], plan["parameters"]) == real.get_nb_trainable_parameters()
+    assert plan["train_examples"] == 36 and plan["steps"] == 3 * 5  # ceil(36 / 8) per epoch
+    memory = plan["memory_bytes"]
+    assert memory["optimizer"] == 2 * memory["adapter"] and memory["total"] == sum(
+        v for k, v in memory.items() if k != "total")
+    assert not (tmp_path / "runs" / "tiny" / "adapter").exists()  # nothing was trained
+    nf4 = llmtune("plan", recipe, "--json", "--set", "model.quantize=nf4", cwd=tmp_path)
+    nf4_plan = json_module.loads(nf4.stdout)
+    assert nf4_plan["memory_bytes"]["weights"] < memory["weights"] / 2
