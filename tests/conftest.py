@@ -65,13 +65,14 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def write_recipe(folder: Path, model: str | Path, rows: int = 40, **sections) -> Path:
-    """A recipe in `folder` training `model` on `rows` chat rows written next to it."""
+def write_recipe(folder: Path, base: str | Path, rows: int = 40, **sections) -> Path:
+    """A recipe in `folder` training the `base` model on `rows` chat rows written next to it;
+    `sections` are merged into the recipe's sections."""
     write_jsonl(folder / "data" / "train.jsonl", chat_rows(rows))
     recipe = {
         "name": "tiny",
         "output_dir": "runs",
-        "model": {"path": str(model)},
+        "model": {"path": str(base)},
         "data": {"train": [{"path": "data/train.jsonl", "format": "chat"}],
                  "validation": {"fraction": 0.1}, "max_seq_len": 128},
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},

@@ -71,3 +71,22 @@ def test_run_end_to_end_on_the_embedded_model(tmp_path):
     assert 2 in ([generation["eos_token_id"]] if isinstance(generation["eos_token_id"], int)
                  else generation["eos_token_id"])
     assert (run / "exported" / "hf" / "model.safetensors").is_file()
+
+
+def test_qlora_nf4_on_the_embedded_model(tmp_path):
+    data = (REPO / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines()[:24]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "q.jsonl").write_text("\n".join(data) + "\n")
+    recipe = write_recipe(
+        tmp_path, EMBEDDED_DEFAULT, rows=0,
+        model={"quantize": "nf4", "compute_dtype": "float32"},
+        data={"train": [{"path": "data/q.jsonl"}], "validation": {"fraction": 0.25}},
+        train={"max_steps": 2, "batch_size": 4, "lr": 1.0e-3}, preview={"count": 0},
+    )
+    result = llmtune("run", recipe, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "base quantized nf4" in result.stdout
+    summary = json.loads((tmp_path / "runs" / "tiny" / "adapter" / "manifest.json").read_text())["summary"]
+    assert summary["eval_loss"] < summary["eval_loss_before"]
+    merged = json.loads((tmp_path / "runs" / "tiny" / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged  # merged into the float base, never into 4-bit weights
