@@ -249,7 +249,7 @@ def data_preview(
     """
     from datasets import load_from_disk
 
-    from llmtune.data.chat import label_runs
+    from llmtune.data.chat import IGNORE, label_runs
     from llmtune.models import load_tokenizer, resolve_section
 
     if split not in ("train", "validation"):
@@ -261,7 +261,7 @@ def data_preview(
     styled = console.is_terminal
     for index in range(min(n, len(rows))):
         row = rows[index]
-        trained = sum(1 for label in row["labels"] if label != -100)
+        trained = len(row["labels"]) - row["labels"].count(IGNORE)
         console.rule(f"{split} row {index}: {len(row['input_ids'])} tokens, {trained} trained")
         for tokens, is_trained, new_example in label_runs(
             row["input_ids"], row["labels"], row.get("position_ids")

@@ -141,6 +141,11 @@ def upstream_ref(out_dir: Path, relative_to: Path) -> dict[str, str]:
     }
 
 
+def upstream_dir(out_dir: Path, manifest: dict[str, Any], name: str) -> Path:
+    """The folder of the upstream stage `name` that a manifest names (see upstream_ref)."""
+    return (out_dir / manifest["inputs"][name]["path"]).resolve()
+
+
 def is_up_to_date(out_dir: Path, stage: str, recipe_sha256: str, inputs: dict[str, Any]) -> bool:
     """True when `<out>` finished with the same recipe hash and inputs, and its files are there."""
     manifest = read_manifest(out_dir)

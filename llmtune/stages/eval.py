@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 from datasets import load_from_disk
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmtune import models
@@ -27,11 +26,18 @@ from llmtune.manifest import (
     require_stage,
     sha256_file,
     start_stage,
+    upstream_dir,
     upstream_ref,
 )
 from llmtune.metrics import contains, exact_match, regex_match
 from llmtune.recipe import Recipe, section_sha256
-from llmtune.stages.inference import generate, mean_token_loss, perplexity, prompt_and_answer
+from llmtune.stages.inference import (
+    adapter_on_base,
+    generate,
+    mean_token_loss,
+    perplexity,
+    prompt_and_answer,
+)
 
 MODELS = ("base", "adapter", "merged")
 
@@ -51,7 +57,7 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     partial = start_stage(out_dir)
     cfg = recipe.eval
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the template trained with
-    prepared = (adapter_dir / adapter_manifest["inputs"]["prepared"]["path"]).resolve()
+    prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
     eval_sets = {"validation": _prepared_rows(prepared / "validation", cfg.max_samples)}
     for index, source in enumerate(cfg.sources):
         name = f"{index}:{Path(source.path).name if source.path else source.hub}"
@@ -62,7 +68,7 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
                          hint="set data.validation.fraction or add eval.sources")
 
     base = models.resolve_section(adapter_manifest["inputs"]["base_model"])
-    tuned = PeftModel.from_pretrained(models.load_model(base), str(adapter_dir)).eval()
+    tuned = adapter_on_base(adapter_dir, base)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval() if "merged" in inputs else None
     report, generations = {"sets": {}}, []
     for name, rows in eval_sets.items():

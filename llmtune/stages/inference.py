@@ -15,6 +15,7 @@ from llmtune import models
 from llmtune.data.chat import IGNORE, render
 from llmtune.errors import InputError
 from llmtune.manifest import read_manifest
+from llmtune.stages.collate import PadCollator
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,13 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | Non
     return results
 
 
+def adapter_on_base(adapter_dir: Path, base: models.ModelRef):
+    """The float base model with the PEFT adapter in `adapter_dir` on it, in eval mode."""
+    return PeftModel.from_pretrained(models.load_model(base), str(adapter_dir)).eval()
+
+
 def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> float | None:
     """Mean cross-entropy over the trained tokens of prepared rows (input_ids, labels)."""
-    from llmtune.stages.collate import PadCollator
-
     collate = PadCollator(pad_id, attention_mask=True)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -87,8 +91,7 @@ def load_tuned(target: Path, adapter: Path | None = None):
     elif adapter is None and read_manifest(target / "adapter") is not None:
         adapter = target / "adapter"
         manifest = read_manifest(adapter)
-        ref = models.resolve_section(manifest["inputs"]["base_model"])
-        model = PeftModel.from_pretrained(models.load_model(ref), str(adapter)).eval()
+        model = adapter_on_base(adapter, models.resolve_section(manifest["inputs"]["base_model"]))
         return model, AutoTokenizer.from_pretrained(adapter)
     if not (target / "config.json").is_file():
         raise InputError(

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from peft import PeftModel
 from transformers import AutoTokenizer
 
 from llmtune import models
@@ -24,10 +23,12 @@ from llmtune.manifest import (
     require_stage,
     space_warning,
     start_stage,
+    upstream_dir,
     upstream_ref,
 )
 from llmtune.recipe import Recipe, section_sha256
 from llmtune.stages.collate import PadCollator
+from llmtune.stages.inference import adapter_on_base
 
 # An fp32 merge only reorders floating-point additions: after the quickstart, SmolLM2-135M
 # (30 layers) shows 2.3e-4 on logits of magnitude ~20. A wrong merge (a lost alpha/r scale, a
@@ -57,7 +58,7 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     partial = start_stage(out_dir)
     # The adapter's tokenizer carries the chat template the model was trained with.
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = PeftModel.from_pretrained(models.load_model(ref), str(adapter_dir)).eval()
+    model = adapter_on_base(adapter_dir, ref)
     batch = _check_batch(adapter_dir, adapter_manifest, tokenizer.pad_token_id or 0)
     with torch.no_grad():
         reference = model(**batch).logits
@@ -102,7 +103,7 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
 def _check_batch(adapter_dir: Path, adapter_manifest: dict, pad_id: int) -> dict[str, torch.Tensor]:
     """A few prepared examples (validation first), cut to CHECK_TOKENS, as a padded batch."""
-    prepared = (adapter_dir / adapter_manifest["inputs"]["prepared"]["path"]).resolve()
+    prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
     rows = []
     for split in ("validation", "train"):
         path = prepared / split

@@ -10,14 +10,13 @@ import json
 from pathlib import Path
 
 from datasets import load_from_disk
-from peft import PeftModel
 from transformers import AutoTokenizer
 
 from llmtune import models
 from llmtune.console import console
-from llmtune.manifest import manifest_sha256, require_stage
+from llmtune.manifest import manifest_sha256, require_stage, upstream_dir
 from llmtune.recipe import Recipe
-from llmtune.stages.inference import generate, prompt_and_answer
+from llmtune.stages.inference import adapter_on_base, generate, prompt_and_answer
 
 PREVIEW_FILE = "preview.json"
 
@@ -33,7 +32,7 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
     if cached is not None and cached.get("key") == key:
         return cached
 
-    prepared = (adapter_dir / adapter_manifest["inputs"]["prepared"]["path"]).resolve()
+    prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
     held_out = load_from_disk(str(prepared / "validation"))
     pairs = [prompt_and_answer(json.loads(s)) for s in held_out["sample"]]
     pairs = [p for p in pairs if p is not None][: cfg.count]
@@ -45,7 +44,7 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
     base = adapter_manifest["inputs"]["base_model"]
     ref = models.resolve_section(base)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the template trained with
-    model = PeftModel.from_pretrained(models.load_model(ref), str(adapter_dir)).eval()
+    model = adapter_on_base(adapter_dir, ref)
     console.print(f"preview: generating answers to {len(prompts)} held-out prompts, base and tuned")
     tuned = [g.text for g in generate(model, tokenizer, prompts, cfg.max_new_tokens)]
     with model.disable_adapter():
