@@ -74,6 +74,14 @@ def rotate(root: Path, keep: int) -> None:
             shutil.rmtree(folder)
 
 
+def discard_after(root: Path, step: int) -> None:
+    """Resuming from `step` abandons every later checkpoint (cut short, corrupt, or from the
+    run that was interrupted): remove them so they are neither resumed from nor kept."""
+    for folder in checkpoints(root):
+        if step_of(folder) > step:
+            shutil.rmtree(folder)
+
+
 def write_resume_state(partial: Path, state: dict) -> None:
     (partial / RESUME_STATE).write_text(json.dumps(state, indent=2) + "\n")
 

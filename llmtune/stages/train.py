@@ -70,6 +70,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         checkpoints.write_resume_state(partial, state)
     else:
         console.print(f"train: resuming from {checkpoint}")
+        checkpoints.discard_after(partial / checkpoints.CHECKPOINTS, checkpoints.step_of(checkpoint))
         _drop_metrics_after(partial / "metrics.jsonl", checkpoints.step_of(checkpoint))
 
     cfg = recipe.train
