@@ -115,6 +115,9 @@ def prepare(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, forc
     _stage("prepare", recipe, set, run_dir, force)
 
 
+NoVerifyOpt = Annotated[
+    bool, typer.Option("--no-verify", help="Write GGUF files without checking them in llama.cpp "
+                       "(the export manifest says so).")]
 ResumeOpt = Annotated[
     str | None,
     typer.Option("--resume", help="auto: continue an interrupted training from its newest good checkpoint."),
@@ -136,18 +139,21 @@ def merge(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force:
 
 
 @app.command()
-def export(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
-    """Export <run>/merged in the recipe's formats into <run>/exported."""
-    _stage("export", recipe, set, run_dir, force)
+def export(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False,
+           no_verify: NoVerifyOpt = False):
+    """Export <run>/merged in the recipe's formats into <run>/exported (GGUF checked in llama.cpp)."""
+    loaded, run_path = _open_run(recipe, set, run_dir)
+    _run_stage("export", loaded, run_path, force, verify=not no_verify)
 
 
 @app.command()
 def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False,
-        resume: ResumeOpt = None):
+        resume: ResumeOpt = None, no_verify: NoVerifyOpt = False):
     """Run every stage; stages whose inputs are unchanged are skipped as up to date."""
     loaded, run_path = _open_run(recipe, set, run_dir)
     for stage in STAGE_DIRS:
-        _run_stage(stage, loaded, run_path, force, resume=_resume_flag(resume) and stage == "train")
+        _run_stage(stage, loaded, run_path, force, resume=_resume_flag(resume) and stage == "train",
+                   verify=not no_verify)
     _print_results(run_path)
     from llmtune.stages.preview import preview
 
@@ -306,10 +312,11 @@ def _resume_flag(value: str | None) -> bool:
     return value == "auto"
 
 
-def _run_stage(stage: str, recipe, run_path: Path, force: bool, resume: bool = False) -> None:
+def _run_stage(stage: str, recipe, run_path: Path, force: bool, resume: bool = False,
+               verify: bool = True) -> None:
     from llmtune.stages import STAGES
 
-    extra = {"resume": resume} if stage == "train" else {}
+    extra = {"resume": resume} if stage == "train" else {"verify": verify} if stage == "export" else {}
     outcome = STAGES[stage](recipe, run_path, force=force, **extra)
     where = run_path / STAGE_DIRS[stage]
     if outcome.up_to_date:

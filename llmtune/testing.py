@@ -39,7 +39,8 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(path: str | Path, seed: int = 0, tie_word_embeddings: bool = True,
+                     **config_overrides) -> Path:
     """Write a 2-layer Llama (hidden 64) with the tiny tokenizer to `path`; return the path."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -54,10 +55,11 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **config_overrides,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

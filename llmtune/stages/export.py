@@ -1,12 +1,21 @@
-"""export: the merged model in the formats the recipe asks for, one folder per format."""
+"""export: the merged model in the formats the recipe asks for, one folder per format.
+
+hf      the merged transformers folder (hard links)
+gguf    one GGUF file, checked in llama.cpp against the merged model before it counts as done
+ollama  a Modelfile (TEMPLATE, SYSTEM, stop) next to that GGUF file
+adapter the PEFT adapter alone, for servers that load LoRA adapters, with the base's hub id
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
+from llmtune import models
 from llmtune.console import console
+from llmtune.errors import InputError, VerificationError
 from llmtune.manifest import (
     MANIFEST,
     Outcome,
@@ -16,53 +25,171 @@ from llmtune.manifest import (
     require_stage,
     space_warning,
     start_stage,
+    upstream_dir,
     upstream_ref,
 )
 from llmtune.recipe import Recipe, section_sha256
 
+K_QUANTS = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q4_k_s": "Q4_K_S",
+            "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
-def export(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
+
+def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) -> Outcome:
     merged_dir, out_dir = run / "merged", run / "exported"
-    require_stage(merged_dir, "merge", f"llmtune merge {run / 'recipe.yaml'}")
+    merged_manifest = require_stage(merged_dir, "merge", f"llmtune merge {run / 'recipe.yaml'}")
     inputs = {"merged": upstream_ref(merged_dir, out_dir)}
     recipe_sha = section_sha256(recipe, "export")
+    formats = recipe.export.formats
+    wants_gguf = "gguf" in formats or "ollama" in formats
     if not force and is_up_to_date(out_dir, "export", recipe_sha, inputs):
-        return Outcome(read_manifest(out_dir), up_to_date=True)
+        previous = read_manifest(out_dir)
+        # An unverified export is not up to date for a run that asks for the check.
+        if not (verify and wants_gguf and previous["summary"].get("gguf_verified") is False):
+            return Outcome(previous, up_to_date=True)
 
     partial = start_stage(out_dir)
     # Hard links cost no space; a copy (another filesystem) costs the merged model's size.
     if os.stat(merged_dir).st_dev != os.stat(partial).st_dev:
         needed = sum(p.stat().st_size for p in merged_dir.iterdir() if p.is_file())
-        warning = space_warning(partial, needed * len(recipe.export.formats), "the export")
+        warning = space_warning(partial, needed * len(formats), "the export")
         if warning:
             console.print(f"[yellow]warning:[/] {warning}", markup=True)
-    sizes = {}  # "<format>_bytes" -> bytes written
-    for name in recipe.export.formats:
-        if name == "hf":
-            sizes[f"{name}_bytes"] = _export_hf(merged_dir, partial / "hf")
-        console.print(f"export: {name} -> {out_dir / name}")
-    manifest = finish_stage(
-        partial,
-        out_dir,
-        stage="export",
-        recipe_sha256=recipe_sha,
-        inputs=inputs,
-        summary={"formats": ",".join(recipe.export.formats), **sizes},
-    )
+    summary: dict = {"formats": ",".join(formats)}
+    if "hf" in formats:
+        summary["hf_bytes"] = _link_files(merged_dir, partial / "hf", skip={MANIFEST})
+        console.print(f"export: hf -> {out_dir / 'hf'}")
+    if wants_gguf:
+        gguf_file = _export_gguf(recipe, merged_dir, merged_manifest, partial, verify, summary)
+        if "ollama" in formats:
+            _export_ollama(recipe, merged_dir, gguf_file, partial / "ollama")
+            console.print(f"export: ollama -> {out_dir / 'ollama' / 'Modelfile'}")
+        if "gguf" not in formats:
+            shutil.rmtree(gguf_file.parent)
+    if "adapter" in formats:
+        adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
+        summary["adapter_base"] = _export_adapter(adapter_dir, partial / "adapter")
+        console.print(f"export: adapter -> {out_dir / 'adapter'} (base {summary['adapter_base']})")
+    manifest = finish_stage(partial, out_dir, stage="export", recipe_sha256=recipe_sha,
+                            inputs=inputs, summary=summary)
     return Outcome(manifest, up_to_date=False)
 
 
-def _export_hf(merged_dir: Path, target: Path) -> int:
-    """The merged transformers folder as it is (hard links where the filesystem allows)."""
+def _export_gguf(recipe: Recipe, merged_dir: Path, merged_manifest: dict, partial: Path,
+                 verify: bool, summary: dict) -> Path:
+    from llmtune.stages.gguf_write import write_gguf
+
+    quant = recipe.export.gguf.quant
+    folder = partial / "gguf"
+    folder.mkdir()
+    target = folder / f"{recipe.name}-{quant}.gguf"
+    console.print(f"export: gguf {quant} -> {target.name}")
+    if quant in K_QUANTS:
+        f16 = folder / f"{recipe.name}-f16.tmp.gguf"
+        written = write_gguf(merged_dir, f16, "f16", recipe.name)
+        _k_quantize(f16, target, quant)
+        f16.unlink()
+    else:
+        written = write_gguf(merged_dir, target, quant, recipe.name)
+    summary.update({f"gguf_{key}": value for key, value in written.items()})
+    summary["gguf_file"] = f"gguf/{target.name}"
+    summary["gguf_bytes"] = target.stat().st_size
+    if not verify:
+        console.print("[yellow]export: GGUF not checked (--no-verify)[/]", markup=True)
+        summary["gguf_verified"] = False
+        return target
+    figures = _verify(recipe, merged_dir, merged_manifest, target)
+    summary["gguf_check"] = figures
+    console.print(f"export: gguf check in llama.cpp: next-token agreement {figures['top1_agreement']:.1%} "
+                  f"over {figures['positions']} positions, tokenization {figures['tokenization_matches']}, "
+                  f"chat template {'matches' if figures['chat_template_matches'] else 'DIFFERS'}")
+    from llmtune.stages.gguf_verify import failures
+
+    problems = failures(figures, quant)
+    if problems:
+        raise VerificationError(
+            f"export: {target.name} failed its check: " + "; ".join(problems),
+            hint="report it with the export folder; --no-verify writes the file unchecked",
+        )
+    summary["gguf_verified"] = True
+    return target
+
+
+def _verify(recipe: Recipe, merged_dir: Path, merged_manifest: dict, target: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmtune.stages.gguf_verify import verify_gguf
+    from llmtune.stages.merge import check_rows
+
+    adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
+    rows = check_rows(adapter_dir, read_manifest(adapter_dir), recipe.export.verify_examples,
+                      recipe.export.verify_tokens)
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="float32").eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    return verify_gguf(target, model, tokenizer, rows)
+
+
+def _k_quantize(source: Path, target: Path, quant: str) -> None:
+    """k-quants need llama.cpp's quantizer (importance-ordered block scales); gguf-py has none."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise InputError(f"export.gguf.quant: {quant} is made by llama-cpp-python, which is not installed",
+                         hint="pip install 'llmtune[gguf]', or use f16, q8_0, q5_0 or q4_0") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{K_QUANTS[quant]}")
+    params.nthread = os.cpu_count() or 1
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if code != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source.name} to {quant} (code {code})")
+
+
+def _export_ollama(recipe: Recipe, merged_dir: Path, gguf_file: Path, folder: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmtune.stages.ollama import write_modelfile
+
+    folder.mkdir()
+    _link(gguf_file, folder / gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    eos_ids = models.eos_token_ids(tokenizer, AutoConfig.from_pretrained(str(merged_dir)))
+    eos_texts = [tokenizer.convert_ids_to_tokens(token_id) for token_id in eos_ids]
+    write_modelfile(folder, gguf_file.name, tokenizer, tokenizer.chat_template, eos_texts,
+                    recipe.data.system_prompt)
+
+
+def _export_adapter(adapter_dir: Path, target: Path) -> str:
+    """The adapter files, with base_model_name_or_path naming the hub id when there is one."""
+    target.mkdir()
+    for name in ADAPTER_FILES:
+        if (adapter_dir / name).is_file() and name != "adapter_config.json":
+            _link(adapter_dir / name, target / name)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = read_manifest(adapter_dir)["inputs"]["base_model"]
+    ref = models.resolve_section(base)
+    hub_id = models.describe_base(ref)["hub_id"]
+    config["base_model_name_or_path"] = hub_id or str(ref.local_dir)
+    if ref.revision:
+        config["revision"] = ref.revision
+    (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config["base_model_name_or_path"]
+
+
+def _link_files(source: Path, target: Path, skip: set[str]) -> int:
+    """Every file of `source` in `target` (hard links where the filesystem allows)."""
     target.mkdir(parents=True)
     total = 0
-    for path in sorted(merged_dir.iterdir()):
-        if not path.is_file() or path.name == MANIFEST:
-            continue
-        try:
-            # Stages replace folders by rename, never edit files in place: a link is safe.
-            os.link(path, target / path.name)
-        except OSError:
-            shutil.copy2(path, target / path.name)
-        total += path.stat().st_size
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in skip:
+            _link(path, target / path.name)
+            total += path.stat().st_size
     return total
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        # Stages replace folders by rename, never edit files in place: a link is safe.
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

@@ -138,6 +138,10 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         "eval_loss": eval_after,
         "trainable_params": trainable,
         "total_params": total,
+        # merge compares the float merge with the quantized base + adapter that was trained
+        "base_quantization": {"quantize": recipe.model.quantize,
+                              "double_quant": recipe.model.double_quant,
+                              "compute_dtype": recipe.model.compute_dtype},
         "train_seconds": round(seconds, 1),
         "resumed_from_step": checkpoints.step_of(checkpoint) if checkpoint else None,
         "tokens_per_second": round(progress.tokens / seconds, 1) if seconds else None,
