@@ -172,12 +172,13 @@ class MergeSection(Section):
     max_shard_size: str = Field(default="2GB", pattern=r"^[1-9][0-9]*(KB|MB|GB|KiB|MiB|GiB)$")
 
 
-GgufQuant = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+GgufQuant = Literal["f32", "f16", "bf16", "q8_0", "q5_0", "q4_0",
                     "q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
 
 
 class GgufOptions(Section):
-    # f32..q5_1 are written by llmtune; k-quants (q*_k*) by llama-cpp-python from an f16 file.
+    # f32, f16, bf16, q8_0, q5_0, q4_0 are written by llmtune; k-quants (q*_k*) by
+    # llama-cpp-python from an f16 file.
     quant: GgufQuant = "q8_0"
 
 

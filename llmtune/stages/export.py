@@ -140,7 +140,10 @@ def _k_quantize(source: Path, target: Path, quant: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{K_QUANTS[quant]}")
     params.nthread = os.cpu_count() or 1
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):  # one warning line per tensor otherwise
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if code != 0:
         raise RuntimeError(f"llama.cpp could not quantize {source.name} to {quant} (code {code})")
 

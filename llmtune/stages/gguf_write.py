@@ -31,12 +31,18 @@ from llmtune.stages.shard_merge import base_tensors, tensor_shapes
 ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA,
                  "qwen2": gguf.MODEL_ARCH.QWEN2}
 Q = gguf.GGMLQuantizationType
+# Not q4_1/q5_1: gguf-py's quantizers for those round-trip oddly (q4_1 with less error than
+# q8_0 on SmolLM2 weights), and the files agree worse with the model than q4_0/q5_0 do.
 NATIVE_QUANTS = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0,
-                 "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}
+                 "q5_0": Q.Q5_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-              "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1}
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0}
+# The output projection (the embeddings, when tied) decides every next token; at 4-5 bits it
+# cost SmolLM2-135M up to 12 points of next-token agreement (scripts/bench_gguf.py), so it
+# stays 8-bit, and so do untied input embeddings (a lookup: cheap to keep precise).
+OUTPUT_TENSORS = {"output.weight", "token_embd.weight"}
+LOW_BIT = {Q.Q4_0, Q.Q5_0}
 
 # llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by name. Its
 # converter names it by hashing the token ids of this text; these are its hashes for the
@@ -89,7 +95,10 @@ def write_gguf(model_dir: Path, target: Path, quant: str, name: str) -> dict:
         if gguf_name is None:
             raise InputError(f"export: no GGUF name for tensor {hf_name}",
                              hint="this checkpoint has tensors the llama family does not; export hf instead")
-        plan.append((hf_name, gguf_name, _tensor_type(shapes[hf_name], NATIVE_QUANTS[quant])))
+        wanted = NATIVE_QUANTS[quant]
+        if gguf_name in OUTPUT_TENSORS and wanted in LOW_BIT:
+            wanted = Q.Q8_0  # what llama-quantize does too (it picks q6_k, which gguf-py lacks)
+        plan.append((hf_name, gguf_name, _tensor_type(shapes[hf_name], wanted)))
     rope_factors = _llama3_rope_factors(config)
     if rope_factors is not None:
         writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
