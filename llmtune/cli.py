@@ -217,26 +217,6 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory.", sho
         raise typer.Exit(3)
 
 
-# --- recipe ----------------------------------------------------------------------------------
-
-
-@recipe_app.command("validate")
-def recipe_validate(recipe: RecipeArg, set: SetOpt = []):
-    """Check a recipe: every problem is reported at once; exit code 2 when there are any."""
-    from llmtune.recipe import load_recipe
-
-    loaded = load_recipe(recipe, set)
-    console.print(f"{recipe}: valid (run directory {Path(loaded.output_dir) / loaded.name})")
-
-
-@recipe_app.command("show")
-def recipe_show(recipe: RecipeArg, set: SetOpt = []):
-    """Print the resolved recipe (extends and --set applied, defaults filled in) as YAML."""
-    from llmtune.recipe import dump_recipe, load_recipe
-
-    typer.echo(dump_recipe(load_recipe(recipe, set)), nl=False)
-
-
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -290,8 +270,13 @@ def _open_run(recipe_file: Path, sets: list[str], run_dir: Path | None):
     from llmtune.models import quiet_libraries
     from llmtune.recipe import dump_recipe, load_recipe
     from llmtune.recipe import run_dir as default_run_dir
+    from llmtune.recipe_lock import verify_lock
 
     loaded = load_recipe(recipe_file, sets)
+    locked_revision = verify_lock(loaded, recipe_file)
+    if locked_revision and locked_revision != loaded.model.revision:
+        # a locked hub model runs at the locked commit, whatever the recipe's revision says
+        loaded = load_recipe(recipe_file, [*sets, f"model.revision={locked_revision}"])
     run_path = default_run_dir(loaded, run_dir)
     run_path.mkdir(parents=True, exist_ok=True)
     tmp = run_path / "recipe.yaml.tmp"
@@ -357,6 +342,6 @@ def _print_preview(result: dict, show: int) -> None:
     console.print(table)
 
 
-# The inference commands (eval, generate, chat, plot) live in their own module; importing it
-# registers them on `app`.
-from llmtune import cli_inference  # noqa: E402,F401
+# The inference commands (eval, generate, chat, plot) and the recipe commands live in their own
+# modules; importing them registers them on `app`.
+from llmtune import cli_inference, cli_recipe  # noqa: E402,F401

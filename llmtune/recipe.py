@@ -58,7 +58,7 @@ class DataSource(Section):
     hub: str | None = None  # or a hub dataset id (offline: from the datasets cache)
     subset: str | None = None  # hub dataset configuration
     split: str = "train"  # hub dataset split
-    format: DataFormat = "chat"
+    format: DataFormat = "chat"  # chat | sharegpt | alpaca | completion | text
     fields: dict[str, str] = {}  # our field name -> the dataset's column, e.g. {prompt: question}
     separator: str = "\n"  # completion format: between prompt and completion
     weight: float = Field(default=1.0, gt=0)  # mixing: rows repeated/sampled to weight x count
@@ -84,8 +84,8 @@ class DataSource(Section):
 
 
 class ValidationSplit(Section):
-    fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
-    sources: list[DataSource] | None = None
+    fraction: float | None = Field(default=None, ge=0.0, lt=1.0)  # of the training rows (0.1 when unset)
+    sources: list[DataSource] | None = None  # separate validation sources instead of a fraction
 
     @model_validator(mode="after")
     def _one_of(self) -> ValidationSplit:
@@ -101,18 +101,18 @@ class ValidationSplit(Section):
 
 
 class DataSection(Section):
-    train: list[DataSource] = Field(min_length=1)
-    validation: ValidationSplit = ValidationSplit()
-    max_seq_len: int = Field(default=512, ge=16)
+    train: list[DataSource] = Field(min_length=1)  # training sources, mixed by weight
+    validation: ValidationSplit = ValidationSplit()  # held out by fraction, or separate sources
+    max_seq_len: int = Field(default=512, ge=16)  # tokens per training sequence
     seed: int = 0  # shuffle, split and mixing seed
     template: str = "auto"  # auto (the tokenizer's) | chatml | llama-3 | mistral | alpaca | a .jinja file
     system_prompt: str | None = None  # added to conversations that have no system message
-    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
-    overlong: Literal["truncate", "drop", "error"] = "truncate"
-    bad_rows: Literal["error", "skip"] = "error"
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens are trained
+    overlong: Literal["truncate", "drop", "error"] = "truncate"  # examples over max_seq_len (counted)
+    bad_rows: Literal["error", "skip"] = "error"  # error stops at file:line; skip counts them
     dedup: bool = True  # drop exact duplicate samples
     max_samples: int | None = Field(default=None, gt=0)  # cap on training examples
-    packing: bool = False
+    packing: bool = False  # several examples per sequence, attention kept apart
     # Worker processes for rendering and tokenising. The Rust tokenizer already uses every core,
     # so more processes pay only for heavy templates on many cores (bench_prepare.py: on 2 cores,
     # num_proc 2 halved throughput).
@@ -120,15 +120,15 @@ class DataSection(Section):
 
 
 class AdapterSection(Section):
-    method: Literal["lora", "dora"] = "lora"
-    r: int = Field(default=16, gt=0)
-    alpha: float = Field(default=32.0, gt=0)
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    method: Literal["lora", "dora"] = "lora"  # dora: weight-decomposed LoRA (peft use_dora)
+    r: int = Field(default=16, gt=0)  # adapter rank
+    alpha: float = Field(default=32.0, gt=0)  # scale: alpha/r (alpha/sqrt(r) with rslora)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)  # on the adapter's input
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     # all-linear (every linear layer but the output head) | a list of module names | a regex
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] = []  # trained in full and saved, e.g. [embed_tokens, lm_head]
-    init: Literal["default", "gaussian", "pissa", "loftq"] = "default"
+    init: Literal["default", "gaussian", "pissa", "loftq"] = "default"  # peft's init_lora_weights
 
     @field_validator("target_modules")
     @classmethod
@@ -139,26 +139,26 @@ class AdapterSection(Section):
 
 
 class TrainSection(Section):
-    epochs: float = Field(default=1.0, gt=0)
+    epochs: float = Field(default=1.0, gt=0)  # passes over the training data
     max_steps: int | None = Field(default=None, gt=0)  # overrides epochs when set
-    batch_size: int = Field(default=8, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
-    lr: float = Field(default=2.0e-4, gt=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: int = Field(default=0, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    seed: int = 0
-    log_every: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=8, gt=0)  # sequences per micro-batch
+    grad_accum: int = Field(default=1, gt=0)  # micro-batches per optimizer step
+    lr: float = Field(default=2.0e-4, gt=0)  # peak learning rate (AdamW)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"  # after warmup
+    warmup_steps: int = Field(default=0, ge=0)  # steps of linear warmup from 0
+    weight_decay: float = Field(default=0.0, ge=0)  # AdamW weight decay on the adapter
+    max_grad_norm: float = Field(default=1.0, gt=0)  # gradient clipping
+    seed: int = 0  # adapter init, dropout and data order
+    log_every: int = Field(default=1, gt=0)  # steps between progress lines and metrics.jsonl rows
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # chunked: the loss from hidden states in chunks, never all logits at once (see stages/loss.py);
     # auto: chunked for architectures with a plain output head, standard otherwise.
     loss: Literal["auto", "chunked", "standard"] = "auto"
     eval_every: int | None = Field(default=None, gt=0)  # steps between validation losses
     early_stopping_patience: int | None = Field(default=None, gt=0)  # evals without improvement
     save_every: int | None = Field(default=None, gt=0)  # steps between resumable checkpoints
-    keep_checkpoints: int = Field(default=2, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)  # newest good checkpoints kept by rotation
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> TrainSection:
@@ -168,7 +168,8 @@ class TrainSection(Section):
 
 
 class MergeSection(Section):
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the merged weights
+    # safetensors shard size; merge holds about one shard in memory at a time
     max_shard_size: str = Field(default="2GB", pattern=r"^[1-9][0-9]*(KB|MB|GB|KiB|MiB|GiB)$")
 
 
@@ -185,7 +186,7 @@ class GgufOptions(Section):
 class ExportSection(Section):
     # hf: the merged folder | gguf: one GGUF file | ollama: Modelfile + GGUF | adapter: PEFT adapter
     formats: list[Literal["hf", "gguf", "ollama", "adapter"]] = Field(default=["hf"], min_length=1)
-    gguf: GgufOptions = GgufOptions()
+    gguf: GgufOptions = GgufOptions()  # GGUF file settings (gguf and ollama formats)
     verify_examples: int = Field(default=8, gt=0)  # prepared conversations a GGUF is checked on
     verify_tokens: int = Field(default=256, ge=16)  # tokens of each
 
@@ -195,16 +196,16 @@ class PreviewSection(Section):
 
     count: int = Field(default=3, ge=0)  # held-out examples scored by exact match
     show: int = Field(default=3, ge=0)  # of those, how many are printed side by side
-    max_new_tokens: int = Field(default=64, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)  # generation length per answer
 
 
 class EvalSection(Section):
     """`llmtune eval`: base vs adapter vs merged on the validation set and these sources."""
 
-    sources: list[DataSource] = []
+    sources: list[DataSource] = []  # extra eval sets besides the validation split
     max_samples: int = Field(default=64, gt=0)  # rows per eval set
-    max_new_tokens: int = Field(default=128, gt=0)
-    batch_size: int = Field(default=8, gt=0)
+    max_new_tokens: int = Field(default=128, gt=0)  # generation length per answer
+    batch_size: int = Field(default=8, gt=0)  # prompts generated together
     # Extracts the answer from reference and generation, e.g. GSM8K: '#### *(-?[0-9.,]+)'
     answer_regex: str | None = None
     lm_eval_tasks: list[str] = []  # passed to lm-eval (pip install lm-eval) on the merged model
@@ -218,9 +219,9 @@ class EvalSection(Section):
 
 
 class Recipe(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    description: str | None = None
-    output_dir: str = "runs"
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names the run directory
+    description: str | None = None  # one line, shown by `llmtune recipe list`
+    output_dir: str = "runs"  # run directory: <output_dir>/<name>, relative to where llmtune runs
     model: ModelSection = ModelSection()
     data: DataSection
     adapter: AdapterSection = AdapterSection()

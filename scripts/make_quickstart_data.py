@@ -55,14 +55,21 @@ def make_row(rng: random.Random) -> dict:
     }
 
 
+def as_alpaca(row: dict) -> dict:
+    """The same example as an instruction row (format: alpaca), for the instruction recipes."""
+    system, user, assistant = (message["content"] for message in row["messages"])
+    return {"instruction": system, "input": user, "output": assistant}
+
+
 def main(count: int = 320, seed: int = 7) -> None:
     rng = random.Random(seed)
-    target = Path(__file__).resolve().parent.parent / "recipes" / "data" / "quickstart.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "w", encoding="utf-8") as handle:
-        for _ in range(count):
-            handle.write(json.dumps(make_row(rng)) + "\n")
-    print(f"wrote {count} rows to {target}")
+    folder = Path(__file__).resolve().parent.parent / "recipes" / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [make_row(rng) for _ in range(count)]
+    (folder / "quickstart.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    (folder / "instructions.jsonl").write_text(
+        "".join(json.dumps(as_alpaca(row)) + "\n" for row in rows), encoding="utf-8")
+    print(f"wrote {count} rows to {folder / 'quickstart.jsonl'} (chat) and {folder / 'instructions.jsonl'} (alpaca)")
 
 
 if __name__ == "__main__":

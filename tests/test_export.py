@@ -108,3 +108,59 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     with pytest.raises(InputError) as error:
         gguf_architecture(tmp_path)
     assert "gpt2" in error.value.message and "llama, mistral, qwen2" in error.value.hint
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def _tiny_of_type(folder, model_type: str, **extra):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmtune.testing import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("llama", {}), ("mistral", {}), ("qwen2", {}), ("llama", {"rope_parameters": LLAMA3_ROPE}),
+], ids=["llama", "mistral", "qwen2", "llama3-rope-scaling"])
+def test_each_supported_architecture_round_trips_through_llama_cpp(tmp_path, model_type, extra):
+    """Random weights with a large init make every tensor matter: a wrong name, a missing bias
+    (qwen2) or a wrong rotary layout shows as disagreement. f32 leaves only arithmetic."""
+    import random
+
+    from llmtune.stages import gguf_write
+    from llmtune.stages.gguf_verify import verify_gguf
+
+    model, tokenizer = _tiny_of_type(tmp_path / "model", model_type, **extra)
+    rng = random.Random(0)
+    rows = [[rng.randrange(3, len(tokenizer)) for _ in range(48)] for _ in range(4)]
+    gguf_write.write_gguf(tmp_path / "model", tmp_path / "f32.gguf", "f32", "t")
+    assert verify_gguf(tmp_path / "f32.gguf", model, tokenizer, rows)["top1_agreement"] >= 0.99
+
+
+def test_the_round_trip_check_sees_a_wrong_rotary_layout(tmp_path, monkeypatch):
+    import random
+
+    from llmtune.stages import gguf_write
+    from llmtune.stages.gguf_verify import verify_gguf
+
+    model, tokenizer = _tiny_of_type(tmp_path / "model", "llama")
+    rng = random.Random(0)
+    rows = [[rng.randrange(3, len(tokenizer)) for _ in range(48)] for _ in range(4)]
+    monkeypatch.setattr(gguf_write, "_permute", lambda weight, heads: weight)
+    gguf_write.write_gguf(tmp_path / "model", tmp_path / "f32.gguf", "f32", "t")
+    assert verify_gguf(tmp_path / "f32.gguf", model, tokenizer, rows)["top1_agreement"] < 0.9

@@ -31,14 +31,20 @@ def read_source(source) -> Iterator[Record]:
         yield from _read_hub(source.hub, source.subset, source.split)
         return
     path = Path(source.path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    wanted = TEXT_SUFFIXES if source.format == "text" else TABLE_SUFFIXES
+    files = local_files(source)
     if path.is_dir():
+        wanted = TEXT_SUFFIXES if source.format == "text" else TABLE_SUFFIXES
         files = [f for f in files if f.suffix.lower() in wanted]
         if not files:
             raise InputError(f"{path}: no {'/'.join(wanted)} files in this folder")
     for file in files:
         yield from read_file(file, source.format)
+
+
+def local_files(source) -> list[Path]:
+    """The file a local source names, or every file of its folder, in a stable order."""
+    path = Path(source.path)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
 def read_file(path: Path, fmt: str) -> Iterator[Record]:

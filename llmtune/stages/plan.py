@@ -31,6 +31,30 @@ QUANTIZED_BYTES = {"none": None, "nf4": 0.53, "fp4": 0.53, "int8": 1.0}  # per w
 def plan(recipe: Recipe, run: Path) -> dict:
     ref = models.resolve_section(recipe.model)
     config = AutoConfig.from_pretrained(ref.local_dir, trust_remote_code=ref.trust_remote_code)
+    precision = _precision(recipe.train.precision, models.pick_device())
+    estimate = estimate_memory(config, recipe, precision)
+
+    prepare(recipe, run)  # token counts come from the prepared data (cached when up to date)
+    summary = read_manifest(run / "prepared")["summary"]
+    cfg = recipe.train
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.max_steps or math.ceil(math.ceil(summary["train_examples"] / per_step) * cfg.epochs)
+    return {
+        "model": ref.source,
+        "parameters": estimate["parameters"],
+        "trainable_parameters": estimate["trainable_parameters"],
+        "train_examples": summary["train_examples"],
+        "tokens_per_epoch": summary["train_tokens"],
+        "steps": steps,
+        "micro_batch": f"{cfg.batch_size} x {recipe.data.max_seq_len} tokens",
+        "precision": precision,
+        "memory_bytes": estimate["memory_bytes"],
+    }
+
+
+def estimate_memory(config, recipe: Recipe, precision: str) -> dict:
+    """Parameter counts (exact, from the model built on the meta device with the recipe's
+    adapter) and the peak-memory estimate by part, for micro-batches of the recipe's shape."""
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config)
         # quantization applies to the linear layers of the blocks, not the output head
@@ -38,14 +62,7 @@ def plan(recipe: Recipe, run: Path) -> dict:
                      if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
         model = get_peft_model(base, _lora_config(recipe))
     trainable, total = model.get_nb_trainable_parameters()
-
-    prepare(recipe, run)  # token counts come from the prepared data (cached when up to date)
-    summary = read_manifest(run / "prepared")["summary"]
     cfg = recipe.train
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps = cfg.max_steps or math.ceil(math.ceil(summary["train_examples"] / per_step) * cfg.epochs)
-
-    precision = _precision(cfg.precision, models.pick_device())
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
     frozen = total - trainable
     quantized = QUANTIZED_BYTES[recipe.model.quantize]
@@ -61,17 +78,8 @@ def plan(recipe: Recipe, run: Path) -> dict:
         "runtime": RUNTIME_BYTES,
     }
     memory["total"] = sum(memory.values())
-    return {
-        "model": ref.source,
-        "parameters": total,
-        "trainable_parameters": trainable,
-        "train_examples": summary["train_examples"],
-        "tokens_per_epoch": summary["train_tokens"],
-        "steps": steps,
-        "micro_batch": f"{cfg.batch_size} x {recipe.data.max_seq_len} tokens",
-        "precision": precision,
-        "memory_bytes": {key: int(value) for key, value in memory.items()},
-    }
+    return {"parameters": total, "trainable_parameters": trainable,
+            "memory_bytes": {key: int(value) for key, value in memory.items()}}
 
 
 def _activations(config, cfg, seq: int, act_bytes: int) -> float:

@@ -22,7 +22,7 @@ from llmtune.console import console
 from llmtune.data.chat import IGNORE, Example, encode, render_sample
 from llmtune.data.formats import to_sample
 from llmtune.data.packing import pack
-from llmtune.data.sources import read_source
+from llmtune.data.sources import local_files, read_source
 from llmtune.data.split import dedup, split_rows, weighted
 from llmtune.data.stats import split_stats
 from llmtune.data.templates import resolve_template
@@ -234,9 +234,7 @@ def _content_hashes(data: DataSection) -> dict[str, str]:
         if source.hub:
             hashes[f"hub:{source.hub}/{source.subset or ''}/{source.split}"] = "not hashed"
             continue
-        path = Path(source.path)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
+        for file in local_files(source):
             hashes[str(file)] = sha256_file(file)
     if Path(data.template).is_file():
         hashes[data.template] = sha256_file(data.template)

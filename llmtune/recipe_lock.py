@@ -1,0 +1,91 @@
+"""`RECIPE.lock`: what a recipe resolved to when it was locked, checked before every stage.
+
+The lock records the model (hub commit hash, or the content fingerprint of a local, GGUF or
+embedded model), the sha256 of every local data file the recipe reads, and the llmtune version.
+A shared recipe plus its lock reproduces a run, or stops and says which of these changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from llmtune import __version__
+from llmtune.errors import InputError
+
+LOCK_VERSION = 1
+
+
+def lock_path(recipe_file: str | os.PathLike) -> Path:
+    return Path(f"{recipe_file}.lock")
+
+
+def build_lock(recipe, recipe_file: Path) -> dict:
+    from llmtune import models
+    from llmtune.manifest import sha256_file
+
+    ref = models.resolve_section(recipe.model)
+    return {
+        "lock_version": LOCK_VERSION,
+        "llmtune_version": __version__,
+        "recipe": Path(recipe_file).name,
+        "model": {"source": ref.source, "revision": ref.revision, "fingerprint": ref.fingerprint},
+        "data": {_relative(file, recipe_file): f"sha256:{sha256_file(file)}" for file in data_files(recipe)},
+    }
+
+
+def write_lock(recipe, recipe_file: Path) -> tuple[Path, dict]:
+    target = lock_path(recipe_file)
+    lock = build_lock(recipe, recipe_file)
+    target.write_text(json.dumps(lock, indent=2) + "\n", encoding="utf-8")
+    return target, lock
+
+
+def verify_lock(recipe, recipe_file: Path) -> str | None:
+    """Check the lock next to `recipe_file`, if there is one; raise on the first mismatch.
+    Returns the locked hub commit, which the run must then use."""
+    target = lock_path(recipe_file)
+    if not target.is_file():
+        return None
+    from llmtune import models
+    from llmtune.manifest import sha256_file
+
+    lock = json.loads(target.read_text(encoding="utf-8"))
+    hint = f"restore what changed, or re-lock on purpose: llmtune recipe lock {recipe_file}"
+    if lock.get("llmtune_version") != __version__:
+        raise InputError(f"{target}: locked with llmtune {lock.get('llmtune_version')}, this is {__version__}", hint=hint)
+    files = {_relative(file, recipe_file): file for file in data_files(recipe)}
+    for name in sorted(set(lock["data"]) | set(files)):
+        if name not in files:
+            raise InputError(f"{target}: the recipe no longer reads {name}", hint=hint)
+        if name not in lock["data"]:
+            raise InputError(f"{target}: the recipe reads {name}, which the lock does not list", hint=hint)
+        if not files[name].is_file():
+            raise InputError(f"{target}: data file {name} is missing", hint=hint)
+        if f"sha256:{sha256_file(files[name])}" != lock["data"][name]:
+            raise InputError(f"{target}: data file {name} changed since the recipe was locked", hint=hint)
+    model = lock["model"]
+    if recipe.model.path != model["source"]:
+        raise InputError(f"{target}: the model is now {recipe.model.path}, the lock says {model['source']}", hint=hint)
+    ref = models.resolve(recipe.model.path, model["revision"] or recipe.model.revision,
+                         recipe.model.allow_pickle, recipe.model.trust_remote_code)
+    if ref.fingerprint != model["fingerprint"]:
+        raise InputError(f"{target}: model {model['source']} is not the one locked "
+                         f"(fingerprint {ref.fingerprint[:19]}…, lock says {model['fingerprint'][:19]}…)", hint=hint)
+    return model["revision"]
+
+
+def data_files(recipe) -> list[Path]:
+    """Every local file the recipe's data and eval sources read."""
+    from llmtune.data.sources import local_files
+
+    sources = [*recipe.data.train, *(recipe.data.validation.sources or []), *recipe.eval.sources]
+    files = [file for source in sources if source.path for file in local_files(source)]
+    if Path(recipe.data.template).is_file():
+        files.append(Path(recipe.data.template))
+    return list(dict.fromkeys(files))
+
+
+def _relative(file: Path, recipe_file: Path) -> str:
+    return os.path.relpath(Path(file).resolve(), Path(recipe_file).resolve().parent)
