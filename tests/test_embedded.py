@@ -81,8 +81,8 @@ def test_run_end_to_end_on_the_embedded_model(tmp_path):
     assert exported["gguf_check"]["chat_template_matches"] is True
     assert (run / "exported" / "hf" / "model.safetensors.index.json").is_file()
     modelfile = (run / "exported" / "ollama" / "Modelfile").read_text()
-    # SmolLM2's template adds its own system prompt to conversations without one.
-    assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in modelfile
+    # every training conversation had this system prompt: Ollama starts there too
+    assert 'SYSTEM """Extract the person\'s name, age, city and job. Reply with JSON only."""' in modelfile
     from peft import PeftConfig
 
     adapter_config = PeftConfig.from_pretrained(run / "exported" / "adapter")
@@ -113,3 +113,12 @@ def test_qlora_nf4_on_the_embedded_model(tmp_path):
     gap, merged_gap = check["quantization_gap"], check["vs_quantized"]
     assert merged_gap["mean_abs_logit_diff"] <= 1.1 * gap["mean_abs_logit_diff"]
     assert merged_gap["top1_agreement"] >= gap["top1_agreement"] - 0.03
+
+
+def test_ollama_falls_back_to_the_system_prompt_smollm2s_template_adds(smollm2):
+    from llmtune.stages.ollama import default_system_prompt, template_family
+
+    tokenizer = models.load_tokenizer(smollm2)
+    assert template_family(tokenizer, tokenizer.chat_template) == "chatml"
+    prompt = default_system_prompt(tokenizer, tokenizer.chat_template, "chatml")
+    assert prompt == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

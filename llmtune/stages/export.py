@@ -63,7 +63,8 @@ def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) 
     if wants_gguf:
         gguf_file = _export_gguf(recipe, merged_dir, merged_manifest, partial, verify, summary)
         if "ollama" in formats:
-            _export_ollama(recipe, merged_dir, gguf_file, partial / "ollama")
+            _export_ollama(merged_dir, _training_system_prompt(merged_dir, merged_manifest),
+                           gguf_file, partial / "ollama")
             console.print(f"export: ollama -> {out_dir / 'ollama' / 'Modelfile'}")
         if "gguf" not in formats:
             shutil.rmtree(gguf_file.parent)
@@ -148,7 +149,14 @@ def _k_quantize(source: Path, target: Path, quant: str) -> None:
         raise RuntimeError(f"llama.cpp could not quantize {source.name} to {quant} (code {code})")
 
 
-def _export_ollama(recipe: Recipe, merged_dir: Path, gguf_file: Path, folder: Path) -> None:
+def _training_system_prompt(merged_dir: Path, merged_manifest: dict) -> str | None:
+    """The system prompt every training conversation had, from the prepare manifest."""
+    adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
+    prepared = read_manifest(upstream_dir(adapter_dir, read_manifest(adapter_dir), "prepared")) or {}
+    return (prepared.get("summary", {}).get("chat") or {}).get("common_system_prompt")
+
+
+def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path, folder: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from llmtune.stages.ollama import write_modelfile
@@ -158,8 +166,7 @@ def _export_ollama(recipe: Recipe, merged_dir: Path, gguf_file: Path, folder: Pa
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     eos_ids = models.eos_token_ids(tokenizer, AutoConfig.from_pretrained(str(merged_dir)))
     eos_texts = [tokenizer.convert_ids_to_tokens(token_id) for token_id in eos_ids]
-    write_modelfile(folder, gguf_file.name, tokenizer, tokenizer.chat_template, eos_texts,
-                    recipe.data.system_prompt)
+    write_modelfile(folder, gguf_file.name, tokenizer, tokenizer.chat_template, eos_texts, system_prompt)
 
 
 def _export_adapter(adapter_dir: Path, target: Path) -> str:

@@ -83,6 +83,7 @@ def modelfile(gguf_name: str, tokenizer, template: str, eos_texts: list[str],
                  "(Ollama can still run the GGUF with a TEMPLATE you write)",
         )
     go_template = GO_TEMPLATES[family].replace("EOS", tokenizer.eos_token or "")
+    # the one the model was trained with, else the one its template adds on its own
     system = system_prompt or default_system_prompt(tokenizer, template, family)
     lines = [f"# Written by llmtune: chat template family {family}", f"FROM ./{gguf_name}",
              f'TEMPLATE """{go_template}"""']

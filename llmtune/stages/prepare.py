@@ -116,6 +116,9 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     }
     if packed is not None:
         summary["packing_efficiency"] = stats["packing"]["efficiency"]
+    common = _common_system_prompt([row for row, _ in train])
+    if common:  # an exported chat model (Ollama's SYSTEM) should start where training did
+        summary["chat"] = {"common_system_prompt": common}
     manifest = finish_stage(
         partial, out_dir, stage="prepare", recipe_sha256=recipe_sha, inputs=inputs, summary=summary
     )
@@ -143,6 +146,15 @@ def print_stats(stats: dict) -> None:
 # --- steps -----------------------------------------------------------------------------------
 
 Row = tuple  # (where it was read, index of its data.train source or -1, sample)
+
+
+def _common_system_prompt(rows: list[Row]) -> str | None:
+    """The system message every training conversation starts with, when they all share one."""
+    prompts = set()
+    for _, _, sample in rows:
+        messages = sample.get("messages") or [{}]
+        prompts.add(messages[0].get("content") if messages[0].get("role") == "system" else None)
+    return prompts.pop() if len(prompts) == 1 else None
 
 
 def _read(source, index: int, data: DataSection, skipped: Counter) -> list[Row]:
