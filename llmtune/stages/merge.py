@@ -77,23 +77,7 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     if qlora:
         quantized, quantized_base = _quantized_reference(adapter_dir, ref, quantization, batch)
 
-    dtype = DTYPES[recipe.merge.dtype]
-    warning = space_warning(partial, _weight_bytes(ref.local_dir, dtype), "the merged model")
-    if warning:
-        console.print(f"[yellow]warning:[/] {warning}", markup=True)
-    try:
-        # QLoRA adapters too: the shards are the float base, never the 4-bit weights.
-        method = "shard by shard"
-        written = shard_merge.merge_into_shards(ref.local_dir, adapter_dir, partial, dtype,
-                                                recipe.merge.max_shard_size)
-        config = AutoConfig.from_pretrained(ref.local_dir, trust_remote_code=ref.trust_remote_code)
-        config.dtype = dtype
-        config.save_pretrained(str(partial))
-    except shard_merge.Unsupported as why:
-        method = "in memory"
-        console.print(f"merge: {why}; merging in memory instead")
-        written = {}
-        _merge_in_memory(adapter_dir, ref, dtype, partial, recipe.merge.max_shard_size)
+    method, written = _write_merged(recipe, ref, adapter_dir, partial)
     _save_generation_config(ref, tokenizer, partial)
     tokenizer.save_pretrained(str(partial))
 
@@ -119,24 +103,49 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         **check,
         "logit_tolerance": tolerance,
         "checked_tokens": int(mask.sum()),
-        **{key: value for key, value in written.items() if key != "bytes"},
+        **written,
     }
     if qlora:
-        # The float merge cannot equal the 4-bit model + adapter: the base's quantization error
-        # remains. Recorded beside it, that error shows whether the merge added any of its own.
-        summary["vs_quantized"] = _compare(logits, quantized, mask)
-        summary["quantization_gap"] = _compare(float_base, quantized_base, mask)
-        console.print(f"merge: vs the {quantization['quantize']} base + adapter it was trained on: "
-                      f"top-1 agreement {summary['vs_quantized']['top1_agreement']:.1%}, mean |logit "
-                      f"difference| {summary['vs_quantized']['mean_abs_logit_diff']:.3f} (float vs "
-                      f"{quantization['quantize']} base alone: {summary['quantization_gap']['top1_agreement']:.1%}, "
-                      f"{summary['quantization_gap']['mean_abs_logit_diff']:.3f})")
+        summary.update(_qlora_figures(logits, quantized, float_base, quantized_base, mask,
+                                      quantization["quantize"]))
     base_info = {"source": ref.source, **models.describe_base(ref)}
     write_model_card(partial, recipe, base_info, adapter_manifest["summary"], summary)
     manifest = finish_stage(
         partial, out_dir, stage="merge", recipe_sha256=recipe_sha, inputs=inputs, summary=summary
     )
     return Outcome(manifest, up_to_date=False)
+
+
+def _write_merged(recipe: Recipe, ref: models.ModelRef, adapter_dir: Path, partial: Path) -> tuple[str, dict]:
+    """The merged weights and config in `partial`: shard by shard, else in memory."""
+    dtype = DTYPES[recipe.merge.dtype]
+    warning = space_warning(partial, _weight_bytes(ref.local_dir, dtype), "the merged model")
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}", markup=True)
+    try:
+        # QLoRA adapters too: the shards are the float base, never the 4-bit weights.
+        written = shard_merge.merge_into_shards(ref.local_dir, adapter_dir, partial, dtype,
+                                                recipe.merge.max_shard_size)
+    except shard_merge.Unsupported as why:
+        console.print(f"merge: {why}; merging in memory instead")
+        _merge_in_memory(adapter_dir, ref, dtype, partial, recipe.merge.max_shard_size)
+        return "in memory", {}
+    config = AutoConfig.from_pretrained(ref.local_dir, trust_remote_code=ref.trust_remote_code)
+    config.dtype = dtype
+    config.save_pretrained(str(partial))
+    return "shard by shard", {key: value for key, value in written.items() if key != "bytes"}
+
+
+def _qlora_figures(logits, quantized, float_base, quantized_base, mask, kind: str) -> dict:
+    """The float merge cannot equal the 4-bit model + adapter: the base's quantization error
+    remains. Recorded beside it, that error shows whether the merge added any of its own."""
+    figures = {"vs_quantized": _compare(logits, quantized, mask),
+               "quantization_gap": _compare(float_base, quantized_base, mask)}
+    merged, gap = figures["vs_quantized"], figures["quantization_gap"]
+    console.print(f"merge: vs the {kind} base + adapter it was trained on: top-1 agreement "
+                  f"{merged['top1_agreement']:.1%}, mean |logit difference| {merged['mean_abs_logit_diff']:.3f} "
+                  f"(float vs {kind} base alone: {gap['top1_agreement']:.1%}, {gap['mean_abs_logit_diff']:.3f})")
+    return figures
 
 
 def _quantized_reference(adapter_dir: Path, ref: models.ModelRef, quantization: dict,
