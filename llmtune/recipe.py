@@ -159,6 +159,8 @@ class TrainSection(Section):
     early_stopping_patience: int | None = Field(default=None, gt=0)  # evals without improvement
     save_every: int | None = Field(default=None, gt=0)  # steps between resumable checkpoints
     keep_checkpoints: int = Field(default=2, ge=1)  # newest good checkpoints kept by rotation
+    # experiment trackers, when installed; they log under <run>/logs (keys only from the environment)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> TrainSection:

@@ -28,7 +28,7 @@ from llmtune.manifest import (
 )
 from llmtune.plot import plot_metrics
 from llmtune.recipe import Recipe, section_sha256
-from llmtune.stages import checkpoints
+from llmtune.stages import checkpoints, trackers
 from llmtune.stages.callbacks import EarlyStop, MarkCheckpoints, StopOnSignal, TrainProgress
 from llmtune.stages.collate import PadCollator
 from llmtune.stages.loss import ChunkedLossTrainer, chunked_loss_supported
@@ -49,6 +49,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     recipe_sha = section_sha256(recipe, "model", "adapter", "train")
     if not force and is_up_to_date(out_dir, "train", recipe_sha, inputs):
         return Outcome(read_manifest(out_dir), up_to_date=True)
+    trackers.check_installed(recipe.train.report_to)
 
     depends_on = {
         "model section": section_sha256(recipe, "model"),
@@ -98,27 +99,10 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         callbacks.append(EarlyStop(cfg.early_stopping_patience))
     chunked = cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(model.config))
     console.print(f"train: loss {'chunked (no full logits)' if chunked else 'standard'}")
-    trainer = (ChunkedLossTrainer if chunked else Trainer)(
-        model=model,
-        args=_training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, validation is not None),
-        train_dataset=train_set,
-        eval_dataset=validation,
-        data_collator=collator,
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-    if "eval_loss_before" not in state:
-        state["eval_loss_before"] = _evaluate(trainer, "before training")
-        checkpoints.write_resume_state(partial, state)
-    started = time.perf_counter()
-    stop.install()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    finally:
-        stop.uninstall()
-    seconds = time.perf_counter() - started
+    with trackers.tracker_environment(cfg.report_to, run, recipe.name):
+        trainer, result, seconds = _run_trainer(
+            ChunkedLossTrainer if chunked else Trainer, recipe, model, train_set, validation, collator,
+            callbacks, partial, device, state, checkpoint, stop)
     if stop.received is not None:
         raise Interrupted(
             f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved "
@@ -214,6 +198,32 @@ def _lora_config(recipe: Recipe) -> LoraConfig:
     )
 
 
+def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, collator, callbacks,
+                 partial: Path, device: str, state: dict, checkpoint, stop: StopOnSignal):
+    """Build the Trainer and train (trackers' callbacks read their settings when it is built)."""
+    trainer = trainer_class(
+        model=model,
+        args=_training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, validation is not None),
+        train_dataset=train_set,
+        eval_dataset=validation,
+        data_collator=collator,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+    if "eval_loss_before" not in state:
+        state["eval_loss_before"] = _evaluate(trainer, "before training")
+        checkpoints.write_resume_state(partial, state)
+    started = time.perf_counter()
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        stop.uninstall()
+    return trainer, result, time.perf_counter() - started
+
+
 def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval: bool) -> TrainingArguments:
     cfg = recipe.train
     precision = _precision(cfg.precision, device)
@@ -247,7 +257,8 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval:
         save_total_limit=None,
         eval_strategy="steps" if periodic_eval else "no",
         eval_steps=cfg.eval_every if periodic_eval else None,
-        report_to="none",
+        report_to=list(cfg.report_to) or "none",
+        run_name=recipe.name,
         prediction_loss_only=True,
         disable_tqdm=True,
         remove_unused_columns=False,
