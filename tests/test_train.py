@@ -3,6 +3,7 @@ adapter as an uninterrupted run; corrupt checkpoints are never resumed from."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -187,3 +188,12 @@ def test_plan_counts_parameters_and_steps_before_training(tiny_model, tmp_path):
     nf4 = llmtune("plan", recipe, "--json", "--set", "model.quantize=nf4", cwd=tmp_path)
     nf4_plan = json_module.loads(nf4.stdout)
     assert nf4_plan["memory_bytes"]["weights"] < memory["weights"] / 2
+
+
+def test_no_validation_split_trains_without_eval(tiny_model, tmp_path):
+    recipe_file = write_recipe(tmp_path, tiny_model, rows=16, data={"validation": {"fraction": 0.0}},
+                               train={"max_steps": 2}, preview={"count": 0})
+    result = llmtune("run", recipe_file, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "runs" / "tiny" / "adapter" / "manifest.json").read_text())["summary"]
+    assert summary["steps"] == 2 and summary["eval_loss"] is None

@@ -235,7 +235,9 @@ def _save_examples(pairs, packed: list[dict] | None, path: Path, with_samples: b
     # Arrow arrays with a declared type: 3x faster than letting `datasets` infer it from lists.
     ids = pa.list_(pa.int32())
     table = pa.table({k: pa.array(v, type=pa.string() if k == "sample" else ids) for k, v in columns.items()})
-    Dataset(InMemoryTable(table)).save_to_disk(str(path))
+    # An empty split (validation fraction 0) needs one explicit shard: datasets writes none and
+    # then cannot load the folder back.
+    Dataset(InMemoryTable(table)).save_to_disk(str(path), num_shards=1 if not table.num_rows else None)
 
 
 def _content_hashes(data: DataSection) -> dict[str, str]:
