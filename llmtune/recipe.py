@@ -152,6 +152,8 @@ class TrainSection(Section):
     log_every: int = Field(default=1, gt=0)  # steps between progress lines and metrics.jsonl rows
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA that has it, else fp32
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # batches of similar lengths (shuffled groups): far less padding than random batches
+    group_by_length: bool = True
     # chunked: the loss from hidden states in chunks, never all logits at once (see stages/loss.py);
     # auto: chunked for architectures with a plain output head, standard otherwise.
     loss: Literal["auto", "chunked", "standard"] = "auto"

@@ -35,8 +35,8 @@ LR = 2e-4
 
 
 def rows_needed(args) -> list[dict]:
-    lines = GSM8K.read_text().splitlines()[: args.steps * args.batch * 2]
-    return [json.loads(line) for line in lines]
+    """The whole GSM8K train split: length grouping and packing need a real dataset to work on."""
+    return [json.loads(line) for line in GSM8K.read_text().splitlines()]
 
 
 def run_llmtune(args, folder: Path) -> dict:
@@ -69,7 +69,7 @@ def run_llmtune(args, folder: Path) -> dict:
         return batch
 
     collate.PadCollator.__call__ = counting
-    recipe = load_recipe(recipe_file)
+    recipe = load_recipe(recipe_file, args.llmtune_set)
     run = folder / "runs" / "bench"
     prepare(recipe, run)
     summary = train(recipe, run).manifest["summary"]
@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--llmtune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for the llmtune variant, e.g. train.group_by_length=false")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -188,7 +190,8 @@ def main() -> None:
     results = {}
     for name in ["peak", *args.variants]:
         command = [sys.executable, __file__, "--steps", str(args.steps), "--seq", str(args.seq),
-                   "--batch", str(args.batch), "--child", name]
+                   "--batch", str(args.batch), "--child", name,
+                   *[f"--llmtune-set={item}" for item in args.llmtune_set]]
         done = subprocess.run(command, capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:

@@ -197,3 +197,26 @@ def test_no_validation_split_trains_without_eval(tiny_model, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "runs" / "tiny" / "adapter" / "manifest.json").read_text())["summary"]
     assert summary["steps"] == 2 and summary["eval_loss"] is None
+
+
+def test_length_grouped_batches_are_seeded_by_epoch_and_pad_less():
+    import random
+
+    from llmtune.stages.sampling import SeededLengthGroupedSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randrange(20, 400) for _ in range(2000)]
+    sampler = SeededLengthGroupedSampler(lengths, group_size=8, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(2000)) and list(sampler) == first  # a resumed run sees the same
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+    def padding(order):
+        batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+        cells = sum(8 * max(lengths[j] for j in batch) for batch in batches)
+        return 1 - sum(lengths) / cells
+
+    shuffled = list(range(2000))
+    rng.shuffle(shuffled)
+    assert padding(first) < 0.05 < 0.3 < padding(shuffled)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import Trainer
 
 from llmtune.data.chat import IGNORE
+from llmtune.stages.sampling import GroupedTrainer
 
 CHUNK = 1024
 # Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
@@ -25,7 +25,7 @@ def chunked_loss_supported(config) -> bool:
     return getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
 
 
-class ChunkedLossTrainer(Trainer):
+class ChunkedLossTrainer(GroupedTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         forward = {key: value for key, value in inputs.items() if key != "labels"}

@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from datasets import load_from_disk
 from peft import LoftQConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -32,6 +33,7 @@ from llmtune.stages import checkpoints, trackers
 from llmtune.stages.callbacks import EarlyStop, MarkCheckpoints, StopOnSignal, TrainProgress
 from llmtune.stages.collate import PadCollator
 from llmtune.stages.loss import ChunkedLossTrainer, chunked_loss_supported
+from llmtune.stages.sampling import GroupedTrainer
 
 
 class Interrupted(LlmtuneError):
@@ -89,6 +91,9 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     )
 
     train_set = load_from_disk(str(prepared_dir / "train"))
+    if cfg.group_by_length:
+        # the sampler reads lengths from this column instead of decoding every row
+        train_set = train_set.add_column("length", pc.list_value_length(train_set.data.column("input_ids")).to_pylist())
     validation = load_from_disk(str(prepared_dir / "validation"))
     validation = validation if len(validation) else None
     collator = PadCollator(tokenizer.pad_token_id or 0)
@@ -101,7 +106,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     console.print(f"train: loss {'chunked (no full logits)' if chunked else 'standard'}")
     with trackers.tracker_environment(cfg.report_to, run, recipe.name):
         trainer, result, seconds = _run_trainer(
-            ChunkedLossTrainer if chunked else Trainer, recipe, model, train_set, validation, collator,
+            ChunkedLossTrainer if chunked else GroupedTrainer, recipe, model, train_set, validation, collator,
             callbacks, partial, device, state, checkpoint, stop)
     if stop.received is not None:
         raise Interrupted(
@@ -257,6 +262,8 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval:
         save_total_limit=None,
         eval_strategy="steps" if periodic_eval else "no",
         eval_steps=cfg.eval_every if periodic_eval else None,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
         report_to=list(cfg.report_to) or "none",
         run_name=recipe.name,
         prediction_loss_only=True,
