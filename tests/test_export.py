@@ -164,3 +164,13 @@ def test_the_round_trip_check_sees_a_wrong_rotary_layout(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_write, "_permute", lambda weight, heads: weight)
     gguf_write.write_gguf(tmp_path / "model", tmp_path / "f32.gguf", "f32", "t")
     assert verify_gguf(tmp_path / "f32.gguf", model, tokenizer, rows)["top1_agreement"] < 0.9
+
+
+def test_ollama_alone_keeps_its_gguf_beside_the_modelfile(exported):
+    run, recipe, _ = exported
+    result = llmtune("export", recipe, "--set", "export.formats=[ollama]", cwd=recipe.parent)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run / "exported" / "manifest.json").read_text())["summary"]
+    assert summary["gguf_file"] == "ollama/tiny-f16.gguf" and summary["gguf_verified"] is True
+    assert (run / "exported" / "ollama" / "tiny-f16.gguf").is_file()
+    assert not (run / "exported" / "gguf").exists() and not (run / "exported" / "hf").exists()

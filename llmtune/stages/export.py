@@ -66,8 +66,9 @@ def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) 
             _export_ollama(merged_dir, _training_system_prompt(merged_dir, merged_manifest),
                            gguf_file, partial / "ollama")
             console.print(f"export: ollama -> {out_dir / 'ollama' / 'Modelfile'}")
-        if "gguf" not in formats:
+        if "gguf" not in formats:  # the file lives on in ollama/ only
             shutil.rmtree(gguf_file.parent)
+            summary["gguf_file"] = f"ollama/{gguf_file.name}"
     if "adapter" in formats:
         adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
         summary["adapter_base"] = _export_adapter(adapter_dir, partial / "adapter")
