@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from llmtune.console import console
 from llmtune.errors import InputError
 from llmtune.stages.shard_merge import base_tensors, tensor_shapes
 
@@ -181,6 +182,9 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, model_dir: Path, vocab_si
     tokens, types = _vocab(tokenizer, vocab_size)
     digest = sha256(str(tokenizer.encode(PRE_TOKENIZER_PROBE)).encode()).hexdigest()
     pre = PRE_TOKENIZERS.get(digest, "default")
+    if digest not in PRE_TOKENIZERS:
+        console.print("[yellow]warning:[/] export: the tokenizer's pre-tokenizer is not one llmtune knows; "
+                      "llama.cpp's default is written (the export check compares tokenizations)", markup=True)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
