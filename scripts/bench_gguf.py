@@ -39,7 +39,7 @@ def main() -> None:
     rows = check_rows(args.run / "adapter", read_manifest(args.run / "adapter"), args.examples, args.tokens)
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype="float32").eval()
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    print(f"{'type':8s} {'agreement':>9s} {'bar':>5s} {'tokens':>7s} template  size MB  write s")
+    print(f"{'type':8s} {'agreement':>9s} {'bar':>5s} {'contexts':>8s} {'tokens':>7s} template  size MB  write s")
     with tempfile.TemporaryDirectory() as folder:
         for quant in args.quants:
             target = Path(folder) / f"{quant}.gguf"
@@ -52,7 +52,7 @@ def main() -> None:
                 write_gguf(merged, target, quant, "bench")
             seconds = time.perf_counter() - start
             figures = verify_gguf(target, model, tokenizer, rows)
-            print(f"{quant:8s} {figures['top1_agreement']:9.2%} {MIN_AGREEMENT[quant]:5.0%} "
+            print(f"{quant:8s} {figures['top1_agreement']:9.2%} {MIN_AGREEMENT[quant]:5.0%} {figures['positions']:8d} "
                   f"{figures['tokenization_matches']:>7s} {str(figures['chat_template_matches']):8s} "
                   f"{target.stat().st_size / 2**20:7.1f} {seconds:8.1f}")
             target.unlink()
