@@ -95,8 +95,8 @@ def _table(title: str, properties: dict, required: list, defs: dict, prefix: str
         default = "required" if key in required else _yaml(prop.get("default"))
         description = prop.get("description", "").replace("|", "\\|")
         if _ref(prop):
-            default = "" if key in required or prop.get("type") == "array" or "$ref" in prop else default
-            default = default if key not in required else "required"
+            if key not in required and ("$ref" in prop or prop.get("type") == "array"):
+                default = ""  # a section or list of sections: its keys are listed below
             description = (description + " " if description else "") + f"See `{prefix}{key}` below."
         lines.append(f"| `{prefix}{key}` | {_type(prop, defs)} | {default} | {description} |")
     return lines + [""]

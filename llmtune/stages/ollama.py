@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from llmtune.data.chat import render
 from llmtune.data.templates import BUILT_IN
 from llmtune.errors import InputError
 
@@ -100,8 +101,7 @@ def write_modelfile(folder: Path, gguf_name: str, tokenizer, template: str, eos_
 
 
 def _render(tokenizer, template: str, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
+    return render(tokenizer, messages, add_generation_prompt=True, template=template)
 
 
 def _quote(text: str) -> str:
