@@ -59,12 +59,18 @@ def main() -> None:
 
 def run_cli(args: list[str]) -> int:
     """Run the command line and return its exit code; user errors become one message."""
+    if os.environ.get("RANK", "0") != "0":
+        console.quiet = True  # under torchrun, rank 0 alone reports progress (errors still print)
     try:
         app(args=args, prog_name="llmtune")  # usage errors print and exit 2 (SystemExit)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except LlmtuneError as exc:
-        _print_error(exc.message, exc.hint)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            _print_error(exc.message, exc.hint)
+        elif exc.exit_code != 75:  # an interruption is reported once, by rank 0
+            _print_error(f"rank {rank}: {exc.message}", exc.hint)
         return exc.exit_code
     except Exception as exc:
         cause = _disk_full_cause(exc)
@@ -279,7 +285,7 @@ def _open_run(recipe_file: Path, sets: list[str], run_dir: Path | None):
         loaded = load_recipe(recipe_file, [*sets, f"model.revision={locked_revision}"])
     run_path = default_run_dir(loaded, run_dir)
     run_path.mkdir(parents=True, exist_ok=True)
-    tmp = run_path / "recipe.yaml.tmp"
+    tmp = run_path / f"recipe.yaml.{os.getpid()}.tmp"  # ranks of a distributed job write it at once
     tmp.write_text(dump_recipe(loaded), encoding="utf-8")
     os.replace(tmp, run_path / "recipe.yaml")
     quiet_libraries()
@@ -344,4 +350,4 @@ def _print_preview(result: dict, show: int) -> None:
 
 # The inference commands (eval, generate, chat, plot) and the recipe commands live in their own
 # modules; importing them registers them on `app`.
-from llmtune import cli_inference, cli_recipe  # noqa: E402,F401
+from llmtune import cli_cluster, cli_inference, cli_recipe  # noqa: E402,F401

@@ -24,3 +24,9 @@ class VerificationError(LlmtuneError):
     """An output failed its own check (for example merged logits differ from base+adapter)."""
 
     exit_code = 3
+
+
+class Interrupted(LlmtuneError):
+    """Training stopped on a signal after saving a checkpoint: run again with --resume auto."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later

@@ -148,8 +148,9 @@ def load_tokenizer(ref: ModelRef):
 
 
 def load_model(ref: ModelRef, dtype: torch.dtype = torch.float32, quantize: str = "none",
-               double_quant: bool = True, compute_dtype: str = "auto"):
-    """The base model in `dtype`, or quantized by bitsandbytes (QLoRA) when `quantize` says so."""
+               double_quant: bool = True, compute_dtype: str = "auto", shardable: bool = False):
+    """The base model in `dtype`, or quantized by bitsandbytes (QLoRA) when `quantize` says so;
+    `shardable`: 4-bit weights stored in the compute dtype, for FSDP and ZeRO-3."""
     extra = {}
     if quantize != "none":
         from transformers import BitsAndBytesConfig
@@ -160,7 +161,8 @@ def load_model(ref: ModelRef, dtype: torch.dtype = torch.float32, quantize: str 
         else:
             extra["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=quantize,
-                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute)
+                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute,
+                bnb_4bit_quant_storage=compute if shardable else torch.uint8)
         dtype = compute
     # use_safetensors=True: transformers never falls back to a pickle file next to the
     # safetensors. With allow_pickle it may; torch.load there runs with weights_only=True.
@@ -244,7 +246,8 @@ def _from_gguf(gguf_path: Path, source: str, kind: str, flags: dict) -> ModelRef
 
 def _convert_gguf(gguf_path: Path, target: Path, digest: str) -> None:
     """Dequantize a GGUF file once into a plain float32 transformers folder."""
-    partial = target.with_name(target.name + ".partial")
+    # One folder per process: ranks of a distributed job may convert into the same cache at once.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     if partial.exists():
         shutil.rmtree(partial)
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -268,9 +271,17 @@ def _convert_gguf(gguf_path: Path, target: Path, digest: str) -> None:
     (partial / _CONVERTED_MARKER).write_text(
         json.dumps({"gguf_file": str(gguf_path), "gguf_sha256": digest}, indent=2)
     )
+    if (target / _CONVERTED_MARKER).is_file():  # another process finished first
+        shutil.rmtree(partial)
+        return
     if target.exists():
         shutil.rmtree(target)
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / _CONVERTED_MARKER).is_file():
+            raise
+        shutil.rmtree(partial)
 
 
 def _from_hub(repo_id: str, revision: str | None, flags: dict) -> ModelRef:

@@ -171,6 +171,17 @@ class TrainSection(Section):
         return self
 
 
+class DistributedSection(Section):
+    """Training with several processes, started by torchrun, `accelerate launch` or
+    `llmtune launch`; a single process ignores it. See docs/cluster.md."""
+
+    # ddp: every GPU holds the whole model (LoRA's usual case) | fsdp: weights, gradients and
+    # optimizer state sharded across GPUs (FSDP2) | deepspeed: ZeRO stage `zero_stage`
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Literal[2, 3] = 2  # deepspeed: 2 shards optimizer state and gradients, 3 also weights
+    cpu_offload: bool = False  # fsdp: parameters in CPU memory; deepspeed: optimizer state
+
+
 class MergeSection(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the merged weights
     # safetensors shard size; merge holds about one shard in memory at a time
@@ -230,6 +241,7 @@ class Recipe(Section):
     data: DataSection
     adapter: AdapterSection = AdapterSection()
     train: TrainSection = TrainSection()
+    distributed: DistributedSection = DistributedSection()
     merge: MergeSection = MergeSection()
     export: ExportSection = ExportSection()
     preview: PreviewSection = PreviewSection()

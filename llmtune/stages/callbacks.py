@@ -4,6 +4,7 @@ stopping on eval loss, and marking/rotating checkpoints once they are fully writ
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from llmtune.console import console
-from llmtune.stages import checkpoints
+from llmtune.stages import checkpoints, distributed
 from llmtune.stages.collate import PadCollator
 
 
@@ -25,6 +26,7 @@ class TrainProgress(TrainerCallback):
         self.start_step = 0
         self.training = False
         self.tokens = self.trained_tokens = 0
+        self.seconds = 0.0  # training time, set when training ends
 
     def record(self, entry: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
@@ -34,13 +36,17 @@ class TrainProgress(TrainerCallback):
         self.started = time.perf_counter()
         self.training = True
         self.start_step = state.global_step  # > 0 when resuming
-        self.collator.tokens = self.collator.trained_tokens = 0  # evaluation batches do not count
+        self.collator.tokens = self.collator.trained_tokens = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
             return
         elapsed = time.perf_counter() - self.started
-        self.tokens, self.trained_tokens = self.collator.tokens, self.collator.trained_tokens
+        # every rank logs at the same steps; each counted its own batches
+        self.tokens, self.trained_tokens = distributed.sum_over_ranks(
+            [self.collator.tokens, self.collator.trained_tokens])
+        if not state.is_world_process_zero:
+            return
         step, total = state.global_step, state.max_steps
         entry = {
             "step": step,
@@ -63,25 +69,50 @@ class TrainProgress(TrainerCallback):
         )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if metrics and "eval_loss" in metrics:
+        if state.global_step == 0:
+            self.started = time.perf_counter()  # training time starts after the eval before it
+        if metrics and "eval_loss" in metrics and state.is_world_process_zero:
             loss = round(metrics["eval_loss"], 5)
             self.record({"step": state.global_step, "eval_loss": loss})
-            if self.training:
+            if state.global_step == 0:
+                console.print(f"train: eval loss before training: {loss:.4f} (perplexity {math.exp(loss):.2f})")
+            elif self.training:
                 console.print(f"  step {state.global_step}: eval loss {loss:.4f}")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False
+        self.seconds = time.perf_counter() - self.started
+
+
+class RecordEvalBefore(TrainerCallback):
+    """Keeps the eval loss before training (evaluated at step 0) in the resume state, so that a
+    resumed run reports it too."""
+
+    def __init__(self, partial: Path, resume_state: dict):
+        self.partial = partial
+        self.resume_state = resume_state
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step == 0 and metrics and "eval_loss" in metrics:
+            self.resume_state["eval_loss_before"] = round(metrics["eval_loss"], 5)
+            if distributed.is_main():
+                checkpoints.write_resume_state(self.partial, self.resume_state)
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM or SIGINT: finish the current step, save a checkpoint, stop."""
+    """SIGTERM, SIGINT or SIGUSR1 (SLURM's warning before the time limit): finish the current
+    step, save a checkpoint, stop. With several processes, a signal that reached any rank stops
+    every rank after the same step (one all-reduce per step)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.received: int | None = None
+        self.stopped = False
         self._previous = {}
 
     def install(self) -> None:
-        for number in (signal.SIGTERM, signal.SIGINT):
+        for number in self.SIGNALS:
             self._previous[number] = signal.signal(number, self._handle)
 
     def uninstall(self) -> None:
@@ -94,7 +125,8 @@ class StopOnSignal(TrainerCallback):
         self.received = number
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if distributed.any_rank(self.received is not None):
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True
 
@@ -128,7 +160,9 @@ class MarkCheckpoints(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
+        distributed.barrier()  # every rank has written its part (its RNG state, its shards)
         folder = self.root / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if distributed.is_main() and folder.is_dir():
             checkpoints.mark_good(folder)
             checkpoints.rotate(self.root, self.keep)
+        distributed.barrier()  # no rank exits (and has the launcher stop the others) mid-mark

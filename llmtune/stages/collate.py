@@ -22,6 +22,7 @@ class PadCollator:
         self.attention_mask = attention_mask
         self.tokens = 0
         self.trained_tokens = 0
+        self.counting = True  # off while the Trainer evaluates
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
@@ -38,8 +39,9 @@ class PadCollator:
             if packed:
                 positions[i, :n] = torch.tensor(row["position_ids"])
                 positions[i, n:] = torch.arange(longest - n)
-        self.tokens += int(mask.sum())
-        self.trained_tokens += int((labels != IGNORE).sum())
+        if self.counting:
+            self.tokens += int(mask.sum())
+            self.trained_tokens += int((labels != IGNORE).sum())
         batch = {"input_ids": ids, "labels": labels}
         if packed:
             batch["position_ids"] = positions

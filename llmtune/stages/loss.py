@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch.utils.checkpoint import checkpoint
 
 from llmtune.data.chat import IGNORE
@@ -35,7 +36,7 @@ class ChunkedLossTrainer(GroupedTrainer):
         targets = labels[:, 1:]
         trained = targets != IGNORE
         hidden, targets = hidden[trained], targets[trained]
-        head = model.get_output_embeddings()
+        head = extract_model_from_parallel(model).get_output_embeddings()  # DDP wraps the model
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), CHUNK):
             total = total + checkpoint(_chunk_loss, head, hidden[start:start + CHUNK],
@@ -45,6 +46,10 @@ class ChunkedLossTrainer(GroupedTrainer):
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         count = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
         loss = total / count
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # the count is over every rank's batch and DDP averages gradients over ranks: scale
+            # back up, as the Trainer's own compute_loss does
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -16,7 +15,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from llmtune import models
 from llmtune.console import console
-from llmtune.errors import InputError, LlmtuneError
+from llmtune.errors import InputError, Interrupted
 from llmtune.manifest import (
     Outcome,
     finish_stage,
@@ -29,56 +28,43 @@ from llmtune.manifest import (
 )
 from llmtune.plot import plot_metrics
 from llmtune.recipe import Recipe, section_sha256
-from llmtune.stages import checkpoints, trackers
-from llmtune.stages.callbacks import EarlyStop, MarkCheckpoints, StopOnSignal, TrainProgress
+from llmtune.stages import checkpoints, distributed, trackers
+from llmtune.stages.callbacks import EarlyStop, MarkCheckpoints, RecordEvalBefore, StopOnSignal, TrainProgress
 from llmtune.stages.collate import PadCollator
+from llmtune.stages.distributed import strategy_arguments
 from llmtune.stages.loss import ChunkedLossTrainer, chunked_loss_supported
 from llmtune.stages.sampling import GroupedTrainer
 
 
-class Interrupted(LlmtuneError):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint: run again to resume."""
-
-    exit_code = 75  # EX_TEMPFAIL: try again later
-
-
 def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) -> Outcome:
+    """Train the adapter; under torchrun/accelerate launch every rank runs this, rank 0 writes."""
     prepared_dir, out_dir = run / "prepared", run / "adapter"
     command = f"llmtune train {run / 'recipe.yaml'}"
     require_stage(prepared_dir, "prepare", f"llmtune prepare {run / 'recipe.yaml'}")
-    ref = models.resolve_section(recipe.model)
+    device = models.pick_device()
+    distributed.start(device)
+    with distributed.main_first():  # a model converted into the cache once, not once per rank
+        ref = models.resolve_section(recipe.model)
     inputs = {"prepared": upstream_ref(prepared_dir, out_dir), "base_model": ref.as_manifest()}
-    recipe_sha = section_sha256(recipe, "model", "adapter", "train")
+    recipe_sha = section_sha256(recipe, "model", "adapter", "train", "distributed")
     if not force and is_up_to_date(out_dir, "train", recipe_sha, inputs):
         return Outcome(read_manifest(out_dir), up_to_date=True)
     trackers.check_installed(recipe.train.report_to)
+    strategy = strategy_arguments(recipe.distributed, device, recipe.model.quantize)
 
     depends_on = {
         "model section": section_sha256(recipe, "model"),
         "adapter section": section_sha256(recipe, "adapter"),
         "train section": section_sha256(recipe, "train"),
+        "distributed section": section_sha256(recipe, "distributed"),
         "prepared data": inputs["prepared"]["manifest_sha256"],
         "base model weights": ref.fingerprint,
     }
-    partial, checkpoint = partial_dir(out_dir), None
-    state = checkpoints.read_resume_state(partial) if resume and not force else None
-    if state is not None:
-        checkpoints.check_same_run(state["depends_on"], depends_on, command)
-        checkpoint = checkpoints.newest_good(partial / checkpoints.CHECKPOINTS)
-    if checkpoint is None:
-        if resume:
-            console.print("train: no good checkpoint to resume from; starting from the beginning")
-        partial = start_stage(out_dir)
-        state = {"depends_on": depends_on}
-        checkpoints.write_resume_state(partial, state)
-    else:
-        console.print(f"train: resuming from {checkpoint}")
-        checkpoints.discard_after(partial / checkpoints.CHECKPOINTS, checkpoints.step_of(checkpoint))
-        _drop_metrics_after(partial / "metrics.jsonl", checkpoints.step_of(checkpoint))
+    partial, state, checkpoint = distributed.share_from_main(
+        lambda: _open_partial(out_dir, resume and not force, depends_on, command))
 
     cfg = recipe.train
     set_seed(cfg.seed)
-    device = models.pick_device()
     tokenizer = models.load_tokenizer(ref)
     if (prepared_dir / "chat_template.jinja").is_file():  # the template the data was rendered with
         tokenizer.chat_template = (prepared_dir / "chat_template.jinja").read_text(encoding="utf-8")
@@ -88,6 +74,8 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         f"train: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), device {device}, precision {_precision(cfg.precision, device)}"
         + (f", base quantized {recipe.model.quantize}" if recipe.model.quantize != "none" else "")
+        + (f", {distributed.world_size()} processes ({recipe.distributed.strategy})"
+           if distributed.world_size() > 1 else "")
     )
 
     train_set = load_from_disk(str(prepared_dir / "train"))
@@ -99,31 +87,41 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     collator = PadCollator(tokenizer.pad_token_id or 0)
     progress = TrainProgress(partial / "metrics.jsonl", collator)
     stop = StopOnSignal()
-    callbacks = [progress, stop, MarkCheckpoints(partial / checkpoints.CHECKPOINTS, cfg.keep_checkpoints)]
+    callbacks = [progress, stop, MarkCheckpoints(partial / checkpoints.CHECKPOINTS, cfg.keep_checkpoints),
+                 RecordEvalBefore(partial, state)]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStop(cfg.early_stopping_patience))
     chunked = cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(model.config))
     console.print(f"train: loss {'chunked (no full logits)' if chunked else 'standard'}")
     with trackers.tracker_environment(cfg.report_to, run, recipe.name):
-        trainer, result, seconds = _run_trainer(
+        trainer, result = _run_trainer(
             ChunkedLossTrainer if chunked else GroupedTrainer, recipe, model, train_set, validation, collator,
-            callbacks, partial, device, state, checkpoint, stop)
-    if stop.received is not None:
+            callbacks, partial, device, state, checkpoint, stop, strategy)
+    if stop.stopped:
+        if distributed.is_main():  # `llmtune launch` reads this to tell "interrupted" from a crash
+            checkpoints.write_resume_state(partial, {**state, "interrupted_at_step": trainer.state.global_step})
+        distributed.barrier()
         raise Interrupted(
             f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved "
             f"in {partial / checkpoints.CHECKPOINTS}",
             hint=f"resume with: {command} --resume auto",
         )
     eval_after = _evaluate(trainer, "after training")
+    # FSDP and ZeRO-3 shard the weights: every rank takes part in gathering them
+    sharded = recipe.distributed.strategy != "ddp"
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
+    if not distributed.is_main():
+        distributed.barrier()  # until rank 0 has written the adapter and its manifest
+        return Outcome(read_manifest(out_dir), up_to_date=False)
 
-    model.save_pretrained(str(partial))
+    model.save_pretrained(str(partial), state_dict=state_dict)
     tokenizer.save_pretrained(str(partial))
     (partial / checkpoints.RESUME_STATE).unlink()
     summary = {
         "steps": result.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "train_loss": round(result.training_loss, 5),
-        "eval_loss_before": state["eval_loss_before"],
+        "eval_loss_before": state.get("eval_loss_before"),
         "eval_loss": eval_after,
         "trainable_params": trainable,
         "total_params": total,
@@ -131,23 +129,47 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         "base_quantization": {"quantize": recipe.model.quantize,
                               "double_quant": recipe.model.double_quant,
                               "compute_dtype": recipe.model.compute_dtype},
-        "train_seconds": round(seconds, 1),
+        "train_seconds": round(progress.seconds, 1),
         "resumed_from_step": checkpoints.step_of(checkpoint) if checkpoint else None,
-        "tokens_per_second": round(progress.tokens / seconds, 1) if seconds else None,
-        "trained_tokens_per_second": round(progress.trained_tokens / seconds, 1) if seconds else None,
+        "tokens_per_second": round(progress.tokens / progress.seconds, 1) if progress.seconds else None,
+        "trained_tokens_per_second": (round(progress.trained_tokens / progress.seconds, 1)
+                                      if progress.seconds else None),
     }
     manifest = finish_stage(partial, out_dir, stage="train", recipe_sha256=recipe_sha,
                             inputs=inputs, summary=summary, device=device)
     plot_metrics(out_dir / "metrics.jsonl", run / "training_curves.png")
     console.print(f"train: training curves -> {run / 'training_curves.png'}")
+    distributed.barrier()
     return Outcome(manifest, up_to_date=False)
+
+
+def _open_partial(out_dir: Path, resume: bool, depends_on: dict, command: str):
+    """`<adapter>.partial/` to train into: (folder, resume state, checkpoint to resume from)."""
+    partial, checkpoint = partial_dir(out_dir), None
+    state = checkpoints.read_resume_state(partial) if resume else None
+    if state is not None:
+        checkpoints.check_same_run(state["depends_on"], depends_on, command)
+        checkpoint = checkpoints.newest_good(partial / checkpoints.CHECKPOINTS)
+    if checkpoint is None:
+        if resume:
+            console.print("train: no good checkpoint to resume from; starting from the beginning")
+        partial = start_stage(out_dir)
+        state = {"depends_on": depends_on}
+    else:
+        console.print(f"train: resuming from {checkpoint}")
+        checkpoints.discard_after(partial / checkpoints.CHECKPOINTS, checkpoints.step_of(checkpoint))
+        _drop_metrics_after(partial / "metrics.jsonl", checkpoints.step_of(checkpoint))
+        state.pop("interrupted_at_step", None)
+    checkpoints.write_resume_state(partial, state)
+    return partial, state, checkpoint
 
 
 def _adapter_model(recipe: Recipe, ref):
     """The base (quantized for QLoRA) with a fresh LoRA/DoRA adapter on it."""
     quantize = recipe.model.quantize
     base = models.load_model(ref, quantize=quantize, double_quant=recipe.model.double_quant,
-                             compute_dtype=recipe.model.compute_dtype)
+                             compute_dtype=recipe.model.compute_dtype,
+                             shardable=distributed.shards_quantized_weights(recipe.distributed, quantize))
     # With a cache, transformers does not read packed position ids as sequence boundaries, and
     # packed examples would attend to each other; training never uses the cache anyway.
     base.config.use_cache = False
@@ -204,11 +226,12 @@ def _lora_config(recipe: Recipe) -> LoraConfig:
 
 
 def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, collator, callbacks,
-                 partial: Path, device: str, state: dict, checkpoint, stop: StopOnSignal):
+                 partial: Path, device: str, state: dict, checkpoint, stop: StopOnSignal, strategy: dict):
     """Build the Trainer and train (trackers' callbacks read their settings when it is built)."""
     trainer = trainer_class(
         model=model,
-        args=_training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, validation is not None),
+        args=_training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, validation is not None,
+                                 "eval_loss_before" not in state, strategy),
         train_dataset=train_set,
         eval_dataset=validation,
         data_collator=collator,
@@ -217,19 +240,16 @@ def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, co
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
-    if "eval_loss_before" not in state:
-        state["eval_loss_before"] = _evaluate(trainer, "before training")
-        checkpoints.write_resume_state(partial, state)
-    started = time.perf_counter()
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         stop.uninstall()
-    return trainer, result, time.perf_counter() - started
+    return trainer, result
 
 
-def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval: bool) -> TrainingArguments:
+def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval: bool,
+                        eval_before: bool, strategy: dict) -> TrainingArguments:
     cfg = recipe.train
     precision = _precision(cfg.precision, device)
     if precision == "fp16" and device != "cuda":
@@ -261,6 +281,9 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval:
         save_steps=cfg.save_every or 500,
         save_total_limit=None,
         eval_strategy="steps" if periodic_eval else "no",
+        # The loss before training, evaluated inside train(): a Trainer that evaluates before
+        # train() marks the model prepared, and then never wraps it in DDP (transformers 5.23).
+        eval_on_start=has_eval and eval_before,
         eval_steps=cfg.eval_every if periodic_eval else None,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         length_column_name="length",
@@ -271,6 +294,7 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval:
         remove_unused_columns=False,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
+        **strategy,  # DDP, FSDP or DeepSpeed settings (stages/distributed.py)
     )
 
 

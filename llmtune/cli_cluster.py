@@ -1,0 +1,140 @@
+"""`llmtune launch` (torchrun on this machine) and `llmtune slurm` (a batch script), registered
+on the `llmtune` app. Both only build the engines' own command lines; see llmtune/cluster.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmtune import cluster
+from llmtune.cli import ForceOpt, RecipeArg, ResumeOpt, RunDirOpt, SetOpt, _open_run, _resume_flag, app
+from llmtune.console import console
+from llmtune.errors import InputError, Interrupted, LlmtuneError
+
+
+@app.command()
+def launch(
+    recipe: RecipeArg,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes on this node (one per GPU).")] = 2,
+    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Nodes taking part.")] = 1,
+    rdzv_endpoint: Annotated[str | None, typer.Option(
+        "--rdzv-endpoint", help="HOST:PORT on the first node, where the nodes meet (several nodes).")] = None,
+    rdzv_id: Annotated[str, typer.Option("--rdzv-id", help="Names this job at the rendezvous.")] = "llmtune",
+    shutdown_timeout: Annotated[int, typer.Option(
+        help="Seconds the ranks get to save a checkpoint after SIGTERM/SIGINT before torchrun kills them.")] = 120,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the torchrun command, run nothing.")] = False,
+    set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False, resume: ResumeOpt = None,
+):
+    """Train on several processes with torchrun (DDP): prints the torchrun command and runs it.
+    Exit 75: interrupted and resumable (run again with --resume auto)."""
+    _resume_flag(resume)
+    loaded, run_path = _open_run(recipe, set, run_dir)  # checks the recipe once, before N processes do
+    if nnodes > 1 and rdzv_endpoint is None:
+        raise InputError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT",
+                         hint="use the first node's address and a free port, the same on every node")
+    train_args = [*_pass_on(set, run_dir), *(["--force"] if force else []),
+                  *(["--resume", resume] if resume else [])]
+    command = [*_torchrun(), *cluster.torchrun_args(nproc, nnodes, rdzv_endpoint, rdzv_id, shutdown_timeout),
+               "-m", "llmtune", "train", str(recipe), *train_args]
+    console.print(f"launch: {shlex.join(command)}")
+    if dry_run:
+        return
+    code = _run_forwarding_signals(command)
+    if code == 0:
+        console.print(f"[bold]launch:[/] done -> {run_path / 'adapter'}", markup=True)
+        return
+    step = _interrupted_at(run_path)
+    if step is not None:
+        again = shlex.join(["llmtune", "launch", str(recipe), "--nproc", str(nproc), *_pass_on(set, run_dir),
+                            "--resume", "auto"])
+        raise Interrupted(f"training interrupted at step {step}; every rank saved that checkpoint",
+                          hint=f"resume with: {again}")
+    raise LlmtuneError(f"torchrun exited with {code}: a rank failed (its error is above)")
+
+
+def _pass_on(sets: list[str], run_dir: Path | None) -> list[str]:
+    return [*(item for value in sets for item in ("--set", value)),
+            *(["--run-dir", str(run_dir)] if run_dir else [])]
+
+
+def _torchrun() -> list[str]:
+    """torchrun from this environment (it is `python -m torch.distributed.run`)."""
+    script = Path(sys.executable).with_name("torchrun")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _run_forwarding_signals(command: list[str]) -> int:
+    """Run torchrun in its own session and pass it the first SIGTERM/SIGINT/SIGUSR1 we get, once:
+    it forwards that to every rank, which checkpoint and stop at the same step."""
+    process = subprocess.Popen(command, start_new_session=True)
+    forwarded = []
+
+    def forward(number, frame):
+        if not forwarded:
+            console.print(f"\nlaunch: {signal.Signals(number).name}: the ranks save a checkpoint and stop")
+            process.send_signal(number)
+            forwarded.append(number)
+
+    previous = {n: signal.signal(n, forward) for n in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        return process.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _interrupted_at(run_path: Path) -> int | None:
+    """The step an interrupted training saved at, from its resume state (written by rank 0)."""
+    try:
+        state = json.loads((run_path / "adapter.partial" / "resume.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state.get("interrupted_at_step")
+
+
+@app.command()
+def slurm(
+    recipe: RecipeArg,
+    nodes: Annotated[int, typer.Option(min=1, help="Nodes (#SBATCH --nodes).")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(min=0, help="GPUs per node (#SBATCH --gpus-per-node).")] = 1,
+    nproc_per_node: Annotated[int | None, typer.Option(
+        min=1, help="Training processes per node (default: one per GPU).")] = None,
+    time: Annotated[str, typer.Option(help="Time limit (#SBATCH --time), e.g. 04:00:00.")] = "04:00:00",
+    partition: Annotated[str | None, typer.Option(help="Partition (#SBATCH --partition).")] = None,
+    account: Annotated[str | None, typer.Option(help="Account (#SBATCH --account).")] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(min=1, help="CPUs per node (#SBATCH --cpus-per-task).")] = None,
+    port: Annotated[int, typer.Option(help="Rendezvous port on the first node.")] = 29500,
+    output: Annotated[Path | None, typer.Option(help="Script to write (default: <run>/slurm.sbatch).")] = None,
+    set: SetOpt = [], run_dir: RunDirOpt = None,
+):
+    """Write an sbatch script: prepare, torchrun on every node, merge, export; it checkpoints and
+    requeues itself before the time limit or on preemption, and the requeued job resumes."""
+    loaded, run_path = _open_run(recipe, set, run_dir)
+    nproc = nproc_per_node or max(gpus_per_node, 1)
+    run_abs = run_path.resolve()
+    job = cluster.SlurmJob(
+        job_name=f"llmtune-{loaded.name}",
+        recipe=str(recipe.resolve()),
+        # the job trains exactly what was asked here: the run directory, pinned, and the overrides
+        llmtune_args=(*_pass_on(set, None), "--run-dir", str(run_abs)),
+        python=sys.executable,
+        workdir=os.getcwd(),
+        log_file=str(run_abs / "slurm-%j.out"),
+        nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc, time=time,
+        partition=partition, account=account, cpus_per_task=cpus_per_task, rdzv_port=port,
+    )
+    path = output or run_path / "slurm.sbatch"
+    path.write_text(cluster.sbatch_script(job), encoding="utf-8")
+    path.chmod(0o755)
+    world = nodes * nproc
+    console.print(f"slurm: {path}: {nodes} node(s) x {nproc} process(es) = {world}; global batch "
+                  f"{loaded.train.batch_size * loaded.train.grad_accum * world} sequences per step")
+    console.print(f"submit with: sbatch {path}")
