@@ -171,14 +171,17 @@ def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: F
 
 @app.command()
 def plan(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None,
-         as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False):
-    """Before training: parameters, trainable parameters, tokens, steps, estimated peak memory."""
+         as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+         nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes "
+                                            "(llmtune launch --nproc x nodes).")] = 1):
+    """Before training: parameters, trainable parameters, tokens, steps, estimated peak memory
+    (per process)."""
     loaded, run_path = _open_run(recipe, set, run_dir)
     from llmtune.stages.plan import plan as make_plan
 
     if as_json:
         console.file = sys.stderr  # progress lines go to stderr, stdout holds only the JSON
-    result = make_plan(loaded, run_path)
+    result = make_plan(loaded, run_path, nproc)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -307,6 +310,12 @@ def _run_stage(stage: str, recipe, run_path: Path, force: bool, resume: bool = F
                verify: bool = True) -> None:
     from llmtune.stages import STAGES
 
+    if stage != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank would write the same stage directory at once
+        raise LlmtuneError(f"{stage} runs in one process, not under torchrun/accelerate launch "
+                           f"({os.environ['WORLD_SIZE']} processes)",
+                           hint="launch only `llmtune train`; run prepare before it and merge/export "
+                           "(or `llmtune run`) after it, in one process (see docs/cluster.md)")
     extra = {"resume": resume} if stage == "train" else {"verify": verify} if stage == "export" else {}
     outcome = STAGES[stage](recipe, run_path, force=force, **extra)
     where = run_path / STAGE_DIRS[stage]

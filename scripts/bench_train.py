@@ -35,8 +35,14 @@ LR = 2e-4
 
 
 def rows_needed(args) -> list[dict]:
-    """The whole GSM8K train split: length grouping and packing need a real dataset to work on."""
-    return [json.loads(line) for line in GSM8K.read_text().splitlines()]
+    """The whole GSM8K train split: length grouping and packing need a real dataset to work on.
+    With --longest N, only its N longest rows: then every variant trains on the same rows and
+    meets batches of the same lengths, which makes peak memory comparable."""
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()]
+    if args.longest:
+        rows = sorted(rows, key=lambda row: len(row["question"]) + len(row["answer"]), reverse=True)
+        rows = rows[:args.longest]
+    return rows
 
 
 def run_llmtune(args, folder: Path) -> dict:
@@ -180,6 +186,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--longest", type=int, default=0, metavar="N",
+                        help="train every variant on GSM8K's N longest rows only (same batches' lengths)")
     parser.add_argument("--llmtune-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for the llmtune variant, e.g. train.group_by_length=false")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -190,7 +198,7 @@ def main() -> None:
     results = {}
     for name in ["peak", *args.variants]:
         command = [sys.executable, __file__, "--steps", str(args.steps), "--seq", str(args.seq),
-                   "--batch", str(args.batch), "--child", name,
+                   "--batch", str(args.batch), "--longest", str(args.longest), "--child", name,
                    *[f"--llmtune-set={item}" for item in args.llmtune_set]]
         done = subprocess.run(command, capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -63,6 +63,15 @@ def test_torchrun_command_lines():
         cluster.torchrun_args(8, nnodes=2)
 
 
+def test_other_stages_refuse_to_run_under_a_launcher(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model)
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    result = subprocess.run([sys.executable, "-m", "llmtune", "run", str(recipe)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "prepare runs in one process" in result.stderr
+    assert not (tmp_path / "runs" / "tiny" / "prepared").exists()
+
+
 def test_launch_refuses_several_nodes_without_an_endpoint(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model)
     result = llmtune("launch", recipe, "--nnodes", "2", cwd=tmp_path)

@@ -181,6 +181,8 @@ def test_plan_counts_parameters_and_steps_before_training(tiny_model, tmp_path):
                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert (plan["trainable_parameters"], plan["parameters"]) == real.get_nb_trainable_parameters()
     assert plan["train_examples"] == 36 and plan["steps"] == 3 * 5  # ceil(36 / 8) per epoch
+    two = json_module.loads(llmtune("plan", recipe, "--json", "--nproc", "2", cwd=tmp_path).stdout)
+    assert two["global_batch"] == 16 and two["steps"] == 3 * 3  # ceil(36 / 16) per epoch
     memory = plan["memory_bytes"]
     assert memory["optimizer"] == 2 * memory["adapter"] and memory["total"] == sum(
         v for k, v in memory.items() if k != "total")

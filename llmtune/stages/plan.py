@@ -28,7 +28,8 @@ RUNTIME_BYTES = 1.0e9  # Python, torch and library state, measured ~1 GB on CPU
 QUANTIZED_BYTES = {"none": None, "nf4": 0.53, "fp4": 0.53, "int8": 1.0}  # per weight, with constants
 
 
-def plan(recipe: Recipe, run: Path) -> dict:
+def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
+    """The plan for training on `processes` data-parallel processes (memory is per process)."""
     ref = models.resolve_section(recipe.model)
     config = AutoConfig.from_pretrained(ref.local_dir, trust_remote_code=ref.trust_remote_code)
     precision = _precision(recipe.train.precision, models.pick_device())
@@ -37,7 +38,7 @@ def plan(recipe: Recipe, run: Path) -> dict:
     prepare(recipe, run)  # token counts come from the prepared data (cached when up to date)
     summary = read_manifest(run / "prepared")["summary"]
     cfg = recipe.train
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum * processes  # the global batch
     steps = cfg.max_steps or math.ceil(math.ceil(summary["train_examples"] / per_step) * cfg.epochs)
     return {
         "model": ref.source,
@@ -47,6 +48,8 @@ def plan(recipe: Recipe, run: Path) -> dict:
         "tokens_per_epoch": summary["train_tokens"],
         "steps": steps,
         "micro_batch": f"{cfg.batch_size} x {recipe.data.max_seq_len} tokens",
+        "processes": processes,
+        "global_batch": per_step,
         "precision": precision,
         "memory_bytes": estimate["memory_bytes"],
     }
