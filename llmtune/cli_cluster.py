@@ -3,7 +3,6 @@ on the `llmtune` app. Both only build the engines' own command lines; see llmtun
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -93,11 +92,10 @@ def _run_forwarding_signals(command: list[str]) -> int:
 
 def _interrupted_at(run_path: Path) -> int | None:
     """The step an interrupted training saved at, from its resume state (written by rank 0)."""
-    try:
-        state = json.loads((run_path / "adapter.partial" / "resume.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return state.get("interrupted_at_step")
+    from llmtune.manifest import partial_dir
+    from llmtune.stages.checkpoints import read_resume_state
+
+    return (read_resume_state(partial_dir(run_path / "adapter")) or {}).get("interrupted_at_step")
 
 
 @app.command()
