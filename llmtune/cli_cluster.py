@@ -17,6 +17,7 @@ from llmtune import cluster
 from llmtune.cli import ForceOpt, RecipeArg, ResumeOpt, RunDirOpt, SetOpt, _open_run, _resume_flag, app
 from llmtune.console import console
 from llmtune.errors import InputError, Interrupted, LlmtuneError
+from llmtune.manifest import require_stage
 
 
 @app.command()
@@ -39,6 +40,8 @@ def launch(
     if nnodes > 1 and rdzv_endpoint is None:
         raise InputError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT",
                          hint="use the first node's address and a free port, the same on every node")
+    require_stage(run_path / "prepared", "prepare",  # once here, not once per rank
+                  shlex.join(["llmtune", "prepare", str(recipe), *_pass_on(set, run_dir)]))
     train_args = [*_pass_on(set, run_dir), *(["--force"] if force else []),
                   *(["--resume", resume] if resume else [])]
     command = [*_torchrun(), *cluster.torchrun_args(nproc, nnodes, rdzv_endpoint, rdzv_id, shutdown_timeout),
@@ -52,11 +55,14 @@ def launch(
         return
     step = _interrupted_at(run_path)
     if step is not None:
-        again = shlex.join(["llmtune", "launch", str(recipe), "--nproc", str(nproc), *_pass_on(set, run_dir),
-                            "--resume", "auto"])
+        nodes = ["--nnodes", str(nnodes), "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id] if nnodes > 1 else []
+        again = shlex.join(["llmtune", "launch", str(recipe), "--nproc", str(nproc), *nodes,
+                            *_pass_on(set, run_dir), "--resume", "auto"])
         raise Interrupted(f"training interrupted at step {step}; every rank saved that checkpoint",
                           hint=f"resume with: {again}")
-    raise LlmtuneError(f"torchrun exited with {code}: a rank failed (its error is above)")
+    failed = LlmtuneError(f"torchrun exited with {code}: a rank failed (its error is above)")
+    failed.exit_code = code  # torchrun's own: 1 whatever the rank's was
+    raise failed
 
 
 def _pass_on(sets: list[str], run_dir: Path | None) -> list[str]:

@@ -72,10 +72,13 @@ def test_other_stages_refuse_to_run_under_a_launcher(tiny_model, tmp_path):
     assert not (tmp_path / "runs" / "tiny" / "prepared").exists()
 
 
-def test_launch_refuses_several_nodes_without_an_endpoint(tiny_model, tmp_path):
+def test_launch_checks_its_inputs_before_starting_torchrun(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model)
     result = llmtune("launch", recipe, "--nnodes", "2", cwd=tmp_path)
     assert result.returncode == 2 and "--rdzv-endpoint" in result.stderr
+    unprepared = llmtune("launch", recipe, "--nproc", "2", cwd=tmp_path)  # said once, before torchrun
+    assert unprepared.returncode == 2 and unprepared.stderr.count("no finished prepare stage") == 1
+    assert "run: llmtune prepare" in unprepared.stderr and "launch:" not in unprepared.stdout
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(one_process, tiny_model, tmp_path):
