@@ -7,8 +7,8 @@
 One invocation runs every variant, each in its own subprocess (so its peak RSS is its own), on
 the same model (the embedded SmolLM2-135M-Instruct), data (GSM8K train from
 ../shared/datasets/gsm8k as prompt/completion, the loss on the answer), sequence length, batch,
-LoRA (r16, alpha 32, dropout 0, all-linear), precision (fp32: the CPU has no fast bf16 path for
-TRL's defaults to compare against) and number of optimizer steps, with the same learning rate.
+LoRA (r16, alpha 32, dropout 0, all-linear), precision (--precision: fp32, or bf16 autocast for
+every variant) and number of optimizer steps, with the same learning rate.
 
 Printed per variant: non-padding tokens per second of training wall time, padding share, peak
 RSS, and model-FLOPs utilisation against a fp32 matmul peak measured in the same run. Model
@@ -62,7 +62,7 @@ def run_llmtune(args, folder: Path) -> dict:
                             "fields": {"prompt": "question", "completion": "answer"}}],
                  "validation": {"fraction": 0.0}, "max_seq_len": args.seq, "dedup": False},
         "adapter": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": LR, "precision": "fp32",
+        "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": LR, "precision": args.precision,
                   "save_every": None},
         "preview": {"count": 0},
     }))
@@ -100,7 +100,7 @@ def run_trl(args, variant: str) -> dict:
         # padding-free without packing cannot truncate: TRL asks for max_length=None there
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
         max_length=None if variant == "trl-padding-free" else args.seq,
-        max_steps=args.steps, learning_rate=LR, bf16=False, use_cpu=True, report_to="none",
+        max_steps=args.steps, learning_rate=LR, bf16=args.precision == "bf16", use_cpu=True, report_to="none",
         save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
         packing=variant == "trl-packing", padding_free=variant == "trl-padding-free",
     )
@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="for every variant: fp32, or bf16 autocast (fp32 weights)")
     parser.add_argument("--longest", type=int, default=0, metavar="N",
                         help="train every variant on GSM8K's N longest rows only (same batches' lengths)")
     parser.add_argument("--llmtune-set", action="append", default=[], metavar="KEY=VALUE",
@@ -198,7 +200,7 @@ def main() -> None:
     results = {}
     for name in ["peak", *args.variants]:
         command = [sys.executable, __file__, "--steps", str(args.steps), "--seq", str(args.seq),
-                   "--batch", str(args.batch), "--longest", str(args.longest), "--child", name,
+                   "--batch", str(args.batch), "--longest", str(args.longest), "--precision", args.precision, "--child", name,
                    *[f"--llmtune-set={item}" for item in args.llmtune_set]]
         done = subprocess.run(command, capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -209,7 +211,7 @@ def main() -> None:
         print(f"{name}: {results[name]}", flush=True)
     peak, per_token = results["peak"]["matmul_flops"], results["peak"]["flops_per_token"]
     print(f"\nfp32 matmul peak {peak / 1e9:.1f} GFLOP/s; model FLOPs per token {per_token / 1e9:.3f} G")
-    print(f"steps {args.steps}, batch {args.batch}, seq {args.seq}, LoRA r16 all-linear, fp32")
+    print(f"steps {args.steps}, batch {args.batch}, seq {args.seq}, LoRA r16 all-linear, {args.precision}")
     print(f"{'variant':18s} {'tok/s':>8s} {'padding':>8s} {'peak RSS':>9s} {'MFU':>6s}")
     speed = {}
     for name in args.variants:
