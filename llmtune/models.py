@@ -89,6 +89,16 @@ def pick_device() -> str:
     return "cpu"
 
 
+def has_fast_bf16(device: str) -> bool:
+    """Whether bf16 matmuls run natively: a CUDA GPU that has them, or a CPU with AVX512-BF16 or
+    AMX (recent Xeons, AMD Zen 4+). Elsewhere torch emulates bf16 on the CPU, slower than fp32."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # private in torch 2.13 (torch.cpu._is_*); a torch without them counts as no native bf16
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def resolve_section(section) -> ModelRef:
     """`resolve` for a recipe's model section, or an adapter manifest's base_model entry."""
     if isinstance(section, dict):
@@ -173,9 +183,8 @@ def load_model(ref: ModelRef, dtype: torch.dtype = torch.float32, quantize: str 
 
 
 def _compute_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if name == "auto":  # QLoRA on CPU: bf16 compute 236 vs 233 tok/s, 4.06 vs 4.59 GB (bench_train)
+        return torch.bfloat16 if has_fast_bf16(pick_device()) else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

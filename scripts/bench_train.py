@@ -8,10 +8,13 @@ One invocation runs every variant, each in its own subprocess (so its peak RSS i
 the same model (the embedded SmolLM2-135M-Instruct), data (GSM8K train from
 ../shared/datasets/gsm8k as prompt/completion, the loss on the answer), sequence length, batch,
 LoRA (r16, alpha 32, dropout 0, all-linear), precision (--precision: fp32, or bf16 autocast for
-every variant) and number of optimizer steps, with the same learning rate.
+every variant; auto, the default, is what llmtune's `precision: auto` picks on this machine) and
+number of optimizer steps, with the same learning rate. Gradient checkpointing is each tool's
+default (on for both); --llmtune-set changes llmtune's recipe.
 
 Printed per variant: non-padding tokens per second of training wall time, padding share, peak
-RSS, and model-FLOPs utilisation against a fp32 matmul peak measured in the same run. Model
+RSS, and model-FLOPs utilisation against a matmul peak (in the benchmark's precision) measured
+in the same run. Model
 FLOPs per token: 2 x parameters forward, 2 x frozen parameters backward (input gradients only),
 4 x trainable parameters backward, plus causal attention (6 x layers x hidden x mean context
 forward and backward). Ratios are llmtune over each TRL variant.
@@ -151,10 +154,11 @@ def model_flops_per_token(seq: int) -> float:
     return 2 * total + 2 * frozen + 4 * trainable + attention
 
 
-def matmul_peak() -> float:
+def matmul_peak(precision: str) -> float:
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -173,7 +177,7 @@ def child(args) -> None:
         if args.child == "llmtune":
             result = run_llmtune(args, Path(folder))
         elif args.child == "peak":
-            result = {"matmul_flops": matmul_peak(), "flops_per_token": model_flops_per_token(args.seq)}
+            result = {"matmul_flops": matmul_peak(args.precision), "flops_per_token": model_flops_per_token(args.seq)}
         else:
             result = run_trl(args, args.child)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -186,8 +190,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="for every variant: fp32, or bf16 autocast (fp32 weights)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="for every variant: fp32, or bf16 autocast (fp32 weights); auto: what "
+                        "llmtune's precision: auto picks here")
     parser.add_argument("--longest", type=int, default=0, metavar="N",
                         help="train every variant on GSM8K's N longest rows only (same batches' lengths)")
     parser.add_argument("--llmtune-set", action="append", default=[], metavar="KEY=VALUE",
@@ -197,6 +202,10 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    if args.precision == "auto":
+        from llmtune.models import has_fast_bf16
+
+        args.precision = "bf16" if has_fast_bf16("cpu") else "fp32"
     results = {}
     for name in ["peak", *args.variants]:
         command = [sys.executable, __file__, "--steps", str(args.steps), "--seq", str(args.seq),
@@ -210,7 +219,7 @@ def main() -> None:
         results[name] = json.loads(line.removeprefix("RESULT "))
         print(f"{name}: {results[name]}", flush=True)
     peak, per_token = results["peak"]["matmul_flops"], results["peak"]["flops_per_token"]
-    print(f"\nfp32 matmul peak {peak / 1e9:.1f} GFLOP/s; model FLOPs per token {per_token / 1e9:.3f} G")
+    print(f"\n{args.precision} matmul peak {peak / 1e9:.1f} GFLOP/s; model FLOPs per token {per_token / 1e9:.3f} G")
     print(f"steps {args.steps}, batch {args.batch}, seq {args.seq}, LoRA r16 all-linear, {args.precision}")
     print(f"{'variant':18s} {'tok/s':>8s} {'padding':>8s} {'peak RSS':>9s} {'MFU':>6s}")
     speed = {}

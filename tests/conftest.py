@@ -76,7 +76,8 @@ def write_recipe(folder: Path, base: str | Path, rows: int = 40, **sections) -> 
         "data": {"train": [{"path": "data/train.jsonl", "format": "chat"}],
                  "validation": {"fraction": 0.1}, "max_seq_len": 128},
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"epochs": 1, "batch_size": 4, "lr": 1.0e-3, "seed": 0},
+        # fp32: tests compare adapters within 1e-5 (auto is bf16 on CPUs with native bf16)
+        "train": {"epochs": 1, "batch_size": 4, "lr": 1.0e-3, "seed": 0, "precision": "fp32"},
         "preview": {"count": 2, "show": 1, "max_new_tokens": 8},
     }
     for key, value in sections.items():

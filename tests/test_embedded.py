@@ -54,7 +54,8 @@ def test_run_end_to_end_on_the_embedded_model(tmp_path):
     recipe = write_recipe(
         tmp_path, EMBEDDED_DEFAULT, rows=0,
         data={"train": [{"path": "data/q.jsonl"}], "validation": {"fraction": 0.25}},
-        train={"max_steps": 2, "batch_size": 4, "lr": 1.0e-3},
+        # the defaults a user gets: bf16 autocast on a CPU with native bf16, fp32 elsewhere
+        train={"max_steps": 2, "batch_size": 4, "lr": 1.0e-3, "precision": "auto"},
         preview={"count": 2, "show": 1, "max_new_tokens": 8},
         merge={"max_shard_size": "100MB"},
         export={"formats": ["hf", "gguf", "ollama", "adapter"], "gguf": {"quant": "q8_0"}},
@@ -95,9 +96,9 @@ def test_qlora_nf4_on_the_embedded_model(tmp_path):
     (tmp_path / "data" / "q.jsonl").write_text("\n".join(data) + "\n")
     recipe = write_recipe(
         tmp_path, EMBEDDED_DEFAULT, rows=0,
-        model={"quantize": "nf4", "compute_dtype": "float32"},
+        model={"quantize": "nf4"},
         data={"train": [{"path": "data/q.jsonl"}], "validation": {"fraction": 0.25}},
-        train={"max_steps": 2, "batch_size": 4, "lr": 1.0e-3}, preview={"count": 0},
+        train={"max_steps": 2, "batch_size": 4, "lr": 1.0e-3, "precision": "auto"}, preview={"count": 0},
     )
     result = llmtune("run", recipe, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

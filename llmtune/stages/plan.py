@@ -51,6 +51,7 @@ def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
         "processes": processes,
         "global_batch": per_step,
         "precision": precision,
+        "gradient_checkpointing": "on" if cfg.gradient_checkpointing else "off",
         "memory_bytes": estimate["memory_bytes"],
     }
 
