@@ -23,6 +23,34 @@ CONVERSATION = [
 ]
 
 
+# Texts where token and character boundaries disagree: multi-byte characters (which the tiny
+# tokenizer splits into one token per byte), emoji, combining marks, special tokens inside
+# content, spaces around the span edges, an empty completion.
+AWKWARD = [
+    {"prompt": "Q: 2+2?\nA:", "completion": " 4"},
+    {"prompt": "Übersetze: ", "completion": "naïve café — 東京 🚀"},
+    {"prompt": "e\u0301 ", "completion": "n\u0303o\u0308"},
+    {"prompt": "say <|im_end|> twice", "completion": "<|im_end|><|im_end|>"},
+    {"prompt": "trailing  ", "completion": "  spaces  "},
+    {"prompt": "nothing to add", "completion": ""},
+    {"text": "raw 🚀 text"},
+    {"messages": CONVERSATION},
+    {"messages": [{"role": "user", "content": "¿Qué?"}, {"role": "assistant", "content": "¡Sí! 🎉"}]},
+]
+
+
+def encode_both_ways(tokenizer, samples, monkeypatch):
+    """encode() as prepare runs it, and with the tokenizer's own offsets only."""
+    from llmtune.data import chat
+
+    rendered = [chat.render_sample(s, tokenizer) for s in samples]
+    fast = chat.encode(tokenizer, rendered)
+    with monkeypatch.context() as patch:
+        patch.setattr(chat, "_token_byte_lengths", lambda backend: None)
+        with_offsets = chat.encode(tokenizer, rendered)
+    return fast, with_offsets
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_environment(tmp_path_factory):
     """Every test (and every CLI subprocess) uses a fresh llmtune cache and never the network."""

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import CONVERSATION
+from conftest import AWKWARD, CONVERSATION, encode_both_ways
 from llmtune.data.chat import IGNORE, Example, encode_sample, trained_segments
 from llmtune.data.formats import to_sample
 from llmtune.data.split import split_rows
@@ -71,3 +71,44 @@ def test_stats(tokenizer):
     assert 0 < stats["trained_share"] < 1
     assert json.dumps(stats)
     assert percentile([5, 1, 3], 50) == 3 and percentile([1, 2, 3, 4], 95) == 4
+
+
+def test_byte_level_masks_equal_the_tokenizers_offsets(tokenizer, monkeypatch):
+    from llmtune.data.chat import _token_byte_lengths
+
+    assert _token_byte_lengths(tokenizer.backend_tokenizer) is not None  # the fast path runs
+    fast, with_offsets = encode_both_ways(tokenizer, AWKWARD, monkeypatch)
+    assert fast == with_offsets
+    assert [tokenizer.decode(s) for s in trained_segments(fast[1])] == ["naïve café — 東京 🚀<|im_end|>"]
+
+
+def test_a_sample_whose_tokens_do_not_add_up_falls_back_to_offsets(monkeypatch):
+    from tokenizers import AddedToken
+
+    from llmtune.data import chat
+    from llmtune.testing import build_tiny_tokenizer
+
+    # An added token that swallows the spaces before it: its tokens cover fewer bytes than the text.
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.backend_tokenizer.add_tokens([AddedToken("<sep>", lstrip=True)])
+    samples = [{"prompt": "left   <sep> right", "completion": " done"}, {"prompt": "plain", "completion": " ok"}]
+    rendered = [chat.render_sample(s, tokenizer) for s in samples]
+    ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast([t for t, _ in rendered], add_special_tokens=False)]
+    ranges = chat._byte_level_ranges(chat._token_byte_lengths(tokenizer.backend_tokenizer), ids, rendered)
+    assert ranges[0] is None and ranges[1] is not None
+    fast, with_offsets = encode_both_ways(tokenizer, samples, monkeypatch)
+    assert fast == with_offsets
+    assert tokenizer.decode(trained_segments(fast[0])[0]) == " done<|im_end|>"
+
+
+def test_tokenizers_with_a_normalizer_use_offsets(tokenizer):
+    from tokenizers import normalizers
+
+    from llmtune.data.chat import _token_byte_lengths
+    from llmtune.testing import build_tiny_tokenizer
+
+    normalized = build_tiny_tokenizer()
+    normalized.backend_tokenizer.normalizer = normalizers.NFKC()
+    assert _token_byte_lengths(normalized.backend_tokenizer) is None
+    example = encode_sample(normalized, {"prompt": "ﬁx: ", "completion": "ﬁne"})
+    assert normalized.decode(trained_segments(example)[0]) == "fine<|im_end|>"

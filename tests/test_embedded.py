@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import REPO, llmtune, write_recipe
+from conftest import AWKWARD, REPO, encode_both_ways, llmtune, write_recipe
 from llmtune import models
 from llmtune.data.chat import IGNORE, encode_sample, trained_segments
 from llmtune.recipe import EMBEDDED_DEFAULT
@@ -114,6 +114,22 @@ def test_qlora_nf4_on_the_embedded_model(tmp_path):
     gap, merged_gap = check["quantization_gap"], check["vs_quantized"]
     assert merged_gap["mean_abs_logit_diff"] <= 1.1 * gap["mean_abs_logit_diff"]
     assert merged_gap["top1_agreement"] >= gap["top1_agreement"] - 0.03
+
+
+def test_smollm2_byte_level_masks_equal_its_offsets_on_gsm8k(smollm2, monkeypatch):
+    """prepare's byte-level token boundaries (llmtune/data/chat.py) against the tokenizer's own
+    character offsets, on real merges: GSM8K as completions and as chats, and awkward texts."""
+    from llmtune.data.chat import _token_byte_lengths
+
+    tokenizer = models.load_tokenizer(smollm2)
+    assert _token_byte_lengths(tokenizer.backend_tokenizer) is not None  # byte-level BPE
+    rows = [json.loads(line) for line in (REPO.parent / "shared" / "datasets" / "gsm8k" / "train.jsonl")
+            .read_text().splitlines()[:400]]
+    samples = [{"prompt": r["question"] + "\n", "completion": r["answer"]} for r in rows]
+    samples += [{"messages": [{"role": "user", "content": r["question"]},
+                              {"role": "assistant", "content": r["answer"]}]} for r in rows]
+    fast, with_offsets = encode_both_ways(tokenizer, samples + AWKWARD, monkeypatch)
+    assert fast == with_offsets
 
 
 def test_ollama_falls_back_to_the_system_prompt_smollm2s_template_adds(smollm2):

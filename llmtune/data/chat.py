@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 from dataclasses import dataclass
 
 
@@ -98,22 +99,98 @@ def encode(tokenizer, rendered: list[tuple[str, list[Span]]]) -> list[Example]:
     """Tokenise rendered samples in one batch; labels are -100 outside the trained spans.
 
     Calls the Rust tokenizer directly: the transformers wrapper converts every encoding into
-    Python dicts first, which cost more than the tokenisation itself (bench_prepare.py).
+    Python dicts first, which cost more than the tokenisation itself (bench_prepare.py). For
+    byte-level BPE tokenizers the token boundaries come from token byte lengths and the
+    tokenizer skips its offset tracking (`_byte_level_ranges`); other tokenizers, and any sample
+    whose tokens do not add up to its text, use the tokenizer's own offsets.
     """
     if not rendered:
         return []
-    encodings = tokenizer.backend_tokenizer.encode_batch(
-        [text for text, _ in rendered], add_special_tokens=False
-    )
+    backend = tokenizer.backend_tokenizer
+    texts = [text for text, _ in rendered]
+    byte_lengths = _token_byte_lengths(backend)
+    ranges: list = [None] * len(rendered)
+    if byte_lengths is not None:
+        ids = [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        ranges = _byte_level_ranges(byte_lengths, ids, rendered)
+    redo = [index for index, found in enumerate(ranges) if found is None]
+    if redo:
+        encodings = backend.encode_batch([texts[i] for i in redo], add_special_tokens=False)
+        if byte_lengths is None:
+            ids = [None] * len(rendered)
+        for index, encoding in zip(redo, encodings):
+            text, spans = rendered[index]
+            ids[index] = encoding.ids
+            ranges[index] = [_token_range(encoding, start, end, len(text)) for start, end in spans]
     examples = []
-    for encoding, (text, spans) in zip(encodings, rendered):
-        ids = encoding.ids
-        labels = [IGNORE] * len(ids)
-        for start, end in spans:
-            first, last = _token_range(encoding, start, end, len(text))
-            labels[first:last] = ids[first:last]
-        examples.append(Example(ids, labels))
+    for sample_ids, sample_ranges in zip(ids, ranges):
+        labels = [IGNORE] * len(sample_ids)
+        for first, last in sample_ranges:
+            labels[first:last] = sample_ids[first:last]
+        examples.append(Example(sample_ids, labels))
     return examples
+
+
+def _token_byte_lengths(backend):
+    """UTF-8 length of each token id's text, or None unless the tokenizer is byte-level BPE with
+    no normalizer (GPT-2 style: SmolLM2, Llama 3, Qwen). There every byte of the input becomes
+    one character of the byte-level alphabet, tokens partition those characters, and a token's
+    length is the length of its string in the vocabulary; added tokens match their content."""
+    from tokenizers import decoders
+
+    if backend.normalizer is not None or not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    return _length_table(backend, backend.get_vocab_size(with_added_tokens=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _length_table(backend, vocab_size: int):  # the size in the key: tokens added later count
+    import numpy as np
+
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    for token, index in backend.get_vocab(with_added_tokens=False).items():
+        lengths[index] = len(token)
+    for index, added in backend.get_added_tokens_decoder().items():
+        lengths[index] = len(added.content.encode("utf-8"))
+    return lengths
+
+
+def _byte_level_ranges(byte_lengths, ids: list[list[int]], rendered) -> list:
+    """For each sample, its spans' token ranges [first, last) as `_token_range` finds them from
+    offsets: first is the token holding the span's first character, last the token holding the
+    character after the span (or the end). None for a sample whose token lengths do not add up
+    to its text's bytes (an added token that strips spaces, a pre-tokenizer that adds a prefix
+    space): that sample is tokenised again with offsets. One vectorised search for the batch."""
+    import numpy as np
+
+    counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(counts.sum()))
+    ends = np.cumsum(byte_lengths[flat])  # byte offset after each token, over the whole batch
+    first_token = np.concatenate(([0], np.cumsum(counts)))
+    at_first = np.concatenate(([0], ends))[first_token]  # bytes before each sample (and the end)
+    bases, covered = at_first[:-1].tolist(), np.diff(at_first).tolist()
+    owners, starts, stops, ranges = [], [], [], []
+    for index, (text, spans) in enumerate(rendered):
+        ascii_only = text.isascii()  # then characters are bytes
+        size = len(text) if ascii_only else len(text.encode("utf-8"))
+        if covered[index] != size:
+            ranges.append(None)
+            continue
+        ranges.append([])
+        base = bases[index]
+        for start, end in spans:
+            if not ascii_only:
+                start, end = len(text[:start].encode("utf-8")), len(text[:end].encode("utf-8"))
+            owners.append(index)
+            starts.append(base + start)
+            stops.append(base + min(end, size))
+    owners = np.asarray(owners, dtype=np.int64)
+    firsts = np.searchsorted(ends, np.asarray(starts, dtype=np.int64), side="right") - first_token[owners]
+    lasts = np.searchsorted(ends, np.asarray(stops, dtype=np.int64), side="right") - first_token[owners]
+    lasts = np.minimum(lasts, counts[owners])
+    for owner, first, last in zip(owners.tolist(), firsts.tolist(), lasts.tolist()):
+        ranges[owner].append((first, last))
+    return ranges
 
 
 def _token_range(encoding, start: int, end: int, text_length: int) -> tuple[int, int]:
