@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from conftest import CONVERSATION, chat_rows, llmtune, write_jsonl, write_recipe
-from llmtune.data.chat import IGNORE, Example, encode_sample, render_sample, trained_segments
+from conftest import AWKWARD, CONVERSATION, chat_rows, llmtune, write_jsonl, write_recipe
+from llmtune.data.chat import IGNORE, Example, encode_sample, render, render_sample, trained_segments
 from llmtune.data.formats import to_sample
 from llmtune.data.packing import pack
 from llmtune.data.templates import BUILT_IN
@@ -29,6 +29,29 @@ def test_every_built_in_template_trains_exactly_the_assistant_turns(tokenizer, n
     assert decoded == [f"Hello! Ünïcode ✓{TURN_END[name]}", f"Sure.{TURN_END[name]}"]
     last_only = encode_sample(tokenizer, {"messages": CONVERSATION}, BUILT_IN[name], "last_assistant")
     assert [tokenizer.decode(s).strip() for s in trained_segments(last_only)] == [f"Sure.{TURN_END[name]}"]
+
+
+@pytest.mark.parametrize("name", [*sorted(BUILT_IN), "tokenizer's own"])
+def test_a_batch_renders_as_each_sample_alone(tokenizer, name, monkeypatch):
+    """prepare renders a batch's conversations in one Jinja call (render_samples); the texts and
+    spans equal render_sample's, and a text holding the batch separator falls back to single calls."""
+    from llmtune.data import chat
+    from llmtune.data.chat import SEPARATOR, render_samples
+
+    template = BUILT_IN.get(name)
+    samples = [*AWKWARD, {"messages": CONVERSATION}, *[{"messages": [
+        {"role": "user", "content": f"question {n}"}, {"role": "assistant", "content": f"answer {n}"}]}
+        for n in range(5)]]
+    for train_on in ("assistant", "last_assistant", "all"):
+        assert render_samples(samples, tokenizer, template, train_on) == [
+            render_sample(s, tokenizer, template, train_on) for s in samples]
+    single_calls = []
+    monkeypatch.setattr(chat, "render", lambda *a, **k: single_calls.append(1) or render(*a, **k))
+    render_samples(samples, tokenizer, template)
+    assert len(single_calls) == 2  # only the checks of the first and last rendering
+    odd = [*samples, {"messages": [{"role": "user", "content": f"a{SEPARATOR}b"},
+                                   {"role": "assistant", "content": "c"}]}]
+    assert render_samples(odd, tokenizer, template) == [render_sample(s, tokenizer, template) for s in odd]
 
 
 ROWS = {

@@ -54,16 +54,24 @@ def _compiled(template: str):
     return _compile_jinja_template(template)
 
 
-def assistant_spans(tokenizer, messages, template: str | None = None) -> tuple[str, list[Span]]:
-    """The rendered conversation and the character span of each assistant turn in it."""
-    full = render(tokenizer, messages, template=template)
+def assistant_spans(tokenizer, messages, template: str | None = None,
+                    rendered: dict | None = None) -> tuple[str, list[Span]]:
+    """The rendered conversation and the character span of each assistant turn in it.
+    `rendered`: the renderings `_renders_needed` lists, done already (`render_samples`)."""
+
+    def at(count: int, add_generation_prompt: bool) -> str:
+        if rendered is not None:
+            return rendered[count, add_generation_prompt]
+        return render(tokenizer, messages[:count], add_generation_prompt, template)
+
+    full = at(len(messages), False)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True, template=template)
+        prompt = at(index, True)
         last = index == len(messages) - 1
-        upto = full if last else render(tokenizer, messages[: index + 1], template=template)
+        upto = full if last else at(index + 1, False)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise InputError(
                 "the chat template renders a conversation differently from its prefixes, "
@@ -76,12 +84,23 @@ def assistant_spans(tokenizer, messages, template: str | None = None) -> tuple[s
     return full, spans
 
 
+def _renders_needed(messages) -> list[tuple[int, bool]]:
+    """(first N messages, add_generation_prompt) of every rendering assistant_spans makes."""
+    needed = [(len(messages), False)]
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            needed.append((index, True))
+            if index != len(messages) - 1:
+                needed.append((index + 1, False))
+    return needed
+
+
 def render_sample(sample: dict, tokenizer, template: str | None = None,
-                  train_on: str = "assistant") -> tuple[str, list[Span]]:
+                  train_on: str = "assistant", rendered: dict | None = None) -> tuple[str, list[Span]]:
     """Text and trained spans for one sample (see formats.py for the three sample shapes)."""
     eos = tokenizer.eos_token or ""
     if "messages" in sample:
-        text, spans = assistant_spans(tokenizer, sample["messages"], template)
+        text, spans = assistant_spans(tokenizer, sample["messages"], template, rendered)
         if train_on == "last_assistant":
             spans = spans[-1:]
     elif "prompt" in sample:
@@ -93,6 +112,67 @@ def render_sample(sample: dict, tokenizer, template: str | None = None,
     if train_on == "all":
         spans = [(0, len(text))]
     return text, spans
+
+
+def render_samples(samples: list[dict], tokenizer, template: str | None = None,
+                   train_on: str = "assistant") -> list[tuple[str, list[Span]]]:
+    """render_sample for a batch, with every chat template rendering of the batch done in one
+    Jinja call (`_render_batch`)."""
+    requests = [(sample["messages"][:count], add_generation_prompt)
+                for sample in samples if "messages" in sample
+                for count, add_generation_prompt in _renders_needed(sample["messages"])]
+    texts = iter(_render_batch(tokenizer, requests, template))
+    results = []
+    for sample in samples:
+        rendered = None
+        if "messages" in sample:
+            rendered = {key: next(texts) for key in _renders_needed(sample["messages"])}
+        results.append(render_sample(sample, tokenizer, template, train_on, rendered))
+    return results
+
+
+SEPARATOR = "\x1e"  # ASCII record separator: ends each rendering of a batch
+
+
+def _render_batch(tokenizer, requests: list[tuple[list, bool]], template: str | None) -> list[str]:
+    """render() for each (messages, add_generation_prompt), in one call of the template wrapped in
+    a macro: 0.056 s instead of 0.088 s for 7,473 GSM8K conversations, most of a Jinja call being
+    its context setup. Rendered one by one instead when the wrapper does not compile, the call
+    raises (the single call then names the conversation), a text holds the separator, or the
+    first or last rendering differs from a single call's."""
+    wrapped = _compiled_batch(template or tokenizer.chat_template)
+
+    def one_by_one() -> list[str]:
+        return [render(tokenizer, messages, flag, template) for messages, flag in requests]
+
+    if wrapped is None or len(requests) < 2:
+        return one_by_one()
+    try:
+        parts = wrapped.render(llmtune_requests=requests, **tokenizer.special_tokens_map).split(SEPARATOR)
+    except Exception:
+        return one_by_one()
+    if (len(parts) != len(requests) + 1 or parts[-1]
+            or parts[0] != render(tokenizer, *requests[0], template=template)
+            or parts[-2] != render(tokenizer, *requests[-1], template=template)):
+        return one_by_one()
+    return parts[:-1]
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_batch(template: str):
+    """The template as a macro, called for each request in a loop; None if it does not compile."""
+    if _compiled(template) is None:
+        return None
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    body = template[:-1] if template.endswith("\n") else template  # Jinja drops a template's last newline
+    try:
+        return _compile_jinja_template(
+            "{% macro llmtune_render(messages, add_generation_prompt) %}" + body + "{% endmacro %}"
+            "{% for request in llmtune_requests %}{{ llmtune_render(request[0], request[1]) }}"
+            + SEPARATOR + "{% endfor %}")
+    except Exception:
+        return None
 
 
 def encode(tokenizer, rendered: list[tuple[str, list[Span]]]) -> list[Example]:

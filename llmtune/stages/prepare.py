@@ -20,7 +20,7 @@ from datasets.table import InMemoryTable
 
 from llmtune import models
 from llmtune.console import console
-from llmtune.data.chat import IGNORE, Example, encode, render_sample
+from llmtune.data.chat import IGNORE, Example, encode, render_samples
 from llmtune.data.formats import to_sample
 from llmtune.data.packing import pack
 from llmtune.data.sources import local_files, read_source
@@ -208,7 +208,7 @@ def _tokenize(encoder, rows: list[Row], workers: int) -> list[Example]:
 
 
 def _encode_batch(tokenizer, template, train_on, samples: list[dict]) -> list[Example]:
-    return encode(tokenizer, [render_sample(s, tokenizer, template, train_on) for s in samples])
+    return encode(tokenizer, render_samples(samples, tokenizer, template, train_on))
 
 
 def _encode_json_batch(encoder, batch: dict) -> dict[str, list]:
