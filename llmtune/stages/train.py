@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pyarrow.compute as pc
-import torch
 from datasets import load_from_disk
 from peft import LoftQConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import Trainer, TrainingArguments, set_seed
@@ -197,8 +196,8 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 
 
 def _precision(choice: str, device: str) -> str:
-    """auto: bf16 autocast where bf16 matmuls are native (measured 1.6-1.8x fp32's tokens/s on
-    an AVX512-BF16 CPU, docs/benchmarks.md), fp32 elsewhere."""
+    """auto: bf16 autocast where bf16 matmuls are native (1.8x fp32's tokens/s at 0.63x its peak
+    memory on an AVX512-BF16 CPU, docs/benchmarks.md), fp32 elsewhere."""
     if choice != "auto":
         return choice
     return "bf16" if models.has_fast_bf16(device) else "fp32"
