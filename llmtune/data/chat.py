@@ -118,15 +118,14 @@ def render_samples(samples: list[dict], tokenizer, template: str | None = None,
                    train_on: str = "assistant") -> list[tuple[str, list[Span]]]:
     """render_sample for a batch, with every chat template rendering of the batch done in one
     Jinja call (`_render_batch`)."""
+    needed = [_renders_needed(sample["messages"]) if "messages" in sample else None for sample in samples]
     requests = [(sample["messages"][:count], add_generation_prompt)
-                for sample in samples if "messages" in sample
-                for count, add_generation_prompt in _renders_needed(sample["messages"])]
+                for sample, keys in zip(samples, needed) if keys
+                for count, add_generation_prompt in keys]
     texts = iter(_render_batch(tokenizer, requests, template))
     results = []
-    for sample in samples:
-        rendered = None
-        if "messages" in sample:
-            rendered = {key: next(texts) for key in _renders_needed(sample["messages"])}
+    for sample, keys in zip(samples, needed):
+        rendered = {key: next(texts) for key in keys} if keys else None
         results.append(render_sample(sample, tokenizer, template, train_on, rendered))
     return results
 
