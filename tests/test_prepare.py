@@ -216,6 +216,19 @@ def test_dedup_and_max_samples_are_counted(tiny_model, tmp_path):
     assert stats["rows_kept"] == 5
 
 
+def test_duplicates_are_the_same_conversation_whatever_the_key_order(tiny_model, tmp_path):
+    rows = chat_rows(6)
+    reordered = {"messages": [{"content": m["content"], "role": m["role"], "name": "x"}
+                              for m in rows[0]["messages"]], "id": 7}
+    changed = {"messages": [dict(m) for m in rows[1]["messages"]]}
+    changed["messages"][1]["content"] += "!"  # differs in one character: kept
+    recipe_file = write_recipe(tmp_path, tiny_model, data={"validation": {"fraction": 0.0}})
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows + [reordered, changed])
+    prepare(load_recipe(recipe_file), tmp_path / "runs" / "tiny")
+    stats = json.loads((tmp_path / "runs" / "tiny" / "prepared" / "stats.json").read_text())
+    assert stats["skipped_by_reason"] == {"duplicate": 1} and stats["rows_kept"] == 7
+
+
 def test_editing_a_data_file_reprepares(tiny_model, tmp_path):
     recipe_file = write_recipe(tmp_path, tiny_model, rows=10)
     run = tmp_path / "runs" / "tiny"

@@ -227,8 +227,9 @@ def _length_table(backend, vocab_size: int):  # the size in the key: tokens adde
     import numpy as np
 
     lengths = np.zeros(vocab_size, dtype=np.int64)
-    for token, index in backend.get_vocab(with_added_tokens=False).items():
-        lengths[index] = len(token)
+    vocab = backend.get_vocab(with_added_tokens=False)
+    lengths[np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab))] = np.fromiter(
+        map(len, vocab), dtype=np.int64, count=len(vocab))
     for index, added in backend.get_added_tokens_decoder().items():
         lengths[index] = len(added.content.encode("utf-8"))
     return lengths
