@@ -2,18 +2,19 @@
 """Training throughput and memory: llmtune vs TRL's SFTTrainer (defaults, packing, padding-free).
 
     pip install trl     # the baseline; not a dependency of llmtune
-    python scripts/bench_train.py [--steps 5] [--seq 512] [--batch 8] [--variants ...]
+    python scripts/bench_train.py [--steps 5] [--seq 512] [--batch 8] [--variants ...] [--device auto]
 
 One invocation runs every variant, each in its own subprocess (so its peak RSS is its own), on
 the same model (the embedded SmolLM2-135M-Instruct), data (GSM8K train from
 ../shared/datasets/gsm8k as prompt/completion, the loss on the answer), sequence length, batch,
 LoRA (r16, alpha 32, dropout 0, all-linear), precision (--precision: fp32, or bf16 autocast for
 every variant; auto, the default, is what llmtune's `precision: auto` picks on this machine) and
-number of optimizer steps, with the same learning rate. Gradient checkpointing is each tool's
+number of optimizer steps, with the same learning rate, on the same device (--device: cuda when
+there is one, else cpu; cpu hides the GPUs from every variant). Gradient checkpointing is each tool's
 default (on for both); --llmtune-set changes llmtune's recipe.
 
 Printed per variant: non-padding tokens per second of training wall time, padding share, peak
-RSS, and model-FLOPs utilisation against a matmul peak (in the benchmark's precision) measured
+RSS (and peak GPU memory allocated by torch, on cuda), and model-FLOPs utilisation against a matmul peak (in the benchmark's precision) measured
 in the same run. Model
 FLOPs per token: 2 x parameters forward, 2 x frozen parameters backward (input gradients only),
 4 x trainable parameters backward, plus causal attention (6 x layers x hidden x mean context
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -103,7 +105,8 @@ def run_trl(args, variant: str) -> dict:
         # padding-free without packing cannot truncate: TRL asks for max_length=None there
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
         max_length=None if variant == "trl-padding-free" else args.seq,
-        max_steps=args.steps, learning_rate=LR, bf16=args.precision == "bf16", use_cpu=True, report_to="none",
+        max_steps=args.steps, learning_rate=LR, bf16=args.precision == "bf16", use_cpu=args.device == "cpu",
+        report_to="none",
         save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
         packing=variant == "trl-packing", padding_free=variant == "trl-padding-free",
     )
@@ -154,19 +157,23 @@ def model_flops_per_token(seq: int) -> float:
     return 2 * total + 2 * frozen + 4 * trainable + attention
 
 
-def matmul_peak(precision: str) -> float:
+def matmul_peak(precision: str, device: str) -> float:
     import torch
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    size = 8192 if device == "cuda" else 2048  # a GPU needs larger matrices to reach its peak
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     best = float("inf")
     for _ in range(10):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best
+    return 2 * size**3 / best
 
 
 def child(args) -> None:
@@ -177,10 +184,15 @@ def child(args) -> None:
         if args.child == "llmtune":
             result = run_llmtune(args, Path(folder))
         elif args.child == "peak":
-            result = {"matmul_flops": matmul_peak(args.precision), "flops_per_token": model_flops_per_token(args.seq)}
+            result = {"matmul_flops": matmul_peak(args.precision, args.device),
+                      "flops_per_token": model_flops_per_token(args.seq)}
         else:
             result = run_trl(args, args.child)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if args.device == "cuda":
+        import torch
+
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print("RESULT " + json.dumps(result))
 
 
@@ -190,6 +202,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where every variant trains; auto: cuda when torch sees a GPU")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="for every variant: fp32, or bf16 autocast (fp32 weights); auto: what "
                         "llmtune's precision: auto picks here")
@@ -202,16 +216,25 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    if args.precision == "auto":
-        from llmtune.models import has_fast_bf16
+    import torch
 
-        args.precision = "bf16" if has_fast_bf16("cpu") else "fp32"
+    from llmtune.models import has_fast_bf16
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here")
+    if args.precision == "auto":
+        args.precision = "bf16" if has_fast_bf16(args.device) else "fp32"
+    # llmtune trains on a GPU whenever torch sees one: hiding them is how every variant runs on cpu
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else None
     results = {}
     for name in ["peak", *args.variants]:
         command = [sys.executable, __file__, "--steps", str(args.steps), "--seq", str(args.seq),
-                   "--batch", str(args.batch), "--longest", str(args.longest), "--precision", args.precision, "--child", name,
+                   "--batch", str(args.batch), "--longest", str(args.longest), "--precision", args.precision,
+                   "--device", args.device, "--child", name,
                    *[f"--llmtune-set={item}" for item in args.llmtune_set]]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             print(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -219,9 +242,12 @@ def main() -> None:
         results[name] = json.loads(line.removeprefix("RESULT "))
         print(f"{name}: {results[name]}", flush=True)
     peak, per_token = results["peak"]["matmul_flops"], results["peak"]["flops_per_token"]
-    print(f"\n{args.precision} matmul peak {peak / 1e9:.1f} GFLOP/s; model FLOPs per token {per_token / 1e9:.3f} G")
+    gpu = args.device == "cuda"
+    print(f"\n{args.device}: {args.precision} matmul peak {peak / 1e9:.1f} GFLOP/s; "
+          f"model FLOPs per token {per_token / 1e9:.3f} G")
     print(f"steps {args.steps}, batch {args.batch}, seq {args.seq}, LoRA r16 all-linear, {args.precision}")
-    print(f"{'variant':18s} {'tok/s':>8s} {'padding':>8s} {'peak RSS':>9s} {'MFU':>6s}")
+    print(f"{'variant':18s} {'tok/s':>8s} {'padding':>8s} {'peak RSS':>9s} {'MFU':>6s}"
+          + (f" {'peak GPU':>9s}" if gpu else ""))
     speed = {}
     for name in args.variants:
         if name not in results:
@@ -230,12 +256,14 @@ def main() -> None:
         speed[name] = r["tokens"] / r["seconds"]
         padding = 1 - r["tokens"] / r["padded_cells"] if r["padded_cells"] else 0.0
         mfu = speed[name] * per_token / peak
-        print(f"{name:18s} {speed[name]:8.1f} {padding:8.1%} {r['peak_rss_gb']:8.2f}G {mfu:6.1%}")
+        print(f"{name:18s} {speed[name]:8.1f} {padding:8.1%} {r['peak_rss_gb']:8.2f}G {mfu:6.1%}"
+              + (f" {r['peak_gpu_gb']:8.2f}G" if gpu else ""))
     if "llmtune" in speed:
         for name in speed:
             if name != "llmtune":
-                print(f"llmtune / {name}: tokens/s {speed['llmtune'] / speed[name]:.2f}x, peak RSS "
-                      f"{results['llmtune']['peak_rss_gb'] / results[name]['peak_rss_gb']:.2f}x")
+                memory = "peak_gpu_gb" if gpu else "peak_rss_gb"
+                print(f"llmtune / {name}: tokens/s {speed['llmtune'] / speed[name]:.2f}x, peak "
+                      f"{'GPU memory' if gpu else 'RSS'} {results['llmtune'][memory] / results[name][memory]:.2f}x")
 
 
 if __name__ == "__main__":
