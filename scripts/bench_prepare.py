@@ -7,20 +7,46 @@ Both sides tokenise the same rendered text with the embedded SmolLM2 tokenizer. 
 one batched call of the fast tokenizer (no offsets, no labels); prepare is the whole stage
 (read, convert, dedup, split, render, tokenise with offsets, mask, save). Prints tokens/s of
 each and their ratio (target >= 0.6), and the ratio against the raw call with Python's cyclic
-garbage collector paused as prepare pauses it.
+garbage collector paused as prepare pauses it. With --phases, also where the fastest prepare
+run's time went, step by step (tokenizer load, read, dedup, render, encode, save, ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+STEPS = ["_read", "dedup", "render_samples", "encode", "_limit", "_save_examples", "split_stats",
+         "finish_stage", "_content_hashes"]
+
+
+def time_steps(times: dict[str, float]) -> None:
+    """Wrap prepare's steps (and the tokenizer load) in timers adding up into `times`."""
+    from llmtune import models
+
+    stage = sys.modules["llmtune.stages.prepare"]  # the module: its name is shadowed by the function
+
+    def timed(name, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                times[name] = times.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    for name in STEPS:
+        setattr(stage, name, timed(name.strip("_"), getattr(stage, name)))
+    models.load_tokenizer = timed("load_tokenizer", models.load_tokenizer)
 
 
 def main() -> None:
@@ -30,6 +56,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="best of N runs for each side, interleaved")
     parser.add_argument("--copies", type=int, default=1, help="use the data N times over (more tokens)")
     parser.add_argument("--num-proc", type=int, default=1, help="data.num_proc for prepare")
+    parser.add_argument("--phases", action="store_true", help="also time prepare's steps")
     args = parser.parse_args()
 
     from llmtune import models
@@ -60,6 +87,9 @@ def main() -> None:
         }))
         recipe = load_recipe(recipe_file)
         fields = source.get("fields", {})
+        times: dict[str, float] = {}
+        if args.phases:
+            time_steps(times)
         texts = [render_sample(to_sample(r, args.format, fields, separator="\n")[0], tokenizer)[0] for r in rows]
 
         # The sides take turns, so a slow spell of this shared machine hits both alike; best of N.
@@ -74,9 +104,11 @@ def main() -> None:
             tokenizer(texts, add_special_tokens=False)
             paused_best = min(paused_best, time.perf_counter() - start)
             gc.enable()
+            times.clear()
             start = time.perf_counter()
             prepare(recipe, Path(tmp) / "run", force=True)
-            prep_best = min(prep_best, time.perf_counter() - start)
+            if time.perf_counter() - start < prep_best:
+                prep_best, steps = time.perf_counter() - start, dict(times)
         tokens = sum(len(ids) for ids in encoded["input_ids"])
 
     raw_rate, prep_rate, paused_rate = tokens / raw_best, tokens / prep_best, tokens / paused_best
@@ -87,6 +119,12 @@ def main() -> None:
     print(f"ratio prepare/raw:     {prep_rate / raw_rate:.2f}")
     print(f"raw, cyclic GC paused: {paused_rate:,.0f} tokens/s ({paused_best:.2f} s); "
           f"ratio prepare/that: {prep_rate / paused_rate:.2f}")
+    if args.phases:
+        print(f"where the fastest prepare's {prep_best:.3f} s went:")
+        for name, seconds in sorted(steps.items(), key=lambda item: -item[1]):
+            print(f"  {name:16s} {seconds:.3f} s  {100 * seconds / prep_best:4.1f}%")
+        other = prep_best - sum(steps.values())
+        print(f"  {'other':16s} {other:.3f} s  {100 * other / prep_best:4.1f}%")
 
 
 if __name__ == "__main__":
