@@ -107,8 +107,9 @@ def main() -> None:
             times.clear()
             start = time.perf_counter()
             prepare(recipe, Path(tmp) / "run", force=True)
-            if time.perf_counter() - start < prep_best:
-                prep_best, steps = time.perf_counter() - start, dict(times)
+            elapsed = time.perf_counter() - start
+            if elapsed < prep_best:
+                prep_best, steps = elapsed, dict(times)
         tokens = sum(len(ids) for ids in encoded["input_ids"])
 
     raw_rate, prep_rate, paused_rate = tokens / raw_best, tokens / prep_best, tokens / paused_best
