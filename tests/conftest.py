@@ -12,6 +12,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+# A slice of GSM8K (MIT) shipped with the tests; see tests/data/gsm8k/README.md.
+GSM8K_TRAIN = REPO / "tests" / "data" / "gsm8k" / "train.jsonl"
+GSM8K_TEST = REPO / "tests" / "data" / "gsm8k" / "test.jsonl"
 
 # A multi-turn conversation with a system prompt and non-ASCII text, for masking tests.
 CONVERSATION = [

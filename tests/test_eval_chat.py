@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from conftest import REPO, llmtune, write_jsonl, write_recipe
+from conftest import GSM8K_TEST, llmtune, write_jsonl, write_recipe
 from llmtune.metrics import contains, exact_match, extract_answer, regex_match
 
-GSM8K_TEST = REPO.parent / "shared" / "datasets" / "gsm8k" / "test.jsonl"
 GSM8K_REGEX = r"#### *(-?[0-9.,]+)"
 
 
@@ -28,8 +27,7 @@ def test_metrics():
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval-run")
-    gsm8k_rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()[:6]] \
-        if GSM8K_TEST.is_file() else [{"question": "1+1?", "answer": "2\n#### 2"}] * 6
+    gsm8k_rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()[:6]]
     write_jsonl(folder / "gsm8k.jsonl", gsm8k_rows)
     recipe = write_recipe(folder, tiny_model, rows=40, train={"epochs": 2}, preview={"count": 0}, eval={
         "sources": [{"path": "gsm8k.jsonl", "format": "completion",

@@ -1,4 +1,4 @@
-"""GSM8K (../shared/datasets/gsm8k) mapped as prompt/completion, with the SmolLM2 tokenizer."""
+"""GSM8K (the slice in tests/data/gsm8k) mapped as prompt/completion, with the SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ import json
 import pytest
 import yaml
 
-from conftest import REPO, llmtune
+from conftest import GSM8K_TRAIN as GSM8K, llmtune
 
-GSM8K = REPO.parent / "shared" / "datasets" / "gsm8k" / "train.jsonl"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not GSM8K.is_file(), reason=f"{GSM8K} is not present (it ships in ../shared)"),
-]
+pytestmark = pytest.mark.slow
 
 
 def test_gsm8k_prepare_counts_packing_and_preview(tmp_path):
