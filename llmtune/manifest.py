@@ -24,6 +24,9 @@ from llmtune.errors import InputError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# A run directory's stage folders, by the stage that writes each: the one place they are named.
+STAGE_DIRS = {"prepare": "prepared", "train": "adapter", "merge": "merged", "export": "exported",
+              "eval": "eval"}
 _CHUNK = 4 * 1024 * 1024
 
 
@@ -33,6 +36,11 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def stage_dir(run: Path, stage: str) -> Path:
+    """Where `stage` writes inside the run directory `run`."""
+    return run / STAGE_DIRS[stage]
 
 
 def partial_dir(out_dir: Path) -> Path:

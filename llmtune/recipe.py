@@ -187,7 +187,9 @@ class DistributedSection(Section):
 
 
 class MergeSection(Section):
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the merged weights
+    # of the merged weights; auto: the dtype the base is stored in (bf16 for most hub models),
+    # so the merged model is the size of its base
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # safetensors shard size; merge holds about one shard in memory at a time
     max_shard_size: str = Field(default="2GB", pattern=r"^[1-9][0-9]*(KB|MB|GB|KiB|MiB|GiB)$")
 

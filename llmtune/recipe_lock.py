@@ -22,16 +22,16 @@ def lock_path(recipe_file: str | os.PathLike) -> Path:
 
 
 def build_lock(recipe, recipe_file: Path) -> dict:
-    from llmtune import models
-    from llmtune.manifest import sha256_file
+    from llmtune import model_sources
 
-    ref = models.resolve_section(recipe.model)
+    ref = model_sources.resolve_section(recipe.model)
     return {
         "lock_version": LOCK_VERSION,
         "llmtune_version": __version__,
         "recipe": Path(recipe_file).name,
         "model": {"source": ref.source, "revision": ref.revision, "fingerprint": ref.fingerprint},
-        "data": {_relative(file, recipe_file): f"sha256:{sha256_file(file)}" for file in data_files(recipe)},
+        "data": {_relative(file, recipe_file): f"sha256:{model_sources.file_sha256(file)}"
+                 for file in data_files(recipe)},
     }
 
 
@@ -48,8 +48,7 @@ def verify_lock(recipe, recipe_file: Path) -> str | None:
     target = lock_path(recipe_file)
     if not target.is_file():
         return None
-    from llmtune import models
-    from llmtune.manifest import sha256_file
+    from llmtune import model_sources
 
     lock = json.loads(target.read_text(encoding="utf-8"))
     hint = f"restore what changed, or re-lock on purpose: llmtune recipe lock {recipe_file}"
@@ -63,13 +62,13 @@ def verify_lock(recipe, recipe_file: Path) -> str | None:
             raise InputError(f"{target}: the recipe reads {name}, which the lock does not list", hint=hint)
         if not files[name].is_file():
             raise InputError(f"{target}: data file {name} is missing", hint=hint)
-        if f"sha256:{sha256_file(files[name])}" != lock["data"][name]:
+        if f"sha256:{model_sources.file_sha256(files[name])}" != lock["data"][name]:
             raise InputError(f"{target}: data file {name} changed since the recipe was locked", hint=hint)
     model = lock["model"]
     if recipe.model.path != model["source"]:
         raise InputError(f"{target}: the model is now {recipe.model.path}, the lock says {model['source']}", hint=hint)
-    ref = models.resolve(recipe.model.path, model["revision"] or recipe.model.revision,
-                         recipe.model.allow_pickle, recipe.model.trust_remote_code)
+    ref = model_sources.resolve(recipe.model.path, model["revision"] or recipe.model.revision,
+                                recipe.model.allow_pickle, recipe.model.trust_remote_code)
     if ref.fingerprint != model["fingerprint"]:
         raise InputError(f"{target}: model {model['source']} is not the one locked "
                          f"(fingerprint {ref.fingerprint[:19]}…, lock says {model['fingerprint'][:19]}…)", hint=hint)

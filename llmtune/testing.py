@@ -1,7 +1,13 @@
-"""A tiny deterministic Llama and tokenizer, built (never downloaded) in well under a second.
+"""Tiny deterministic models and tokenizers, built (never downloaded) in well under a second.
 
-The tokenizer is byte-level BPE without merges (one token per byte) plus ChatML special tokens,
-and, like SmolLM2's, its pad token is its EOS (`<|im_end|>`), so tests exercise that trap.
+`build_tiny_model`: a 2-layer Llama whose tokenizer is byte-level BPE without merges (one token
+per byte) plus ChatML special tokens, and, like SmolLM2's, its pad token is its EOS
+(`<|im_end|>`), so tests exercise that trap.
+
+`build_llama3_model`: shaped like Llama 3.x Instruct where it matters to us: no pad token, BOS
+added both by the chat template (`{{ bos_token }}`) and by the tokenizer itself, an EOS
+(`<|eot_id|>`) that differs from the base EOS (`<|end_of_text|>`), several end-of-turn ids in
+the config, untied embeddings, llama3 rope scaling, weights stored in bf16.
 """
 
 from __future__ import annotations
@@ -68,6 +74,57 @@ def build_tiny_model(path: str | Path, seed: int = 0, tie_word_embeddings: bool 
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
+                         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]
+
+
+def build_llama3_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from llmtune.data.templates import LLAMA3
+
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(LLAMA3_SPECIAL_TOKENS)
+    bos = backend.token_to_id("<|begin_of_text|>")
+    # like Llama 3's: the tokenizer adds BOS itself, and the chat template writes it too
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                        eos_token="<|eot_id|>")
+    tokenizer.chat_template = LLAMA3
+    return tokenizer
+
+
+def build_llama3_model(path: str | Path, seed: int = 0) -> Path:
+    """Write the Llama-3-shaped test model (see the module docstring) to `path`; return the path."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = build_llama3_tokenizer()
+    assert tokenizer.pad_token is None
+    end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=end_ids,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 256},
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=end_ids)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -25,20 +25,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from llmtune import models
     from llmtune.manifest import read_manifest
     from llmtune.stages.export import K_QUANTS, _k_quantize
     from llmtune.stages.gguf_verify import MIN_AGREEMENT, verify_gguf
     from llmtune.stages.gguf_write import write_gguf
-    from llmtune.stages.merge import check_rows
+    from llmtune.stages.merge_check import check_rows
 
     models.quiet_libraries()
     merged = args.run / "merged"
     rows = check_rows(args.run / "adapter", read_manifest(args.run / "adapter"), args.examples, args.tokens)
-    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype="float32").eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    model = models.load_model(merged, "fp32").eval()
+    tokenizer = models.load_tokenizer(merged)
     print(f"{'type':8s} {'agreement':>9s} {'bar':>5s} {'contexts':>8s} {'tokens':>7s} template  size MB  write s")
     with tempfile.TemporaryDirectory() as folder:
         for quant in args.quants:

@@ -24,12 +24,12 @@ def one(variant: str, batch: int, seq: int, steps: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from llmtune import models
+    from llmtune import model_sources, models
     from llmtune.stages.loss import ChunkedLossTrainer
 
     models.quiet_libraries()
     torch.manual_seed(0)
-    base = models.load_model(models.resolve("embedded:smollm2-135m-instruct"))
+    base = models.load_model(model_sources.resolve("embedded:smollm2-135m-instruct"), "fp32")
     base.config.use_cache = False
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -25,20 +25,19 @@ from pathlib import Path
 
 def one(variant: str, run: Path, max_shard_size: str) -> dict:
     import torch
-    from peft import PeftModel
 
-    from llmtune import models
+    from llmtune import model_sources, models
     from llmtune.manifest import read_manifest
     from llmtune.stages import shard_merge
 
     adapter = run / "adapter"
-    ref = models.resolve_section(read_manifest(adapter)["inputs"]["base_model"])
+    ref = model_sources.resolve_section(read_manifest(adapter)["inputs"]["base_model"])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         if variant == "shard":
             shard_merge.merge_into_shards(ref.local_dir, adapter, Path(out), torch.float32, max_shard_size)
         elif variant == "peft":
-            merged = PeftModel.from_pretrained(models.load_model(ref), str(adapter)).merge_and_unload()
+            merged = models.load_adapter(models.load_model(ref, "fp32"), adapter).merge_and_unload()
             merged.save_pretrained(out, max_shard_size=max_shard_size)
         largest = max((p.stat().st_size for p in Path(out).glob("*.safetensors")), default=0)
     return {"seconds": round(time.perf_counter() - start, 2), "largest_shard_mb": round(largest / 2**20, 1)}

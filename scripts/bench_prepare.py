@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark `prepare` against the raw batched tokenizer on the same text, in one process.
 
-    python scripts/bench_prepare.py [--data ../shared/datasets/gsm8k/train.jsonl] [--format completion|chat]
+    python scripts/bench_prepare.py [--data PATH/TO/gsm8k/train.jsonl] [--format completion|chat]
+
+Without --data it runs on the 1,000-row GSM8K slice in tests/data/gsm8k (see scripts/benchdata.py).
 
 Both sides tokenise the same rendered text with the embedded SmolLM2 tokenizer. The baseline is
 one batched call of the fast tokenizer (no offsets, no labels); prepare is the whole stage
@@ -51,7 +53,7 @@ def time_steps(times: dict[str, float]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "gsm8k" / "train.jsonl"))
+    parser.add_argument("--data", help="GSM8K train.jsonl (default: the slice in tests/data/gsm8k)")
     parser.add_argument("--format", choices=["completion", "chat"], default="completion")
     parser.add_argument("--repeat", type=int, default=5, help="best of N runs for each side, interleaved")
     parser.add_argument("--copies", type=int, default=1, help="use the data N times over (more tokens)")
@@ -59,14 +61,16 @@ def main() -> None:
     parser.add_argument("--phases", action="store_true", help="also time prepare's steps")
     args = parser.parse_args()
 
-    from llmtune import models
+    from benchdata import gsm8k_train
+    from llmtune import model_sources, models
     from llmtune.data.chat import render_sample
     from llmtune.data.formats import to_sample
     from llmtune.recipe import load_recipe
     from llmtune.stages.prepare import prepare
 
+    args.data = str(gsm8k_train(args.data))
     models.quiet_libraries()
-    ref = models.resolve("embedded:smollm2-135m-instruct")
+    ref = model_sources.resolve("embedded:smollm2-135m-instruct")
     tokenizer = models.load_tokenizer(ref)
     rows = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()] * args.copies
 

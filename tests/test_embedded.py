@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from conftest import AWKWARD, REPO, encode_both_ways, llmtune, write_recipe
-from llmtune import models
+from conftest import AWKWARD, GSM8K_TRAIN, REPO, encode_both_ways, llmtune, write_recipe
+from llmtune import model_sources, models
 from llmtune.data.chat import IGNORE, encode_sample, trained_segments
 from llmtune.recipe import EMBEDDED_DEFAULT
 
@@ -16,18 +16,19 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return models.resolve(EMBEDDED_DEFAULT)
+    return model_sources.resolve(EMBEDDED_DEFAULT)
 
 
 def test_gguf_is_converted_once_into_a_plain_float_model(smollm2):
     config = json.loads((smollm2.local_dir / "config.json").read_text())
     assert "quantization_config" not in config  # else transformers refuses to train or save
+    assert config["dtype"] == "bfloat16"  # dequantized Q4_1 values, one copy, in bf16
     assert config["model_type"] == "llama" and config["vocab_size"] == 49152
     assert smollm2.fingerprint.startswith("sha256:")
-    assert models.resolve(EMBEDDED_DEFAULT) is smollm2
+    assert model_sources.resolve(EMBEDDED_DEFAULT) is smollm2
     mtime = (smollm2.local_dir / "config.json").stat().st_mtime_ns
-    models.resolve.cache_clear()
-    again = models.resolve(EMBEDDED_DEFAULT)
+    model_sources.resolve.cache_clear()
+    again = model_sources.resolve(EMBEDDED_DEFAULT)
     assert again.local_dir == smollm2.local_dir
     assert (again.local_dir / "config.json").stat().st_mtime_ns == mtime  # not converted twice
 
@@ -73,7 +74,9 @@ def test_run_end_to_end_on_the_embedded_model(tmp_path):
     generation = json.loads((run / "merged" / "generation_config.json").read_text())
     assert 2 in ([generation["eos_token_id"]] if isinstance(generation["eos_token_id"], int)
                  else generation["eos_token_id"])
-    assert merged["summary"]["method"] == "shard by shard" and merged["summary"]["shards"] >= 5
+    # merge.dtype auto: the converted base's own dtype (bf16), so 269 MB in 100 MB shards
+    assert merged["summary"]["dtype"] == "bfloat16" and merged["summary"]["tensors_equal_to_peft_merge"] > 200
+    assert merged["summary"]["method"] == "shard by shard" and merged["summary"]["shards"] == 3
     card = (run / "merged" / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
     exported = json.loads((run / "exported" / "manifest.json").read_text())["summary"]
@@ -123,8 +126,7 @@ def test_smollm2_byte_level_masks_equal_its_offsets_on_gsm8k(smollm2, monkeypatc
 
     tokenizer = models.load_tokenizer(smollm2)
     assert _token_byte_lengths(tokenizer.backend_tokenizer) is not None  # byte-level BPE
-    rows = [json.loads(line) for line in (REPO.parent / "shared" / "datasets" / "gsm8k" / "train.jsonl")
-            .read_text().splitlines()[:400]]
+    rows = [json.loads(line) for line in GSM8K_TRAIN.read_text().splitlines()[:400]]
     samples = [{"prompt": r["question"] + "\n", "completion": r["answer"]} for r in rows]
     samples += [{"messages": [{"role": "user", "content": r["question"]},
                               {"role": "assistant", "content": r["answer"]}]} for r in rows]

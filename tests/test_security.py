@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import llmtune, write_recipe
-from llmtune import models
+from llmtune import model_sources
 from llmtune.cli import run_cli
 from llmtune.errors import InputError
 from llmtune.manifest import read_manifest, space_warning, verify_outputs
@@ -64,7 +64,7 @@ def test_a_pickle_beside_safetensors_is_never_loaded(tiny_model, tmp_path):
 
 def test_trust_remote_code_needs_a_pinned_commit_for_hub_models():
     with pytest.raises(InputError, match="pin model.revision to a full 40-character commit hash"):
-        models.resolve("acme/custom-model", "main", trust_remote_code=True)
+        model_sources.resolve("acme/custom-model", "main", trust_remote_code=True)
 
 
 def test_yaml_duplicate_keys_and_alias_bombs_are_refused(tmp_path):

@@ -186,7 +186,12 @@ def test_plan_counts_parameters_and_steps_before_training(tiny_model, tmp_path):
     memory = plan["memory_bytes"]
     assert memory["optimizer"] == 2 * memory["adapter"] and memory["total"] == sum(
         v for k, v in memory.items() if k != "total")
-    assert not (tmp_path / "runs" / "tiny" / "adapter").exists()  # nothing was trained
+    assert not (tmp_path / "runs").exists()  # plan writes nothing: no run directory at all
+    assert "counting tokens by preparing the data in a temporary folder" in result.stderr
+    assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
+    again = json_module.loads(llmtune("plan", recipe, "--json", cwd=tmp_path).stdout)
+    assert again["tokens_counted_from"] == "prepared data (up to date)"
+    assert again["tokens_per_epoch"] == plan["tokens_per_epoch"]
     nf4 = llmtune("plan", recipe, "--json", "--set", "model.quantize=nf4", cwd=tmp_path)
     nf4_plan = json_module.loads(nf4.stdout)
     assert nf4_plan["memory_bytes"]["weights"] < memory["weights"] / 2

@@ -14,10 +14,19 @@ from typing import Annotated
 import typer
 
 from llmtune import cluster
-from llmtune.cli import ForceOpt, RecipeArg, ResumeOpt, RunDirOpt, SetOpt, _open_run, _resume_flag, app
+from llmtune.cli.options import (
+    ForceOpt,
+    RecipeArg,
+    ResumeOpt,
+    RunDirOpt,
+    SetOpt,
+    app,
+    open_run,
+    resume_flag,
+)
 from llmtune.console import console
 from llmtune.errors import InputError, Interrupted, LlmtuneError
-from llmtune.manifest import require_stage
+from llmtune.manifest import require_stage, stage_dir
 
 
 @app.command()
@@ -35,12 +44,12 @@ def launch(
 ):
     """Train on several processes with torchrun (DDP): prints the torchrun command and runs it.
     Exit 75: interrupted and resumable (run again with --resume auto)."""
-    _resume_flag(resume)
-    loaded, run_path = _open_run(recipe, set, run_dir)  # checks the recipe once, before N processes do
+    resume_flag(resume)
+    loaded, run_path = open_run(recipe, set, run_dir)  # checks the recipe once, before N processes do
     if nnodes > 1 and rdzv_endpoint is None:
         raise InputError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT",
                          hint="use the first node's address and a free port, the same on every node")
-    require_stage(run_path / "prepared", "prepare",  # once here, not once per rank
+    require_stage(stage_dir(run_path, "prepare"), "prepare",  # once here, not once per rank
                   shlex.join(["llmtune", "prepare", str(recipe), *_pass_on(set, run_dir)]))
     train_args = [*_pass_on(set, run_dir), *(["--force"] if force else []),
                   *(["--resume", resume] if resume else [])]
@@ -101,7 +110,7 @@ def _interrupted_at(run_path: Path) -> int | None:
     from llmtune.manifest import partial_dir
     from llmtune.stages.checkpoints import read_resume_state
 
-    return (read_resume_state(partial_dir(run_path / "adapter")) or {}).get("interrupted_at_step")
+    return (read_resume_state(partial_dir(stage_dir(run_path, "train"))) or {}).get("interrupted_at_step")
 
 
 @app.command()
@@ -121,7 +130,7 @@ def slurm(
 ):
     """Write an sbatch script: prepare, torchrun on every node, merge, export; it checkpoints and
     requeues itself before the time limit or on preemption, and the requeued job resumes."""
-    loaded, run_path = _open_run(recipe, set, run_dir)
+    loaded, run_path = open_run(recipe, set, run_dir)
     nproc = nproc_per_node or max(gpus_per_node, 1)
     run_abs = run_path.resolve()
     job = cluster.SlurmJob(

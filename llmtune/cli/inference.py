@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from llmtune.cli import ForceOpt, RecipeArg, RunDirOpt, SetOpt, _open_run, app
+from llmtune.cli.options import ForceOpt, RecipeArg, RunDirOpt, SetOpt, app, open_run
 from llmtune.console import console
 from llmtune.errors import LlmtuneError
 
@@ -18,12 +18,13 @@ from llmtune.errors import LlmtuneError
 @app.command("eval")
 def eval_(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
     """Compare base, adapter and merged: loss, perplexity, exact/contains/regex match, EOS rate."""
-    loaded, run_path = _open_run(recipe, set, run_dir)
+    loaded, run_path = open_run(recipe, set, run_dir)
+    from llmtune.manifest import stage_dir
     from llmtune.stages.eval import evaluate
 
     outcome = evaluate(loaded, run_path, force=force)
     state = "up to date" if outcome.up_to_date else "done"
-    report = json.loads((run_path / "eval" / "report.json").read_text())
+    report = json.loads((stage_dir(run_path, "eval") / "report.json").read_text())
     for name, result in report["sets"].items():
         models_ = list(result["models"])
         table = Table(f"{name} ({result['examples']} examples)", *models_, title=None)
@@ -31,7 +32,7 @@ def eval_(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force:
         for key in keys:
             table.add_row(key, *[_cell(result["models"][m].get(key)) for m in models_])
         console.print(table)
-    console.print(f"[bold]eval:[/] {state} -> {run_path / 'eval' / 'report.json'}", markup=True)
+    console.print(f"[bold]eval:[/] {state} -> {stage_dir(run_path, 'eval') / 'report.json'}", markup=True)
 
 
 @app.command()
@@ -134,9 +135,10 @@ def chat(
 @app.command()
 def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)]):
     """Render <run>/adapter/metrics.jsonl to <run>/training_curves.png (loss, eval loss, lr)."""
+    from llmtune.manifest import stage_dir
     from llmtune.plot import plot_metrics
 
-    path = plot_metrics(run_dir / "adapter" / "metrics.jsonl", run_dir / "training_curves.png")
+    path = plot_metrics(stage_dir(run_dir, "train") / "metrics.jsonl", run_dir / "training_curves.png")
     console.print(f"plot: {path}")
 
 

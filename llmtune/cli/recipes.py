@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from llmtune.cli import RecipeArg, SetOpt, recipe_app
+from llmtune.cli.options import RecipeArg, SetOpt, recipe_app
 from llmtune.console import console
 from llmtune.errors import LlmtuneError, RecipeError
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @recipe_app.command("validate")

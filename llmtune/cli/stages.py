@@ -1,106 +1,33 @@
-"""The `llmtune` command line. Each command loads the recipe, calls a stage, prints a summary.
-
-Stages (and with them torch/transformers) are imported inside the commands, so `--help` and
-`recipe validate` start fast.
-"""
+"""The pipeline commands: prepare, train, merge, export, run, plan, inspect, data preview."""
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from llmtune import __version__
-from llmtune.console import console, error_console
-from llmtune.errors import LlmtuneError
-
-app = typer.Typer(
-    name="llmtune",
-    help="LoRA fine-tuning from a YAML recipe: prepare -> train -> merge -> export.",
-    no_args_is_help=True,
-    pretty_exceptions_show_locals=False,  # locals can hold tokens and whole datasets
-    add_completion=False,
+from llmtune.cli.options import (
+    PIPELINE,
+    ForceOpt,
+    NoVerifyOpt,
+    RecipeArg,
+    ResumeOpt,
+    RunDirOpt,
+    SetOpt,
+    app,
+    brief,
+    data_app,
+    open_run,
+    resume_flag,
+    run_stage,
 )
-recipe_app = typer.Typer(help="Check and show recipes.", no_args_is_help=True)
-app.add_typer(recipe_app, name="recipe")
-data_app = typer.Typer(help="See what the model will learn from your data.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-
-STAGE_DIRS = {"prepare": "prepared", "train": "adapter", "merge": "merged", "export": "exported"}
-
-RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
-SetOpt = Annotated[
-    list[str],
-    typer.Option("--set", help="Override a recipe key, e.g. --set train.lr=1e-4 (repeatable)."),
-]
-RunDirOpt = Annotated[
-    Path | None,
-    typer.Option("--run-dir", help="Run directory (default: <output_dir>/<name> from the recipe)."),
-]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even when up to date.")]
-
-
-# Exit codes: 0 done, 2 a problem with the input (message and hint, no traceback), 3 an output
-# failed its check, 4 the disk is full, 75 training interrupted and resumable, 1 a bug.
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
-def main() -> None:
-    sys.exit(run_cli(sys.argv[1:]))
-
-
-def run_cli(args: list[str]) -> int:
-    """Run the command line and return its exit code; user errors become one message."""
-    if os.environ.get("RANK", "0") != "0":
-        console.quiet = True  # under torchrun, rank 0 alone reports progress (errors still print)
-    try:
-        app(args=args, prog_name="llmtune")  # usage errors print and exit 2 (SystemExit)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except LlmtuneError as exc:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            _print_error(exc.message, exc.hint)
-        elif exc.exit_code != 75:  # an interruption is reported once, by rank 0
-            _print_error(f"rank {rank}: {exc.message}", exc.hint)
-        return exc.exit_code
-    except Exception as exc:
-        cause = _disk_full_cause(exc)
-        if cause is None:
-            raise
-        _print_error(
-            f"out of disk space: {cause}",
-            "free some space and run the same command again: finished stages are kept, "
-            "the unfinished one restarts",
-        )
-        return 4
-    return 0
-
-
-def _disk_full_cause(exc: BaseException) -> str | None:
-    """A one-line description when `exc` (or what caused it) is a full disk or a file-size
-    limit, else None. Rust writers (safetensors, tokenizers) report these as plain text."""
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return f"{exc.strerror} writing {exc.filename or 'a file'}"
-        if re.search(r"os error (%s)\b" % "|".join(map(str, DISK_FULL_ERRNOS)), str(exc)):
-            return str(exc).splitlines()[0]
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _print_error(message: str, hint: str | None) -> None:
-    error_console.print(f"[bold red]error:[/] {escape(message)}", markup=True)
-    if hint:
-        error_console.print(f"[bold]hint:[/] {escape(hint)}", markup=True)
+from llmtune.console import console
+from llmtune.errors import LlmtuneError
 
 
 @app.callback(invoke_without_command=True)
@@ -121,21 +48,12 @@ def prepare(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, forc
     _stage("prepare", recipe, set, run_dir, force)
 
 
-NoVerifyOpt = Annotated[
-    bool, typer.Option("--no-verify", help="Write GGUF files without checking them in llama.cpp "
-                       "(the export manifest says so).")]
-ResumeOpt = Annotated[
-    str | None,
-    typer.Option("--resume", help="auto: continue an interrupted training from its newest good checkpoint."),
-]
-
-
 @app.command()
 def train(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False,
           resume: ResumeOpt = None):
     """Train a LoRA adapter on <run>/prepared into <run>/adapter (exit 75: interrupted, resumable)."""
-    loaded, run_path = _open_run(recipe, set, run_dir)
-    _run_stage("train", loaded, run_path, force, resume=_resume_flag(resume))
+    loaded, run_path = open_run(recipe, set, run_dir)
+    run_stage("train", loaded, run_path, force, resume=resume_flag(resume))
 
 
 @app.command()
@@ -148,17 +66,17 @@ def merge(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force:
 def export(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False,
            no_verify: NoVerifyOpt = False):
     """Export <run>/merged in the recipe's formats into <run>/exported (GGUF checked in llama.cpp)."""
-    loaded, run_path = _open_run(recipe, set, run_dir)
-    _run_stage("export", loaded, run_path, force, verify=not no_verify)
+    loaded, run_path = open_run(recipe, set, run_dir)
+    run_stage("export", loaded, run_path, force, verify=not no_verify)
 
 
 @app.command()
 def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False,
         resume: ResumeOpt = None, no_verify: NoVerifyOpt = False):
     """Run every stage; stages whose inputs are unchanged are skipped as up to date."""
-    loaded, run_path = _open_run(recipe, set, run_dir)
-    for stage in STAGE_DIRS:
-        _run_stage(stage, loaded, run_path, force, resume=_resume_flag(resume) and stage == "train",
+    loaded, run_path = open_run(recipe, set, run_dir)
+    for stage in PIPELINE:
+        run_stage(stage, loaded, run_path, force, resume=resume_flag(resume) and stage == "train",
                    verify=not no_verify)
     _print_results(run_path)
     from llmtune.stages.preview import preview
@@ -176,7 +94,7 @@ def plan(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None,
                                             "(llmtune launch --nproc x nodes).")] = 1):
     """Before training: parameters, trainable parameters, tokens, steps, estimated peak memory
     (per process)."""
-    loaded, run_path = _open_run(recipe, set, run_dir)
+    loaded, run_path = open_run(recipe, set, run_dir, record=False)  # plan writes nothing
     from llmtune.stages.plan import plan as make_plan
 
     if as_json:
@@ -197,14 +115,14 @@ def plan(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None,
 @app.command()
 def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)]):
     """Show a run's stages, their summaries, and whether every output still matches its hash."""
-    from llmtune.manifest import partial_dir, read_manifest, verify_outputs
+    from llmtune.manifest import STAGE_DIRS, partial_dir, read_manifest, stage_dir, verify_outputs
 
     if not run_dir.is_dir():
         raise LlmtuneError(f"{run_dir}: no such run directory")
     table = Table("stage", "state", "created (UTC)", "summary", "outputs")
     damaged = False
-    for stage, folder in {**STAGE_DIRS, "eval": "eval"}.items():
-        path = run_dir / folder
+    for stage in STAGE_DIRS:
+        path = stage_dir(run_dir, stage)
         manifest = read_manifest(path)
         if manifest is None:
             state = "unfinished" if partial_dir(path).exists() else "not run"
@@ -218,7 +136,7 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory.", sho
             stage,
             "[green]finished[/]" if not bad else "[red]damaged[/]",
             manifest["created_utc"].replace("+00:00", ""),
-            _brief(manifest["summary"]),
+            brief(manifest["summary"]),
             outputs,
         )
     console.print(table)
@@ -245,14 +163,16 @@ def data_preview(
     from datasets import load_from_disk
 
     from llmtune.data.chat import IGNORE, label_runs
-    from llmtune.models import load_tokenizer, resolve_section
+    from llmtune.manifest import stage_dir
+    from llmtune.model_sources import resolve_section
+    from llmtune.models import load_tokenizer
 
     if split not in ("train", "validation"):
         raise LlmtuneError(f"--split {split}: expected train or validation")
-    loaded, run_path = _open_run(recipe, set, run_dir)
-    _run_stage("prepare", loaded, run_path, force=False)
-    rows = load_from_disk(str(run_path / "prepared" / split))
-    tokenizer = load_tokenizer(resolve_section(loaded.model))
+    loaded, run_path = open_run(recipe, set, run_dir)
+    run_stage("prepare", loaded, run_path, force=False)
+    rows = load_from_disk(str(stage_dir(run_path, "prepare") / split))
+    tokenizer = load_tokenizer(resolve_section(loaded.model, weights=False))
     styled = console.is_terminal
     for index in range(min(n, len(rows))):
         row = rows[index]
@@ -274,70 +194,15 @@ def data_preview(
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _open_run(recipe_file: Path, sets: list[str], run_dir: Path | None):
-    """Load the recipe and record it, resolved, as <run>/recipe.yaml."""
-    from llmtune.models import quiet_libraries
-    from llmtune.recipe import dump_recipe, load_recipe
-    from llmtune.recipe import run_dir as default_run_dir
-    from llmtune.recipe_lock import verify_lock
-
-    loaded = load_recipe(recipe_file, sets)
-    locked_revision = verify_lock(loaded, recipe_file)
-    if locked_revision and locked_revision != loaded.model.revision:
-        # a locked hub model runs at the locked commit, whatever the recipe's revision says
-        loaded = load_recipe(recipe_file, [*sets, f"model.revision={locked_revision}"])
-    run_path = default_run_dir(loaded, run_dir)
-    run_path.mkdir(parents=True, exist_ok=True)
-    tmp = run_path / f"recipe.yaml.{os.getpid()}.tmp"  # ranks of a distributed job write it at once
-    tmp.write_text(dump_recipe(loaded), encoding="utf-8")
-    os.replace(tmp, run_path / "recipe.yaml")
-    quiet_libraries()
-    return loaded, run_path
-
-
 def _stage(stage: str, recipe_file: Path, sets: list[str], run_dir: Path | None, force: bool) -> None:
-    loaded, run_path = _open_run(recipe_file, sets, run_dir)
-    _run_stage(stage, loaded, run_path, force)
-
-
-def _resume_flag(value: str | None) -> bool:
-    if value not in (None, "auto"):
-        raise LlmtuneError(f"--resume {value}: the only choice is auto (the newest good checkpoint)")
-    return value == "auto"
-
-
-def _run_stage(stage: str, recipe, run_path: Path, force: bool, resume: bool = False,
-               verify: bool = True) -> None:
-    from llmtune.stages import STAGES
-
-    if stage != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # every rank would write the same stage directory at once
-        raise LlmtuneError(f"{stage} runs in one process, not under torchrun/accelerate launch "
-                           f"({os.environ['WORLD_SIZE']} processes)",
-                           hint="launch only `llmtune train`; run prepare before it and merge/export "
-                           "(or `llmtune run`) after it, in one process (see docs/cluster.md)")
-    extra = {"resume": resume} if stage == "train" else {"verify": verify} if stage == "export" else {}
-    outcome = STAGES[stage](recipe, run_path, force=force, **extra)
-    where = run_path / STAGE_DIRS[stage]
-    if outcome.up_to_date:
-        console.print(f"[bold]{stage}:[/] up to date ({where})", markup=True)
-    else:
-        console.print(f"[bold]{stage}:[/] done -> {where}  {_brief(outcome.manifest['summary'])}")
-
-
-def _brief(summary: dict) -> str:
-    parts = []
-    for key, value in summary.items():
-        if isinstance(value, dict) or value is None:
-            continue
-        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
-    return " ".join(parts)
+    loaded, run_path = open_run(recipe_file, sets, run_dir)
+    run_stage(stage, loaded, run_path, force)
 
 
 def _print_results(run_path: Path) -> None:
-    from llmtune.manifest import read_manifest
+    from llmtune.manifest import read_manifest, stage_dir
 
-    summary = (read_manifest(run_path / "adapter") or {}).get("summary", {})
+    summary = (read_manifest(stage_dir(run_path, "train")) or {}).get("summary", {})
     before, after = summary.get("eval_loss_before"), summary.get("eval_loss")
     if before is not None and after is not None:
         console.print(f"eval loss: before training {before:.4f}, after {after:.4f}")
@@ -355,8 +220,3 @@ def _print_preview(result: dict, show: int) -> None:
     for example in result["examples"][:show]:
         table.add_row(example["prompt"], example["reference"], example["base"], example["tuned"])
     console.print(table)
-
-
-# The inference commands (eval, generate, chat, plot) and the recipe commands live in their own
-# modules; importing them registers them on `app`.
-from llmtune import cli_cluster, cli_inference, cli_recipe  # noqa: E402,F401

@@ -10,9 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from datasets import load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmtune import models
+from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.data.chat import IGNORE, encode, render_sample
 from llmtune.data.formats import to_sample
@@ -25,6 +24,7 @@ from llmtune.manifest import (
     read_manifest,
     require_stage,
     sha256_file,
+    stage_dir,
     start_stage,
     upstream_dir,
     upstream_ref,
@@ -37,13 +37,11 @@ from llmtune.stages.inference import (
     mean_token_loss,
     perplexity,
     prompt_and_answer,
+    trained_precision,
 )
 
-MODELS = ("base", "adapter", "merged")
-
-
 def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
-    adapter_dir, merged_dir, out_dir = run / "adapter", run / "merged", run / "eval"
+    adapter_dir, merged_dir, out_dir = (stage_dir(run, stage) for stage in ("train", "merge", "eval"))
     adapter_manifest = require_stage(adapter_dir, "train", f"llmtune train {run / 'recipe.yaml'}")
     inputs = {"adapter": upstream_ref(adapter_dir, out_dir)}
     if read_manifest(merged_dir) is not None:
@@ -56,7 +54,7 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
     partial = start_stage(out_dir)
     cfg = recipe.eval
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the template trained with
+    tokenizer = models.load_tokenizer(adapter_dir)  # with the template trained with
     prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
     eval_sets = {"validation": _prepared_rows(prepared / "validation", cfg.max_samples)}
     for index, source in enumerate(cfg.sources):
@@ -67,26 +65,28 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         raise InputError("nothing to evaluate: the validation set is empty and eval.sources gives no rows",
                          hint="set data.validation.fraction or add eval.sources")
 
-    base = models.resolve_section(adapter_manifest["inputs"]["base_model"])
-    tuned = adapter_on_base(adapter_dir, base)
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval() if "merged" in inputs else None
-    report, generations = {"sets": {}}, []
+    # One model in memory at a time: base and adapter are the same PEFT model (the adapter
+    # disabled for the base), then it is dropped and the merged model loaded.
+    precision = trained_precision(adapter_dir)
+    base = model_sources.resolve_section(adapter_manifest["inputs"]["base_model"])
+    results: dict[str, dict] = {name: {} for name in eval_sets}
+    generations: list[dict] = []
+    tuned = adapter_on_base(adapter_dir, base, precision)
     for name, rows in eval_sets.items():
         console.print(f"eval: {name}: {len(rows)} examples")
-        results = {}
-        for label in MODELS:
-            if label == "merged" and merged is None:
-                continue
-            model = merged if label == "merged" else tuned
-            if label == "base":
-                with tuned.disable_adapter():
-                    results[label] = _score(tuned, tokenizer, rows, cfg, name, label, generations)
-            else:
-                results[label] = _score(model, tokenizer, rows, cfg, name, label, generations)
-        report["sets"][name] = {"examples": len(rows), "models": results}
+        with tuned.disable_adapter():
+            results[name]["base"] = _score(tuned, tokenizer, rows, cfg, name, "base", generations)
+        results[name]["adapter"] = _score(tuned, tokenizer, rows, cfg, name, "adapter", generations)
+    del tuned
+    if "merged" in inputs:
+        merged = models.load_model(merged_dir, precision).eval()
+        for name, rows in eval_sets.items():
+            results[name]["merged"] = _score(merged, tokenizer, rows, cfg, name, "merged", generations)
+        del merged
+    report = {"sets": {name: {"examples": len(rows), "models": results[name]} for name, rows in eval_sets.items()}}
 
     if cfg.lm_eval_tasks:
-        report["lm_eval"] = _lm_eval(merged_dir if merged is not None else None, cfg)
+        report["lm_eval"] = _lm_eval(merged_dir if "merged" in inputs else None, cfg)
     (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(partial / "generations.jsonl", "w", encoding="utf-8") as handle:
         for entry in generations:

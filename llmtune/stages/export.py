@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from llmtune import models
+from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.errors import InputError, VerificationError
 from llmtune.manifest import (
@@ -24,6 +24,7 @@ from llmtune.manifest import (
     read_manifest,
     require_stage,
     space_warning,
+    stage_dir,
     start_stage,
     upstream_dir,
     upstream_ref,
@@ -37,7 +38,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.
 
 
 def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) -> Outcome:
-    merged_dir, out_dir = run / "merged", run / "exported"
+    merged_dir, out_dir = stage_dir(run, "merge"), stage_dir(run, "export")
     merged_manifest = require_stage(merged_dir, "merge", f"llmtune merge {run / 'recipe.yaml'}")
     inputs = {"merged": upstream_ref(merged_dir, out_dir)}
     recipe_sha = section_sha256(recipe, "export")
@@ -119,17 +120,21 @@ def _export_gguf(recipe: Recipe, merged_dir: Path, merged_manifest: dict, partia
 
 
 def _verify(recipe: Recipe, merged_dir: Path, merged_manifest: dict, target: Path) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from llmtune.stages.gguf_verify import verify_gguf
-    from llmtune.stages.merge import check_rows
+    from llmtune.stages.merge_check import check_rows
 
     adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
     rows = check_rows(adapter_dir, read_manifest(adapter_dir), recipe.export.verify_examples,
                       recipe.export.verify_tokens)
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="float32").eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    return verify_gguf(target, model, tokenizer, rows)
+    model = models.load_model(merged_dir, _check_precision(merged_dir)).eval()
+    return verify_gguf(target, model, models.load_tokenizer(merged_dir), rows)
+
+
+def _check_precision(merged_dir: Path) -> str:
+    """The transformers side of the GGUF check runs in the dtype the merged model is stored in
+    where this device computes in it natively (no copy in another dtype), else in fp32."""
+    stored = models.PRECISION_OF[models.stored_dtype(merged_dir)]
+    return stored if stored in ("fp32", models.precision("auto")) else "fp32"
 
 
 def _k_quantize(source: Path, target: Path, quant: str) -> None:
@@ -158,14 +163,12 @@ def _training_system_prompt(merged_dir: Path, merged_manifest: dict) -> str | No
 
 
 def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path, folder: Path) -> None:
-    from transformers import AutoConfig, AutoTokenizer
-
     from llmtune.stages.ollama import write_modelfile
 
     folder.mkdir()
     _link(gguf_file, folder / gguf_file.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    eos_ids = models.eos_token_ids(tokenizer, AutoConfig.from_pretrained(str(merged_dir)))
+    tokenizer = models.load_tokenizer(merged_dir)
+    eos_ids = models.eos_token_ids(tokenizer, models.load_config(merged_dir))
     eos_texts = [tokenizer.convert_ids_to_tokens(token_id) for token_id in eos_ids]
     write_modelfile(folder, gguf_file.name, tokenizer, tokenizer.chat_template, eos_texts, system_prompt)
 
@@ -178,8 +181,8 @@ def _export_adapter(adapter_dir: Path, target: Path) -> str:
             _link(adapter_dir / name, target / name)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = read_manifest(adapter_dir)["inputs"]["base_model"]
-    ref = models.resolve_section(base)
-    hub_id = models.describe_base(ref)["hub_id"]
+    ref = model_sources.resolve_section(base)
+    hub_id = model_sources.describe_base(ref)["hub_id"]
     config["base_model_name_or_path"] = hub_id or str(ref.local_dir)
     if ref.revision:
         config["revision"] = ref.revision

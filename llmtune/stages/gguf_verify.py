@@ -62,9 +62,7 @@ def _figures(llm, model, tokenizer, rows: list[list[int]]) -> dict:
     # otherwise count every prediction inside that prefix once per conversation (8 times here).
     agree = total = 0
     seen = set()
-    for ids in rows:
-        with torch.no_grad():
-            expected = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
+    for ids, expected in zip(rows, _top1(model, rows)):
         llm.reset()
         llm.eval(ids)
         got = np.asarray(llm.scores[: len(ids)]).argmax(-1)
@@ -88,6 +86,23 @@ def _figures(llm, model, tokenizer, rows: list[list[int]]) -> dict:
         "chat_template_matches": template is not None and _render_llama_cpp(llm, template)
         == tokenizer.apply_chat_template(TEMPLATE_PROBE, tokenize=False, add_generation_prompt=True),
     }
+
+
+def _top1(model, rows: list[list[int]], batch_size: int = 4) -> list[np.ndarray]:
+    """transformers' top-1 token at every position of each row, in right-padded batches on the
+    model's device (padding comes after every real token, so it changes none of them)."""
+    result = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        longest = max(len(ids) for ids in batch)
+        ids = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, row in enumerate(batch):
+            ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+        with torch.no_grad():
+            top = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.argmax(-1)
+        result += [top[i, :len(row)].cpu().numpy() for i, row in enumerate(batch)]
+    return result
 
 
 def _render_llama_cpp(llm, template: str) -> str:

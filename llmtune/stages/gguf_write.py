@@ -22,8 +22,8 @@ import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer
 
+from llmtune import models
 from llmtune.console import console
 from llmtune.errors import InputError
 from llmtune.stages.shard_merge import base_tensors, tensor_shapes
@@ -67,7 +67,7 @@ PRE_TOKENIZERS = {
 
 
 def gguf_architecture(model_dir: Path):
-    config = AutoConfig.from_pretrained(model_dir)
+    config = models.load_config(Path(model_dir))
     if config.model_type not in ARCHITECTURES:
         raise InputError(
             f"export: GGUF export does not support model_type {config.model_type!r}",
@@ -80,7 +80,7 @@ def gguf_architecture(model_dir: Path):
 def write_gguf(model_dir: Path, target: Path, quant: str, name: str) -> dict:
     """Write `model_dir` (a merged transformers folder) to `target` at `quant` (a native type)."""
     config, arch = gguf_architecture(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = models.load_tokenizer(Path(model_dir))
     writer = gguf.GGUFWriter(str(target), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name)
     writer.add_file_type(FILE_TYPES[quant])

@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmtune import models
+from llmtune import model_sources, models
 from llmtune.data.chat import IGNORE, render
 from llmtune.errors import InputError
-from llmtune.manifest import read_manifest
+from llmtune.manifest import read_manifest, stage_dir
 from llmtune.stages.collate import PadCollator
 
 
@@ -47,9 +45,21 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | Non
     return results
 
 
-def adapter_on_base(adapter_dir: Path, base: models.ModelRef):
-    """The float base model with the PEFT adapter in `adapter_dir` on it, in eval mode."""
-    return PeftModel.from_pretrained(models.load_model(base), str(adapter_dir)).eval()
+def adapter_on_base(adapter_dir: Path, base: model_sources.ModelRef, precision: str):
+    """The base model with the PEFT adapter in `adapter_dir` on it, on the local device, frozen
+    weights in `precision`'s dtype, in eval mode."""
+    return models.load_adapter(models.load_model(base, precision), adapter_dir)
+
+
+def trained_precision(adapter_dir: Path) -> str:
+    """The precision the adapter was trained in (its manifest), else what auto picks here: a
+    trained model is run in the dtype it was trained in."""
+    recorded = ((read_manifest(adapter_dir) or {}).get("summary") or {}).get("precision")
+    return recorded if recorded in models.DTYPES and _usable(recorded) else models.precision("auto")
+
+
+def _usable(precision: str) -> bool:
+    return precision != "fp16" or models.pick_device() == "cuda"
 
 
 def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> float | None:
@@ -84,22 +94,27 @@ def prompt_and_answer(sample: dict) -> tuple[list[dict] | str, str] | None:
 
 
 def load_tuned(target: Path, adapter: Path | None = None):
-    """(model, tokenizer) from a run directory (its merged model, else base + adapter), a
-    transformers folder, or a folder plus a PEFT adapter."""
-    if adapter is None and read_manifest(target / "merged") is not None:
-        target = target / "merged"
-    elif adapter is None and read_manifest(target / "adapter") is not None:
-        adapter = target / "adapter"
+    """(model, tokenizer) on the local device from a run directory (its merged model, else base
+    + adapter), a transformers folder, or a folder plus a PEFT adapter. A run is loaded in the
+    precision it was trained in; a folder in what precision auto picks here."""
+    if adapter is None and read_manifest(stage_dir(target, "merge")) is not None:
+        precision = trained_precision(stage_dir(target, "train"))
+        target = stage_dir(target, "merge")
+    elif adapter is None and read_manifest(stage_dir(target, "train")) is not None:
+        adapter = stage_dir(target, "train")
         manifest = read_manifest(adapter)
-        model = adapter_on_base(adapter, models.resolve_section(manifest["inputs"]["base_model"]))
-        return model, AutoTokenizer.from_pretrained(adapter)
+        base = model_sources.resolve_section(manifest["inputs"]["base_model"])
+        model = adapter_on_base(adapter, base, trained_precision(adapter))
+        return model, models.load_tokenizer(adapter)
+    else:
+        precision = trained_precision(adapter) if adapter is not None else models.precision("auto")
     if not (target / "config.json").is_file():
         raise InputError(
             f"{target}: not a run directory with a finished merge or train stage, nor a model folder",
             hint="give a run directory (runs/NAME) or a transformers model folder",
         )
-    models.check_weight_files(target, allow_pickle=False)
-    model = AutoModelForCausalLM.from_pretrained(target, use_safetensors=True).eval()
+    model_sources.check_weight_files(target, allow_pickle=False)
+    model = models.load_model(target, precision).eval()
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    return model, AutoTokenizer.from_pretrained(adapter or target)
+        model = models.load_adapter(model, adapter)
+    return model, models.load_tokenizer(adapter or target)

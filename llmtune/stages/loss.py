@@ -54,4 +54,9 @@ class ChunkedLossTrainer(GroupedTrainer):
 
 
 def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # accelerate hands mixed-precision outputs back in fp32; outside autocast (evaluation) the
+    # hidden states must meet the head's own dtype (bf16 frozen weights)
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(weight.dtype)
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")

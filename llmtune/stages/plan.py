@@ -11,32 +11,42 @@ plus attention probabilities, or only layer inputs with gradient checkpointing),
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-from llmtune import models
-from llmtune.manifest import read_manifest
+from llmtune import model_sources, models
+from llmtune.console import console
 from llmtune.recipe import Recipe
+from llmtune.stages.prepare import prepare, up_to_date
 from llmtune.stages.loss import CHUNK, chunked_loss_supported
-from llmtune.stages.prepare import prepare
-from llmtune.stages.train import _lora_config, _precision
+from llmtune.stages.train import lora_config
 
 RUNTIME_BYTES = 1.0e9  # Python, torch and library state, measured ~1 GB on CPU
 QUANTIZED_BYTES = {"none": None, "nf4": 0.53, "fp4": 0.53, "int8": 1.0}  # per weight, with constants
+ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
-    """The plan for training on `processes` data-parallel processes (memory is per process)."""
-    ref = models.resolve_section(recipe.model)
-    config = AutoConfig.from_pretrained(ref.local_dir, trust_remote_code=ref.trust_remote_code)
-    precision = _precision(recipe.train.precision, models.pick_device())
+    """The plan for training on `processes` data-parallel processes (memory is per process).
+    Writes nothing: token counts come from `<run>/prepared` when it is up to date, else from
+    preparing into a temporary folder that is then removed."""
+    ref = model_sources.resolve_section(recipe.model, weights=False)  # config and tokenizer only
+    config = models.load_config(ref)
+    precision = models.precision(recipe.train.precision)
     estimate = estimate_memory(config, recipe, precision)
 
-    prepare(recipe, run)  # token counts come from the prepared data (cached when up to date)
-    summary = read_manifest(run / "prepared")["summary"]
+    prepared = up_to_date(recipe, run)
+    counted = "prepared data (up to date)"
+    if prepared is None:
+        console.print("plan: counting tokens by preparing the data in a temporary folder")
+        with tempfile.TemporaryDirectory(prefix="llmtune-plan-") as folder:
+            prepared = prepare(recipe, Path(folder) / "run").manifest
+        counted = "the data, prepared in a temporary folder (llmtune prepare keeps it)"
+    summary = prepared["summary"]
     cfg = recipe.train
     per_step = cfg.batch_size * cfg.grad_accum * processes  # the global batch
     steps = cfg.max_steps or math.ceil(math.ceil(summary["train_examples"] / per_step) * cfg.epochs)
@@ -46,6 +56,7 @@ def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
         "trainable_parameters": estimate["trainable_parameters"],
         "train_examples": summary["train_examples"],
         "tokens_per_epoch": summary["train_tokens"],
+        "tokens_counted_from": counted,
         "steps": steps,
         "micro_batch": f"{cfg.batch_size} x {recipe.data.max_seq_len} tokens",
         "processes": processes,
@@ -64,13 +75,17 @@ def estimate_memory(config, recipe: Recipe, precision: str) -> dict:
         # quantization applies to the linear layers of the blocks, not the output head
         linear = sum(m.weight.numel() for name, m in base.named_modules()
                      if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
-        model = get_peft_model(base, _lora_config(recipe))
+        model = get_peft_model(base, lora_config(recipe))
     trainable, total = model.get_nb_trainable_parameters()
     cfg = recipe.train
-    act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    frozen = total - trainable
+    act_bytes = ACTIVATION_BYTES[precision]
+    # frozen weights are loaded in the compute dtype (models.load_model); QLoRA's compute dtype
+    # may be set apart (model.compute_dtype), and covers what is not quantized
+    compute = recipe.model.compute_dtype
     quantized = QUANTIZED_BYTES[recipe.model.quantize]
-    weights = frozen * 4 if quantized is None else linear * quantized + (frozen - linear) * 4
+    weight_bytes = act_bytes if compute == "auto" or quantized is None else ACTIVATION_BYTES[models.DTYPE_NAMES[compute]]
+    frozen = total - trainable
+    weights = frozen * weight_bytes if quantized is None else linear * quantized + (frozen - linear) * weight_bytes
     memory = {
         "weights": weights,
         "adapter": trainable * 4,

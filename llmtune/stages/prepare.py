@@ -18,7 +18,7 @@ import pyarrow as pa
 from datasets import Dataset
 from datasets.table import InMemoryTable
 
-from llmtune import models
+from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.data.chat import IGNORE, Example, encode, render_samples
 from llmtune.data.formats import to_sample
@@ -28,7 +28,7 @@ from llmtune.data.split import dedup, split_rows, weighted
 from llmtune.data.stats import split_stats
 from llmtune.data.templates import resolve_template
 from llmtune.errors import InputError
-from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, sha256_file, start_stage
+from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, stage_dir, start_stage
 from llmtune.recipe import DataSection, Recipe, section_sha256
 
 BATCH = 8192  # rows per tokenizer call: larger batches keep every core busy
@@ -54,14 +54,9 @@ def _cyclic_gc_paused(function):
 
 @_cyclic_gc_paused
 def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
-    out_dir = run / "prepared"
-    ref = models.resolve_section(recipe.model)
+    out_dir = stage_dir(run, "prepare")
+    ref, inputs, recipe_sha = _identity(recipe)
     data = recipe.data
-    inputs = {
-        "tokenizer": models.tokenizer_fingerprint(ref),
-        "data_files": _content_hashes(data),
-    }
-    recipe_sha = section_sha256(recipe, "data")
     if not force and is_up_to_date(out_dir, "prepare", recipe_sha, inputs):
         return Outcome(read_manifest(out_dir), up_to_date=True)
 
@@ -267,6 +262,21 @@ def _save_examples(pairs, packed: list[dict] | None, path: Path, with_samples: b
     Dataset(InMemoryTable(table)).save_to_disk(str(path), num_shards=1 if not table.num_rows else None)
 
 
+def up_to_date(recipe: Recipe, run: Path) -> dict | None:
+    """The manifest of `<run>/prepared` when it is up to date for this recipe, else None."""
+    _, inputs, recipe_sha = _identity(recipe)
+    out_dir = stage_dir(run, "prepare")
+    return read_manifest(out_dir) if is_up_to_date(out_dir, "prepare", recipe_sha, inputs) else None
+
+
+def _identity(recipe: Recipe):
+    """(model, inputs, recipe hash) that decide whether prepared data is up to date. Only the
+    tokenizer matters here: a hub model's weights are not fetched, a local model's not hashed."""
+    ref = model_sources.resolve_section(recipe.model, weights=False)
+    inputs = {"tokenizer": model_sources.tokenizer_fingerprint(ref), "data_files": _content_hashes(recipe.data)}
+    return ref, inputs, section_sha256(recipe, "data")
+
+
 def _content_hashes(data: DataSection) -> dict[str, str]:
     """What the prepared data depends on besides the recipe: every source file's content
     (a folder's files one by one), hub dataset ids, and a template file's content."""
@@ -276,9 +286,9 @@ def _content_hashes(data: DataSection) -> dict[str, str]:
             hashes[f"hub:{source.hub}/{source.subset or ''}/{source.split}"] = "not hashed"
             continue
         for file in local_files(source):
-            hashes[str(file)] = sha256_file(file)
+            hashes[str(file)] = model_sources.file_sha256(file)
     if Path(data.template).is_file():
-        hashes[data.template] = sha256_file(data.template)
+        hashes[data.template] = model_sources.file_sha256(Path(data.template))
     return hashes
 
 

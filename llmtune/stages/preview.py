@@ -10,13 +10,12 @@ import json
 from pathlib import Path
 
 from datasets import load_from_disk
-from transformers import AutoTokenizer
 
-from llmtune import models
+from llmtune import model_sources, models
 from llmtune.console import console
-from llmtune.manifest import manifest_sha256, require_stage, upstream_dir
+from llmtune.manifest import manifest_sha256, require_stage, stage_dir, upstream_dir
 from llmtune.recipe import Recipe
-from llmtune.stages.inference import adapter_on_base, generate, prompt_and_answer
+from llmtune.stages.inference import adapter_on_base, generate, prompt_and_answer, trained_precision
 
 PREVIEW_FILE = "preview.json"
 
@@ -25,7 +24,7 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
     cfg = recipe.preview
     if cfg.count == 0:
         return None
-    adapter_dir = run / "adapter"
+    adapter_dir = stage_dir(run, "train")
     adapter_manifest = require_stage(adapter_dir, "train", f"llmtune train {run / 'recipe.yaml'}")
     key = {"adapter_manifest_sha256": manifest_sha256(adapter_dir), "preview": cfg.model_dump()}
     cached = _read_json(run / PREVIEW_FILE)
@@ -41,10 +40,9 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
         return None
     prompts, references = zip(*pairs)
 
-    base = adapter_manifest["inputs"]["base_model"]
-    ref = models.resolve_section(base)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # with the template trained with
-    model = adapter_on_base(adapter_dir, ref)
+    ref = model_sources.resolve_section(adapter_manifest["inputs"]["base_model"])
+    tokenizer = models.load_tokenizer(adapter_dir)  # with the template trained with
+    model = adapter_on_base(adapter_dir, ref, trained_precision(adapter_dir))
     console.print(f"preview: generating answers to {len(prompts)} held-out prompts, base and tuned")
     tuned = [g.text for g in generate(model, tokenizer, prompts, cfg.max_new_tokens)]
     with model.disable_adapter():

@@ -26,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmtune import models
+
 ADAPTER_PREFIX = "base_model.model."
 INDEX = "model.safetensors.index.json"
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
@@ -115,11 +117,16 @@ def plan_shards(names: list[str], shapes: dict[str, tuple], dtype: torch.dtype,
 
 
 def merge_into_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
-                      max_shard_size: str) -> dict:
-    """Write the merged model's safetensors (and index) into `out_dir`; return a summary."""
+                      max_shard_size: str, device: torch.device | str = "cpu") -> dict:
+    """Write the merged model's safetensors (and index) into `out_dir`; return a summary.
+
+    The arithmetic is exactly what peft's merge_and_unload does on the base loaded in `dtype` on
+    `device` with the adapter on it (peft keeps the adapter in fp32 there): each weight is
+    read, cast to `dtype`, and the fp32 delta added in place on `device`. So the merge stage
+    can check this against that reference bit for bit, whatever the dtype."""
     files = base_tensors(base_dir)
     parts = read_adapter(adapter_dir, set(files))
-    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config = models.load_lora_config(adapter_dir)
     if config.lora_bias or config.fan_in_fan_out:
         raise Unsupported("lora_bias and fan_in_fan_out adapters are merged in memory")
     shapes = tensor_shapes(files)
@@ -128,11 +135,11 @@ def merge_into_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: t
     merged_modules = 0
     weight_map, total = {}, 0
     for number, shard in enumerate(shards, start=1):
-        tensors = _read(shard, files)
-        merged_modules += _merge_shard(tensors, parts, config)
+        tensors = _read(shard, files, dtype, device)
+        merged_modules += _merge_shard(tensors, parts, config, dtype)
         file = ("model.safetensors" if len(shards) == 1
                 else f"model-{number:05d}-of-{len(shards):05d}.safetensors")
-        tensors = {name: tensor.to(dtype).contiguous() for name, tensor in tensors.items()}
+        tensors = {name: tensor.to("cpu").contiguous() for name, tensor in tensors.items()}
         save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file))
@@ -147,17 +154,18 @@ def merge_into_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: t
             "replaced_tensors": len(parts.replaced), "bytes": total}
 
 
-def _read(names: list[str], files: dict[str, Path]) -> dict[str, torch.Tensor]:
+def _read(names: list[str], files: dict[str, Path], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     tensors = {}
     for path in sorted({files[name] for name in names}):
         with safe_open(str(path), "pt") as reader:
             for name in names:
                 if files[name] == path:
-                    tensors[name] = reader.get_tensor(name).float()
+                    tensors[name] = reader.get_tensor(name).to(device=device, dtype=dtype)
     return {name: tensors[name] for name in names}
 
 
-def _merge_shard(tensors: dict[str, torch.Tensor], parts: AdapterParts, config: LoraConfig) -> int:
+def _merge_shard(tensors: dict[str, torch.Tensor], parts: AdapterParts, config: LoraConfig,
+                 dtype: torch.dtype) -> int:
     """Merge the adapter modules whose weights are in `tensors`, in place; return how many."""
     container = nn.Module()
     modules = []
@@ -175,13 +183,18 @@ def _merge_shard(tensors: dict[str, torch.Tensor], parts: AdapterParts, config: 
         modules.append(module)
     for name, value in parts.replaced.items():
         if name in tensors:
-            tensors[name] = value.float()
+            tensors[name] = value.to(device=tensors[name].device, dtype=dtype)
     if not modules:
         return 0
-    inject_adapter_in_model(config, container, low_cpu_mem_usage=True)
+    # As PeftModel.from_pretrained does: inject, keep the adapter in fp32 whatever the base's
+    # dtype (autocast_adapter_dtype), then copy the saved fp32 values in.
+    inject_adapter_in_model(config, container)
+    for key, param in container.named_parameters():
+        if ".lora_" in key:
+            param.data = param.data.float()
     wanted = {key: value for key, value in parts.state.items()
               if key.partition(".lora_")[0] in modules and ".lora_" in key}
-    result = set_peft_model_state_dict(container, wanted, low_cpu_mem_usage=True)
+    result = set_peft_model_state_dict(container, wanted)
     if result.unexpected_keys:
         raise Unsupported(f"adapter tensors peft did not place: {result.unexpected_keys[:3]}")
     merged = 0
@@ -189,8 +202,7 @@ def _merge_shard(tensors: dict[str, torch.Tensor], parts: AdapterParts, config: 
         for name, layer in container.named_modules():
             if isinstance(layer, LoraLayer):
                 layer.merge()
-                base = layer.get_base_layer()
-                tensors[f"{name}.weight"] = base.weight.data
+                tensors[f"{name}.weight"] = layer.get_base_layer().weight.data
                 merged += 1
     return merged
 

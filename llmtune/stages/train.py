@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 from datasets import load_from_disk
-from peft import LoftQConfig, LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoftQConfig, LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from llmtune import models
+from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.errors import InputError, Interrupted
 from llmtune.manifest import (
@@ -22,6 +22,7 @@ from llmtune.manifest import (
     partial_dir,
     read_manifest,
     require_stage,
+    stage_dir,
     start_stage,
     upstream_ref,
 )
@@ -37,13 +38,14 @@ from llmtune.stages.sampling import GroupedTrainer
 
 def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) -> Outcome:
     """Train the adapter; under torchrun/accelerate launch every rank runs this, rank 0 writes."""
-    prepared_dir, out_dir = run / "prepared", run / "adapter"
+    prepared_dir, out_dir = stage_dir(run, "prepare"), stage_dir(run, "train")
     command = f"llmtune train {run / 'recipe.yaml'}"
     require_stage(prepared_dir, "prepare", f"llmtune prepare {run / 'recipe.yaml'}")
     device = models.pick_device()
     distributed.start(device)
-    with distributed.main_first():  # a model converted into the cache once, not once per rank
-        ref = models.resolve_section(recipe.model)
+    with distributed.main_first():  # converted and fingerprinted once, not once per rank
+        ref = model_sources.resolve_section(recipe.model)
+        ref.fingerprint
     inputs = {"prepared": upstream_ref(prepared_dir, out_dir), "base_model": ref.as_manifest()}
     recipe_sha = section_sha256(recipe, "model", "adapter", "train", "distributed")
     if not force and is_up_to_date(out_dir, "train", recipe_sha, inputs):
@@ -64,14 +66,17 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
 
     cfg = recipe.train
     set_seed(cfg.seed)
-    tokenizer = models.load_tokenizer(ref)
-    if (prepared_dir / "chat_template.jinja").is_file():  # the template the data was rendered with
-        tokenizer.chat_template = (prepared_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    model = _adapter_model(recipe, ref)
+    template = prepared_dir / "chat_template.jinja"  # the template the data was rendered with
+    tokenizer = models.load_tokenizer(
+        ref, template.read_text(encoding="utf-8") if template.is_file() else None)
+    precision = models.precision(cfg.precision, device)
+    if precision == "fp16" and device != "cuda":
+        raise InputError("train.precision: fp16 needs a CUDA GPU", hint="use bf16 or fp32 on CPU")
+    model = _adapter_model(recipe, ref, precision)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(
         f"train: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.2f}%), device {device}, precision {_precision(cfg.precision, device)}"
+        f"({100 * trainable / total:.2f}%), device {device}, precision {precision}"
         + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
         + (f", base quantized {recipe.model.quantize}" if recipe.model.quantize != "none" else "")
         + (f", {distributed.world_size()} processes ({recipe.distributed.strategy})"
@@ -96,7 +101,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     with trackers.tracker_environment(cfg.report_to, run, recipe.name):
         trainer, result = _run_trainer(
             ChunkedLossTrainer if chunked else GroupedTrainer, recipe, model, train_set, validation, collator,
-            callbacks, partial, device, state, checkpoint, stop, strategy)
+            callbacks, partial, device, precision, state, checkpoint, stop, strategy)
     if stop.stopped:
         if distributed.is_main():  # `llmtune launch` reads this to tell "interrupted" from a crash
             checkpoints.write_resume_state(partial, {**state, "interrupted_at_step": trainer.state.global_step})
@@ -125,6 +130,8 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         "eval_loss": eval_after,
         "trainable_params": trainable,
         "total_params": total,
+        # the compute dtype (and of the frozen weights): inference on this adapter uses it too
+        "precision": precision,
         # merge compares the float merge with the quantized base + adapter that was trained
         "base_quantization": {"quantize": recipe.model.quantize,
                               "double_quant": recipe.model.double_quant,
@@ -164,20 +171,24 @@ def _open_partial(out_dir: Path, resume: bool, depends_on: dict, command: str):
     return partial, state, checkpoint
 
 
-def _adapter_model(recipe: Recipe, ref):
-    """The base (quantized for QLoRA) with a fresh LoRA/DoRA adapter on it."""
+def _adapter_model(recipe: Recipe, ref, precision: str):
+    """The base (quantized for QLoRA), frozen weights in the compute dtype, with a fresh
+    LoRA/DoRA adapter on it."""
     quantize = recipe.model.quantize
-    base = models.load_model(ref, quantize=quantize, double_quant=recipe.model.double_quant,
+    sharded = recipe.distributed.strategy != "ddp"  # FSDP and DeepSpeed place the weights themselves
+    base = models.load_model(ref, precision, quantize=quantize, double_quant=recipe.model.double_quant,
                              compute_dtype=recipe.model.compute_dtype,
-                             shardable=distributed.shards_quantized_weights(recipe.distributed, quantize))
+                             shardable=distributed.shards_quantized_weights(recipe.distributed, quantize),
+                             device=None if sharded else "local")
     # With a cache, transformers does not read packed position ids as sequence boundaries, and
     # packed examples would attend to each other; training never uses the cache anyway.
     base.config.use_cache = False
-    if quantize != "none":
-        base = prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    # QLoRA needs nothing more: the Trainer enables gradient checkpointing (non-reentrant, so
+    # inputs need not require grads). peft's prepare_model_for_kbit_training would also cast
+    # every weight it does not quantize (embeddings, output head, norms) to fp32: for an 8B
+    # Llama 3 that is 2.1 GB more, for stability that bf16 autocast does not need.
     try:
-        model = get_peft_model(base, _lora_config(recipe))
+        model = get_peft_model(base, lora_config(recipe))
     except ValueError as exc:  # peft names the modules it could not find
         raise InputError(f"adapter: {exc}", hint="check adapter.target_modules against the model's "
                          "module names, or use target_modules: all-linear") from None
@@ -195,18 +206,11 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def _precision(choice: str, device: str) -> str:
-    """auto: bf16 autocast where bf16 matmuls are native (1.8x fp32's tokens/s at 0.63x its peak
-    memory on an AVX512-BF16 CPU, docs/benchmarks.md), fp32 elsewhere."""
-    if choice != "auto":
-        return choice
-    return "bf16" if models.has_fast_bf16(device) else "fp32"
-
-
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}
 
 
-def _lora_config(recipe: Recipe) -> LoraConfig:
+def lora_config(recipe: Recipe) -> LoraConfig:
+    """The peft LoraConfig for the recipe's adapter section (plan builds the same on the meta device)."""
     adapter = recipe.adapter
     extra = {}
     if adapter.init == "loftq":
@@ -228,12 +232,13 @@ def _lora_config(recipe: Recipe) -> LoraConfig:
 
 
 def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, collator, callbacks,
-                 partial: Path, device: str, state: dict, checkpoint, stop: StopOnSignal, strategy: dict):
+                 partial: Path, device: str, precision: str, state: dict, checkpoint, stop: StopOnSignal,
+                 strategy: dict):
     """Build the Trainer and train (trackers' callbacks read their settings when it is built)."""
     trainer = trainer_class(
         model=model,
-        args=_training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, validation is not None,
-                                 "eval_loss_before" not in state, strategy),
+        args=_training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, precision,
+                                 validation is not None, "eval_loss_before" not in state, strategy),
         train_dataset=train_set,
         eval_dataset=validation,
         data_collator=collator,
@@ -250,12 +255,9 @@ def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, co
     return trainer, result
 
 
-def _training_arguments(recipe: Recipe, output_dir: Path, device: str, has_eval: bool,
+def _training_arguments(recipe: Recipe, output_dir: Path, device: str, precision: str, has_eval: bool,
                         eval_before: bool, strategy: dict) -> TrainingArguments:
     cfg = recipe.train
-    precision = _precision(cfg.precision, device)
-    if precision == "fp16" and device != "cuda":
-        raise InputError("train.precision: fp16 needs a CUDA GPU", hint="use bf16 or fp32 on CPU")
     periodic_eval = has_eval and cfg.eval_every is not None
     return TrainingArguments(
         output_dir=str(output_dir),

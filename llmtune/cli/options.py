@@ -1,0 +1,107 @@
+"""What the command modules share: the Typer apps, the common options, and opening a run.
+
+Stages (and with them torch/transformers) are imported inside the commands, so `--help` and
+`recipe validate` start fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmtune.console import console
+from llmtune.errors import LlmtuneError
+
+app = typer.Typer(
+    name="llmtune",
+    help="LoRA fine-tuning from a YAML recipe: prepare -> train -> merge -> export.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold tokens and whole datasets
+    add_completion=False,
+)
+recipe_app = typer.Typer(help="Check and show recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+data_app = typer.Typer(help="See what the model will learn from your data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+PIPELINE = ("prepare", "train", "merge", "export")  # what `llmtune run` runs, in order
+
+RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
+SetOpt = Annotated[
+    list[str],
+    typer.Option("--set", help="Override a recipe key, e.g. --set train.lr=1e-4 (repeatable)."),
+]
+RunDirOpt = Annotated[
+    Path | None,
+    typer.Option("--run-dir", help="Run directory (default: <output_dir>/<name> from the recipe)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Re-run even when up to date.")]
+NoVerifyOpt = Annotated[
+    bool, typer.Option("--no-verify", help="Write GGUF files without checking them in llama.cpp "
+                       "(the export manifest says so).")]
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option("--resume", help="auto: continue an interrupted training from its newest good checkpoint."),
+]
+
+
+def open_run(recipe_file: Path, sets: list[str], run_dir: Path | None, record: bool = True):
+    """Load the recipe and (with `record`) write it, resolved, as <run>/recipe.yaml."""
+    from llmtune.models import quiet_libraries
+    from llmtune.recipe import dump_recipe, load_recipe
+    from llmtune.recipe import run_dir as default_run_dir
+    from llmtune.recipe_lock import verify_lock
+
+    loaded = load_recipe(recipe_file, sets)
+    locked_revision = verify_lock(loaded, recipe_file)
+    if locked_revision and locked_revision != loaded.model.revision:
+        # a locked hub model runs at the locked commit, whatever the recipe's revision says
+        loaded = load_recipe(recipe_file, [*sets, f"model.revision={locked_revision}"])
+    run_path = default_run_dir(loaded, run_dir)
+    if record:
+        run_path.mkdir(parents=True, exist_ok=True)
+        tmp = run_path / f"recipe.yaml.{os.getpid()}.tmp"  # ranks of a distributed job write it at once
+        tmp.write_text(dump_recipe(loaded), encoding="utf-8")
+        os.replace(tmp, run_path / "recipe.yaml")
+    quiet_libraries()
+    return loaded, run_path
+
+
+def resume_flag(value: str | None) -> bool:
+    if value not in (None, "auto"):
+        raise LlmtuneError(f"--resume {value}: the only choice is auto (the newest good checkpoint)")
+    return value == "auto"
+
+
+def run_stage(stage: str, recipe, run_path: Path, force: bool, resume: bool = False,
+              verify: bool = True) -> None:
+    """Run one pipeline stage and print its one-line outcome."""
+    from llmtune.manifest import stage_dir
+    from llmtune.stages import STAGES
+
+    if stage != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank would write the same stage directory at once
+        raise LlmtuneError(f"{stage} runs in one process, not under torchrun/accelerate launch "
+                           f"({os.environ['WORLD_SIZE']} processes)",
+                           hint="launch only `llmtune train`; run prepare before it and merge/export "
+                           "(or `llmtune run`) after it, in one process (see docs/cluster.md)")
+    extra = {"resume": resume} if stage == "train" else {"verify": verify} if stage == "export" else {}
+    outcome = STAGES[stage](recipe, run_path, force=force, **extra)
+    where = stage_dir(run_path, stage)
+    if outcome.up_to_date:
+        console.print(f"[bold]{stage}:[/] up to date ({where})", markup=True)
+    else:
+        console.print(f"[bold]{stage}:[/] done -> {where}  {brief(outcome.manifest['summary'])}")
+
+
+def brief(summary: dict) -> str:
+    """A stage summary on one line: its plain values, nested figures left out."""
+    parts = []
+    for key, value in summary.items():
+        if isinstance(value, dict) or value is None:
+            continue
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
