@@ -83,16 +83,21 @@ LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_rig
                          "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]
 
 
-def build_llama3_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+def build_llama3_tokenizer(corpus: list[str] | None = None, vocab_size: int = 4096):
+    """One token per byte; or, given a `corpus`, byte-level BPE merges learnt from it (benchmarks:
+    realistic token counts, and merges that GGUF round trips need)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from llmtune.data.templates import LLAMA3
 
-    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    if corpus:
+        backend.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False))
     backend.add_special_tokens(LLAMA3_SPECIAL_TOKENS)
     bos = backend.token_to_id("<|begin_of_text|>")
     # like Llama 3's: the tokenizer adds BOS itself, and the chat template writes it too

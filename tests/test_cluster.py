@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import llmtune, write_recipe
 from llmtune import cluster
-from llmtune.stages import checkpoints
+from llmtune.stages import checkpoints, distributed
 
 # 2 processes x batch 1 per process; the 1-process reference runs batch 2: the same global batch.
 # Enough steps that a signal sent after the first checkpoint lands well before the end.
@@ -91,6 +91,24 @@ def test_two_processes_equal_one_with_the_same_global_batch(one_process, tiny_mo
     metrics = (tmp_path / "runs" / "tiny" / "adapter" / "metrics.jsonl").read_text().splitlines()
     assert sum('"loss"' in line for line in metrics) == DDP_TRAIN["max_steps"]  # one row per step
     assert _max_difference(_adapter(tmp_path), one_process) <= TOLERANCE
+
+
+def test_qlora_under_fsdp_stores_its_4bit_weights_in_the_compute_dtype(tiny_model):
+    """FSDP shards tensors of one dtype: QLoRA's 4-bit weights are stored in the compute dtype
+    then (peft's QLoRA + FSDP recipe), in uint8 otherwise. Sharding itself needs GPUs
+    (accelerate applies FSDP to GPU process groups only); scripts/gpu_check.sh runs it."""
+    import torch
+
+    from llmtune import model_sources, models
+    from llmtune.recipe import DistributedSection
+
+    assert distributed.shards_quantized_weights(DistributedSection(strategy="fsdp"), "nf4")
+    assert not distributed.shards_quantized_weights(DistributedSection(strategy="ddp"), "nf4")
+    ref = model_sources.resolve(str(tiny_model))
+    for shardable, storage in ((True, torch.bfloat16), (False, torch.uint8)):
+        model = models.load_model(ref, "bf16", quantize="nf4", shardable=shardable, device=None)
+        packed = {p.dtype for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
+        assert packed == {storage}
 
 
 def test_accelerate_launch_trains_the_same(one_process, tiny_model, tmp_path):

@@ -67,3 +67,22 @@ def test_sizes_parse_as_the_hub_writes_them():
     shards = shard_merge.plan_shards(["a", "b", "c"], {"a": (10,), "b": (10,), "c": (30,)},
                                      torch.float32, 80)
     assert shards == [["a", "b"], ["c"]]
+
+
+def test_the_stage_merges_in_memory_what_shards_cannot_hold_and_checks_it_the_same_way(tiny_model, tmp_path):
+    """A trained copy of the tied output head (modules_to_save) has no tensor of its own in the
+    base checkpoint: the stage writes peft's merge from memory, checked like a shard merge."""
+    from conftest import write_recipe
+    from llmtune.recipe import load_recipe
+    from llmtune.stages import merge, prepare, train
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, rows=16, train={"max_steps": 2},
+                                      adapter={"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}))
+    run = tmp_path / "runs" / "tiny"
+    prepare(recipe, run)
+    train(recipe, run)
+    summary = merge(recipe, run).manifest["summary"]
+    assert summary["method"] == "in memory" and summary["dtype"] == "float32"
+    assert summary["tensors_equal_to_peft_merge"] >= 20
+    assert summary["max_abs_logit_diff"] <= summary["logit_tolerance"]
+    assert summary["vs_unmerged"]["max_abs_logit_diff"] <= summary["logit_tolerance"]

@@ -166,6 +166,14 @@ def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
     assert max(float((a - b).abs().max()) for a, b in zip(chunked_grads, standard_grads)) < 1e-5
     assert loss_module.chunked_loss_supported(model.config)  # the tiny model is a llama
 
+    # evaluation (eval, the merge check's peers) computes the same loss without full logits
+    from llmtune.stages.inference import mean_token_loss
+
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    chunked_mean = mean_token_loss(model, rows, tokenizer.pad_token_id, batch_size=2)
+    monkeypatch.setattr(loss_module, "chunked_loss_supported", lambda config: False)
+    assert chunked_mean == pytest.approx(mean_token_loss(model, rows, tokenizer.pad_token_id, batch_size=2), abs=1e-5)
+
 
 def test_plan_counts_parameters_and_steps_before_training(tiny_model, tmp_path):
     import json as json_module

@@ -98,6 +98,8 @@ def strategy_arguments(section, device: str, quantize: str) -> dict:
         # LoRA trains every adapter weight in every step: no search for unused parameters
         return {"ddp_find_unused_parameters": False}
     if device != "cuda":
+        # accelerate applies FSDP and DeepSpeed to GPU process groups only: on CPU the Trainer
+        # would silently train plain data-parallel (checked with accelerate 1.15)
         raise InputError(f"distributed.strategy: {strategy} shards the model across GPUs and needs CUDA",
                          hint="on CPU use distributed.strategy: ddp")
     if quantize == "int8":
@@ -128,6 +130,13 @@ def strategy_arguments(section, device: str, quantize: str) -> dict:
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
     }}
+
+
+def sharded_parameters(model) -> int:
+    """How many of `model`'s parameters FSDP2 has sharded (DTensors) on this rank."""
+    from torch.distributed.tensor import DTensor
+
+    return sum(isinstance(param, DTensor) for param in model.parameters())
 
 
 def shards_quantized_weights(section, quantize: str) -> bool:

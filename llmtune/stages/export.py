@@ -126,11 +126,11 @@ def _verify(recipe: Recipe, merged_dir: Path, merged_manifest: dict, target: Pat
     adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
     rows = check_rows(adapter_dir, read_manifest(adapter_dir), recipe.export.verify_examples,
                       recipe.export.verify_tokens)
-    model = models.load_model(merged_dir, _check_precision(merged_dir)).eval()
+    model = models.load_model(merged_dir, gguf_check_precision(merged_dir)).eval()
     return verify_gguf(target, model, models.load_tokenizer(merged_dir), rows)
 
 
-def _check_precision(merged_dir: Path) -> str:
+def gguf_check_precision(merged_dir: Path) -> str:
     """The transformers side of the GGUF check runs in the dtype the merged model is stored in
     where this device computes in it natively (no copy in another dtype), else in fp32."""
     stored = models.PRECISION_OF[models.stored_dtype(merged_dir)]

@@ -63,12 +63,21 @@ def _usable(precision: str) -> bool:
 
 
 def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> float | None:
-    """Mean cross-entropy over the trained tokens of prepared rows (input_ids, labels)."""
+    """Mean cross-entropy over the trained tokens of prepared rows (input_ids, labels). For
+    plain output heads, from hidden states in chunks as training computes it (a 128k vocabulary
+    makes a batch's full logits gigabytes); otherwise from the logits."""
+    from llmtune.stages.loss import chunked_loss_supported, summed_token_loss
+
+    chunked = chunked_loss_supported(model.config)
     collate = PadCollator(pad_id, attention_mask=True)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = {k: v.to(model.device) for k, v in collate(rows[start:start + batch_size]).items()}
+            if chunked:
+                summed, trained, _ = summed_token_loss(model, batch)
+                total, count = total + float(summed), count + trained
+                continue
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(

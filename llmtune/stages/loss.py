@@ -26,25 +26,37 @@ def chunked_loss_supported(config) -> bool:
     return getattr(config, "model_type", None) in PLAIN_HEAD_TYPES
 
 
+def summed_token_loss(model, inputs: dict, checkpointed: bool = False) -> tuple[torch.Tensor, int, object]:
+    """(summed cross-entropy over the trained positions, their count, the model's outputs),
+    computed from the final hidden states `CHUNK` positions at a time: no full logits. With
+    `checkpointed`, each chunk's logits are recomputed in backward instead of kept."""
+    labels = inputs["labels"]
+    forward = {key: value for key, value in inputs.items() if key != "labels"}
+    # An empty index: the model's own head runs on no position at all. (logits_to_keep=1 hands
+    # it a non-contiguous [batch, 1, hidden] slice, which CPU matmul can serve by expanding the
+    # head's weight per row: 2.1 GB for a batch of 4 with a 128k vocabulary, measured.)
+    nothing = torch.empty(0, dtype=torch.long, device=labels.device)
+    outputs = model(**forward, output_hidden_states=True, logits_to_keep=nothing)
+    hidden = outputs.hidden_states[-1][:, :-1]
+    targets = labels[:, 1:]
+    trained = targets != IGNORE
+    hidden, targets = hidden[trained], targets[trained]
+    head = extract_model_from_parallel(model).get_output_embeddings()  # DDP wraps the model
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), CHUNK):
+        chunk = (head, hidden[start:start + CHUNK], targets[start:start + CHUNK])
+        total = total + (checkpoint(_chunk_loss, *chunk, use_reentrant=False) if checkpointed
+                         else _chunk_loss(*chunk))
+    return total, targets.numel(), outputs
+
+
 class ChunkedLossTrainer(GroupedTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        forward = {key: value for key, value in inputs.items() if key != "labels"}
-        # logits_to_keep=1: the model's own head runs on one position only
-        outputs = model(**forward, output_hidden_states=True, logits_to_keep=1)
-        hidden = outputs.hidden_states[-1][:, :-1]
-        targets = labels[:, 1:]
-        trained = targets != IGNORE
-        hidden, targets = hidden[trained], targets[trained]
-        head = extract_model_from_parallel(model).get_output_embeddings()  # DDP wraps the model
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.numel(), CHUNK):
-            total = total + checkpoint(_chunk_loss, head, hidden[start:start + CHUNK],
-                                       targets[start:start + CHUNK], use_reentrant=False)
+        total, trained, outputs = summed_token_loss(model, inputs, checkpointed=True)
         # Normalised over the whole accumulated batch when the Trainer counts it, as the model's
         # own loss is; then the Trainer must not divide by the accumulation steps again.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        count = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
+        count = num_items_in_batch if num_items_in_batch is not None else max(trained, 1)
         loss = total / count
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # the count is over every rank's batch and DDP averages gradients over ranks: scale

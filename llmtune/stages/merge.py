@@ -5,10 +5,10 @@ recorded there. `merge.dtype: auto` writes the base's own stored dtype (bf16 for
 models): a merged model the size of its base. The merge runs shard by shard on the training
 device (shard_merge.py); what it is checked against, and how, is in merge_check.py.
 
-Memory: one model in the merge dtype (the reference, base+adapter merged in place by peft) while
-the shards are written one at a time and compared with it; then, alone, the written model
-loaded back as a user loads it. For QLoRA adapters, the 4-bit base they were trained on is
-loaded after that, alone too.
+Memory: one model at a time. First base+adapter in the merge dtype, merged in place by peft
+(the reference: its logits and a digest of each tensor are kept); then the shards, written one
+at a time; then the written model, loaded back as a user loads it. For QLoRA adapters, the
+4-bit base they were trained on is loaded after that, alone too.
 """
 
 from __future__ import annotations
@@ -103,9 +103,10 @@ def merge_dtype(choice: str, ref: model_sources.ModelRef) -> str:
 def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: Path, partial: Path,
                      dtype_name: str, device: torch.device, batch: dict, qlora: bool) -> tuple[dict, dict]:
     """Logits of base+adapter (unmerged, and the base alone for QLoRA) and of peft's merge in
-    memory; the merged weights written into `partial` meanwhile and compared with that merge."""
+    memory, then the merged weights written into `partial` and compared with that merge."""
     dtype = DTYPES[dtype_name]
     logits = {}
+    unsupported = shard_merge.unsupported(ref.local_dir, adapter_dir)
     with torch.no_grad():
         model = models.load_adapter(models.load_model(ref, models.DTYPE_NAMES[dtype_name]), adapter_dir)
         logits["unmerged"] = model(**batch).logits
@@ -115,6 +116,14 @@ def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: P
         reference = _merged_in_memory(model, dtype)
         del model
         logits["reference"] = reference(**batch).logits
+        digests = merge_check.tensor_digests(reference)
+        if unsupported:
+            console.print(f"merge: {unsupported}; writing peft's merge from memory instead")
+            reference.save_pretrained(str(partial), max_shard_size=recipe.merge.max_shard_size)
+        del reference  # freed before any shard is read: one model in memory at a time
+    if unsupported:
+        written = {"method": "in memory"}
+    else:
         warning = space_warning(partial, _weight_bytes(ref.local_dir, dtype), "the merged model")
         if warning:
             console.print(f"[yellow]warning:[/] {warning}", markup=True)
@@ -122,17 +131,19 @@ def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: P
             # QLoRA adapters too: the shards are the float base, never the 4-bit weights.
             written = shard_merge.merge_into_shards(ref.local_dir, adapter_dir, partial, dtype,
                                                     recipe.merge.max_shard_size, device)
-            written = {"method": "shard by shard",
-                       **{key: value for key, value in written.items() if key != "bytes"}}
+            written = {"method": "shard by shard", **{k: v for k, v in written.items() if k != "bytes"}}
             config = models.load_config(ref)
             config.dtype = dtype
             config.save_pretrained(str(partial))
-        except shard_merge.Unsupported as why:
+        except shard_merge.Unsupported as why:  # found only once a shard was merged: rare
             console.print(f"merge: {why}; writing peft's merge from memory instead")
-            reference.save_pretrained(str(partial), max_shard_size=recipe.merge.max_shard_size)
+            for leftover in partial.glob("*.safetensors*"):
+                leftover.unlink()
+            model = models.load_adapter(models.load_model(ref, models.DTYPE_NAMES[dtype_name]), adapter_dir)
+            _merged_in_memory(model, dtype).save_pretrained(str(partial), max_shard_size=recipe.merge.max_shard_size)
+            del model
             written = {"method": "in memory"}
-        written.update(merge_check.compare_weights(reference, partial))
-        del reference
+    written.update(merge_check.compare_weights(digests, partial))
     return logits, written
 
 

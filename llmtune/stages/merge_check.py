@@ -15,6 +15,7 @@ agreement, KL), bounded tightly in float32, recorded in 16 bits.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -64,18 +65,22 @@ def check_batch(adapter_dir: Path, adapter_manifest: dict, pad_id: int, device) 
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def compare_weights(reference, folder: Path) -> dict:
-    """Every tensor written to `folder` against the reference model's, exactly; raises on the
-    first tensors that differ. One written shard is read at a time."""
-    expected = reference.state_dict()
+def tensor_digests(model) -> dict[str, str]:
+    """sha256 of every tensor of `model`'s state dict, by name: what compare_weights checks the
+    written files against once the model itself is gone (so the merge never holds it beside a
+    shard being written)."""
+    return {name: _digest(tensor) for name, tensor in model.state_dict().items()}
+
+
+def compare_weights(digests: dict[str, str], folder: Path) -> dict:
+    """Every tensor written to `folder` against the reference's digest, exactly; raises naming
+    the first tensors that differ. One tensor is read at a time."""
     differing, compared = [], 0
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), "pt") as reader:
             for name in reader.keys():
-                tensor = reader.get_tensor(name)
-                want = expected.get(name)
                 compared += 1
-                if want is None or want.shape != tensor.shape or not torch.equal(want, tensor.to(want.device)):
+                if digests.get(name) != _digest(reader.get_tensor(name)):
                     differing.append(name)
     if differing:
         raise VerificationError(
@@ -84,6 +89,11 @@ def compare_weights(reference, folder: Path) -> dict:
             hint="the merge is wrong; please report it with the adapter manifest",
         )
     return {"tensors_equal_to_peft_merge": compared}
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    data = tensor.detach().to("cpu").contiguous()
+    return hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def check_logits(logits, reference, unmerged, mask, dtype_name: str) -> dict:

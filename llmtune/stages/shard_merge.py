@@ -116,6 +116,18 @@ def plan_shards(names: list[str], shapes: dict[str, tuple], dtype: torch.dtype,
     return shards
 
 
+def unsupported(base_dir: Path, adapter_dir: Path) -> str | None:
+    """Why this adapter cannot be merged shard by shard (and must be merged in memory), or None."""
+    try:
+        read_adapter(adapter_dir, set(base_tensors(base_dir)))
+        config = models.load_lora_config(adapter_dir)
+    except Unsupported as why:
+        return str(why)
+    if config.lora_bias or config.fan_in_fan_out:
+        return "lora_bias and fan_in_fan_out adapters are merged in memory"
+    return None
+
+
 def merge_into_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype,
                       max_shard_size: str, device: torch.device | str = "cpu") -> dict:
     """Write the merged model's safetensors (and index) into `out_dir`; return a summary.
@@ -124,11 +136,12 @@ def merge_into_shards(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: t
     `device` with the adapter on it (peft keeps the adapter in fp32 there): each weight is
     read, cast to `dtype`, and the fp32 delta added in place on `device`. So the merge stage
     can check this against that reference bit for bit, whatever the dtype."""
+    why = unsupported(base_dir, adapter_dir)
+    if why:
+        raise Unsupported(why)
     files = base_tensors(base_dir)
     parts = read_adapter(adapter_dir, set(files))
     config = models.load_lora_config(adapter_dir)
-    if config.lora_bias or config.fan_in_fan_out:
-        raise Unsupported("lora_bias and fan_in_fan_out adapters are merged in memory")
     shapes = tensor_shapes(files)
     names = list(files)
     shards = plan_shards(names, shapes, dtype, parse_size(max_shard_size))

@@ -111,6 +111,9 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
             f"in {partial / checkpoints.CHECKPOINTS}",
             hint=f"resume with: {command} --resume auto",
         )
+    if recipe.distributed.strategy == "fsdp" and distributed.world_size() > 1:
+        console.print(f"train: FSDP2 sharded {distributed.sharded_parameters(trainer.model_wrapped)} "
+                      f"parameter tensors across {distributed.world_size()} processes")
     eval_after = _evaluate(trainer, "after training")
     # FSDP and ZeRO-3 shard the weights: every rank takes part in gathering them
     sharded = recipe.distributed.strategy != "ddp"

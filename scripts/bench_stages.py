@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Every stage on a ~1B model on this machine: wall time and peak RSS against the weights' size.
+
+    python scripts/bench_stages.py [--work /tmp/llmtune-bench-1b] [--steps 8] [--data PATH]
+
+Builds (once, under --work) a random model shaped like Llama 3.2 where memory is concerned:
+hidden 2048, 8 layers, 32 heads (8 KV heads), MLP 8192, 128,256 vocabulary, untied output head,
+llama3 rope scaling, bf16 on disk, no pad token, end-of-turn ids [end_of_text, eom, eot], the
+Llama-3-shaped test tokenizer (llmtune.testing) — 1.01B parameters, 2.02 GB in bf16, 4.05 GB
+in fp32. Then runs each command as its own process and reads that process's peak RSS (wait4):
+prepare (GSM8K chats), plan, train (LoRA r16 all-linear, batch 2 x 256 tokens, defaults
+otherwise: precision auto, gradient checkpointing), merge (merge.dtype auto), export (hf, and
+gguf q8_0), the GGUF check on its own (random weights make its figures meaningless), eval, then
+`llmtune run` (every stage up to date; it makes the preview) and `llmtune run` again (nothing
+left to do), and the
+conversion of that model, written as an f16 GGUF file, into a base model (--gguf). Prints a
+markdown table for docs/benchmarks.md, with plan's estimate beside train's measured peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 8, "num_attention_heads": 32,
+         "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": False}
+
+
+def build_model(folder: Path, data: Path) -> Path:
+    """The 1B model (random weights, seed 0) with byte-level BPE learnt from `data`, written once."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from llmtune.testing import build_llama3_tokenizer
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    tokenizer = build_llama3_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], vocab_size=8192)
+    ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    config = LlamaConfig(**SHAPE, max_position_embeddings=131072, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=ends, dtype="bfloat16",
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=ends)
+    partial = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(partial, max_shard_size="1GB")
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def write_recipe(work: Path, model: Path, data: Path, steps: int) -> Path:
+    import yaml
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:80]]
+    chats = work / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["question"]},
+                                                      {"role": "assistant", "content": r["answer"]}]}) + "\n"
+                             for r in rows))
+    recipe = work / "bench-1b.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "bench-1b", "output_dir": str(work / "runs"),
+        "model": {"path": str(model)},
+        "data": {"train": [{"path": str(chats), "format": "chat"}], "validation": {"fraction": 0.1},
+                 "max_seq_len": 256},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"max_steps": steps, "batch_size": 2},
+        "export": {"formats": ["hf", "gguf"], "gguf": {"quant": "q8_0"}},
+        "preview": {"count": 2, "show": 0, "max_new_tokens": 16},
+        "eval": {"max_samples": 4, "max_new_tokens": 16, "batch_size": 4},
+    }, sort_keys=False))
+    return recipe
+
+
+# Linux counts the RSS a process had before exec() into its peak (ru_maxrss), so the process
+# measured is started by this small launcher, not by the benchmark (which may hold gigabytes).
+LAUNCHER = ("import os, subprocess, sys\n"
+            "process = subprocess.Popen(sys.argv[1:])\n"
+            "_, status, usage = os.wait4(process.pid, 0)\n"
+            "print(f'PEAK_RSS_KIB {usage.ru_maxrss}', flush=True)\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
+def measure(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, str]:
+    """(seconds, peak RSS in GB, output) of one process, its own peak only."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}")
+    output, _, peak = done.stdout.rpartition("PEAK_RSS_KIB ")
+    return seconds, int(peak) * 1024 / 1e9, output
+
+
+GGUF_CHECK = """
+from pathlib import Path
+from llmtune import models
+from llmtune.manifest import read_manifest
+from llmtune.stages.export import gguf_check_precision
+from llmtune.stages.gguf_verify import verify_gguf
+from llmtune.stages.merge_check import check_rows
+models.quiet_libraries()
+run = Path({run!r})
+rows = check_rows(run / "adapter", read_manifest(run / "adapter"), 8, 256)
+model = models.load_model(run / "merged", gguf_check_precision(run / "merged")).eval()
+print(verify_gguf(run / "exported" / "gguf" / "bench-1b-q8_0.gguf", model, models.load_tokenizer(run / "merged"), rows))
+"""
+
+
+def convert_gguf_command(gguf_file: Path) -> list[str]:
+    code = ("import sys; from llmtune import model_sources, models; models.quiet_libraries(); "
+            f"model_sources.resolve({str(gguf_file)!r})")
+    return [sys.executable, "-c", code]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/llmtune-bench-1b"))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--data", help="GSM8K train.jsonl (default: the slice in tests/data/gsm8k)")
+    parser.add_argument("--gguf", action="store_true", help="also time converting an f16 GGUF of it into a base")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchdata import gsm8k_train
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = gsm8k_train(args.data)
+    start = time.perf_counter()
+    model = build_model(args.work / "model", data)
+    print(f"model: {model} ({time.perf_counter() - start:.0f} s)", flush=True)
+    weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    recipe = write_recipe(args.work, model, data, args.steps)
+    llmtune = [sys.executable, "-m", "llmtune"]
+    rows = []
+    run = args.work / "runs" / "bench-1b"
+    stages = {
+        "prepare": ["prepare", "--force"],
+        "plan": ["plan", "--json"],
+        "train": ["train", "--force"],
+        "merge": ["merge", "--force"],
+        # random weights leave near-ties everywhere, and the tokenizer is not one llama.cpp
+        # knows: the check's figures mean nothing here, so it is timed on its own below
+        "export (hf, gguf q8_0 unchecked)": ["export", "--force", "--no-verify"],
+        "GGUF check (llama.cpp vs transformers)": None,
+        "eval": ["eval", "--force"],
+        "run (up to date; makes the preview)": ["run", "--no-verify"],
+        "run again (nothing to do)": ["run", "--no-verify"],
+    }
+    for stage, command in stages.items():
+        command = ([*llmtune, command[0], str(recipe), *command[1:]] if command
+                   else [sys.executable, "-c", GGUF_CHECK.format(run=str(run))])
+        seconds, peak, output = measure(command, args.work)
+        rows.append((stage, seconds, peak))
+        print(f"{stage}: {seconds:.1f} s, peak RSS {peak:.2f} GB", flush=True)
+        if stage == "plan":
+            plan = json.loads(output[output.index("{"):])
+    if args.gguf:
+        from llmtune.stages.gguf_write import write_gguf
+
+        gguf_file = args.work / "model-f16.gguf"
+        if not gguf_file.is_file():
+            write_gguf(model, gguf_file, "f16", "bench-1b")
+        env = {**os.environ, "LLMTUNE_CACHE": str(args.work / f"cache-{os.getpid()}")}
+        seconds, peak, _ = measure(convert_gguf_command(gguf_file), args.work, env)
+        rows.append(("convert GGUF base (f16)", seconds, peak))
+        print(f"convert: {seconds:.1f} s, peak RSS {peak:.2f} GB", flush=True)
+    floor = measure([sys.executable, "-c", "import torch, transformers, peft, datasets"], args.work)[1]
+
+    estimate = plan["memory_bytes"]["total"] / 1e9
+    train_peak = next(peak for stage, _, peak in rows if stage == "train")
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; weights {weights / 2**30:.2f} GiB "
+          f"bf16 ({2 * weights / 2**30:.2f} GiB fp32); imports alone peak at {floor:.2f} GB")
+    print("| stage | wall time | peak RSS | peak / bf16 weights |")
+    print("|---|---|---|---|")
+    for stage, seconds, peak in rows:
+        print(f"| {stage} | {seconds:.1f} s | {peak:.2f} GB | {peak / (weights / 1e9):.2f}x |")
+    print(f"\nplan's estimate for train ({plan['precision']}, {plan['micro_batch']}): {estimate:.2f} GB; "
+          f"measured {train_peak:.2f} GB; estimate/measured {estimate / train_peak:.2f}")
+    print("GB = 10^9 bytes.")
+
+
+if __name__ == "__main__":
+    main()
