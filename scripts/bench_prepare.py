@@ -3,7 +3,7 @@
 
     python scripts/bench_prepare.py [--data PATH/TO/gsm8k/train.jsonl] [--format completion|chat]
 
-Without --data it runs on the 1,000-row GSM8K slice in tests/data/gsm8k (see scripts/benchdata.py).
+Without --data it runs on the 1,000-row GSM8K slice in tests/data/gsm8k (see scripts/benchutil.py).
 
 Both sides tokenise the same rendered text with the embedded SmolLM2 tokenizer. The baseline is
 one batched call of the fast tokenizer (no offsets, no labels); prepare is the whole stage
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--phases", action="store_true", help="also time prepare's steps")
     args = parser.parse_args()
 
-    from benchdata import gsm8k_train
+    from benchutil import gsm8k_train
     from llmtune import model_sources, models
     from llmtune.data.chat import render_sample
     from llmtune.data.formats import to_sample

@@ -23,12 +23,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from benchutil import gsm8k_train, measure  # noqa: E402
+
 SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 8, "num_attention_heads": 32,
          "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": False}
 
@@ -84,27 +86,6 @@ def write_recipe(work: Path, model: Path, data: Path, steps: int) -> Path:
     return recipe
 
 
-# Linux counts the RSS a process had before exec() into its peak (ru_maxrss), so the process
-# measured is started by this small launcher, not by the benchmark (which may hold gigabytes).
-LAUNCHER = ("import os, subprocess, sys\n"
-            "process = subprocess.Popen(sys.argv[1:])\n"
-            "_, status, usage = os.wait4(process.pid, 0)\n"
-            "print(f'PEAK_RSS_KIB {usage.ru_maxrss}', flush=True)\n"
-            "sys.exit(os.waitstatus_to_exitcode(status))\n")
-
-
-def measure(command: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, str]:
-    """(seconds, peak RSS in GB, output) of one process, its own peak only."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=cwd, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}")
-    output, _, peak = done.stdout.rpartition("PEAK_RSS_KIB ")
-    return seconds, int(peak) * 1024 / 1e9, output
-
-
 GGUF_CHECK = """
 from pathlib import Path
 from llmtune import models
@@ -133,8 +114,6 @@ def main() -> None:
     parser.add_argument("--data", help="GSM8K train.jsonl (default: the slice in tests/data/gsm8k)")
     parser.add_argument("--gguf", action="store_true", help="also time converting an f16 GGUF of it into a base")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "scripts"))
-    from benchdata import gsm8k_train
 
     args.work.mkdir(parents=True, exist_ok=True)
     data = gsm8k_train(args.data)
@@ -162,11 +141,12 @@ def main() -> None:
     for stage, command in stages.items():
         command = ([*llmtune, command[0], str(recipe), *command[1:]] if command
                    else [sys.executable, "-c", GGUF_CHECK.format(run=str(run))])
-        seconds, peak, output = measure(command, args.work)
-        rows.append((stage, seconds, peak))
-        print(f"{stage}: {seconds:.1f} s, peak RSS {peak:.2f} GB", flush=True)
+        done = measure(command, args.work)
+        rows.append((stage, done))
+        print(f"{stage}: {done.seconds:.1f} s, peak RSS {done.peak_rss_gb:.2f} GB"
+              + (f", peak GPU memory {done.peak_gpu_gb:.2f} GB" if done.peak_gpu_gb is not None else ""), flush=True)
         if stage == "plan":
-            plan = json.loads(output[output.index("{"):])
+            plan = json.loads(done.output[done.output.index("{"):])
     if args.gguf:
         from llmtune.stages.gguf_write import write_gguf
 
@@ -174,21 +154,25 @@ def main() -> None:
         if not gguf_file.is_file():
             write_gguf(model, gguf_file, "f16", "bench-1b")
         env = {**os.environ, "LLMTUNE_CACHE": str(args.work / f"cache-{os.getpid()}")}
-        seconds, peak, _ = measure(convert_gguf_command(gguf_file), args.work, env)
-        rows.append(("convert GGUF base (f16)", seconds, peak))
-        print(f"convert: {seconds:.1f} s, peak RSS {peak:.2f} GB", flush=True)
-    floor = measure([sys.executable, "-c", "import torch, transformers, peft, datasets"], args.work)[1]
+        done = measure(convert_gguf_command(gguf_file), args.work, env)
+        rows.append(("convert GGUF base (f16)", done))
+        print(f"convert: {done.seconds:.1f} s, peak RSS {done.peak_rss_gb:.2f} GB", flush=True)
+    floor = measure([sys.executable, "-c", "import torch, transformers, peft, datasets"], args.work).peak_rss_gb
 
+    gpu = any(done.peak_gpu_gb is not None for _, done in rows)
+    size = weights / 1e9
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; weights {size:.2f} GB "
+          f"bf16 ({2 * size:.2f} GB fp32); imports alone peak at {floor:.2f} GB")
+    print("| stage | wall time | peak RSS | peak RSS / bf16 weights |" + (" peak GPU memory |" if gpu else ""))
+    print("|---|---|---|---|" + ("---|" if gpu else ""))
+    for stage, done in rows:
+        print(f"| {stage} | {done.seconds:.1f} s | {done.peak_rss_gb:.2f} GB | {done.peak_rss_gb / size:.2f}x |"
+              + (f" {done.peak_gpu_gb or 0:.2f} GB |" if gpu else ""))
     estimate = plan["memory_bytes"]["total"] / 1e9
-    train_peak = next(peak for stage, _, peak in rows if stage == "train")
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; weights {weights / 2**30:.2f} GiB "
-          f"bf16 ({2 * weights / 2**30:.2f} GiB fp32); imports alone peak at {floor:.2f} GB")
-    print("| stage | wall time | peak RSS | peak / bf16 weights |")
-    print("|---|---|---|---|")
-    for stage, seconds, peak in rows:
-        print(f"| {stage} | {seconds:.1f} s | {peak:.2f} GB | {peak / (weights / 1e9):.2f}x |")
+    train = next(done for stage, done in rows if stage == "train")
+    measured = train.peak_gpu_gb if gpu else train.peak_rss_gb
     print(f"\nplan's estimate for train ({plan['precision']}, {plan['micro_batch']}): {estimate:.2f} GB; "
-          f"measured {train_peak:.2f} GB; estimate/measured {estimate / train_peak:.2f}")
+          f"measured {measured:.2f} GB ({'GPU' if gpu else 'RSS'}); estimate/measured {estimate / measured:.2f}")
     print("GB = 10^9 bytes.")
 
 

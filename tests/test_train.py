@@ -145,7 +145,8 @@ def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
     from llmtune.stages import loss as loss_module
     from llmtune.stages.collate import PadCollator
 
-    monkeypatch.setattr(loss_module, "CHUNK", 7)  # several chunks, the last one partial
+    monkeypatch.setattr(loss_module, "MAX_CHUNK", 7)  # several chunks, the last one partial
+    assert loss_module.chunk_rows(128256) == 7 and loss_module.chunk_rows(32) == 7
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
@@ -235,3 +236,9 @@ def test_length_grouped_batches_are_seeded_by_epoch_and_pad_less():
     shuffled = list(range(2000))
     rng.shuffle(shuffled)
     assert padding(first) < 0.05 < 0.3 < padding(shuffled)
+    batches = [first[i:i + 8] for i in range(0, 2000, 8)]
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch first
+    maxima = [max(lengths[i] for i in batch) for batch in batches[1:50]]
+    assert maxima != sorted(maxima, reverse=True)  # then in no length order
+    small = SeededLengthGroupedSampler(lengths[:64], group_size=8, seed=3)  # 8 batches: one group
+    assert padding(list(small)) < 0.05

@@ -3,7 +3,7 @@
 A causal LM computes logits for every position (SmolLM2: 8 x 512 tokens x 49,152 vocabulary is
 805 MB in fp32, and backward keeps more of the same) although only trained positions count.
 ChunkedLossTrainer takes the final hidden states, keeps the trained positions, and computes
-the cross-entropy `CHUNK` tokens at a time under activation checkpointing, so at most one chunk
+the cross-entropy `chunk_rows` tokens at a time under activation checkpointing, so at most one chunk
 of logits exists at once; the value and gradients equal the model's own loss (tested).
 """
 
@@ -17,7 +17,19 @@ from torch.utils.checkpoint import checkpoint
 from llmtune.data.chat import IGNORE
 from llmtune.stages.sampling import GroupedTrainer
 
-CHUNK = 1024
+# A chunk's logits hold at most this many values (32 MB in fp32): 170 positions of SmolLM2's 49k
+# vocabulary, 65 of Llama 3's 128k. With 1024 positions a chunk's logits, their fp32 copy, log-
+# softmax and gradients made SmolLM2's training peak 3.5 GB of RSS instead of 2.5-3.0 at the same
+# speed (scripts/bench_train.py, docs/benchmarks.md).
+LOGITS_PER_CHUNK = 2**23
+MAX_CHUNK = 1024  # positions: more gains nothing once the head's matmul is large
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Positions whose logits are computed at once."""
+    return min(MAX_CHUNK, max(16, LOGITS_PER_CHUNK // vocab_size))
+
+
 # Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
 PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3"}
 
@@ -28,7 +40,7 @@ def chunked_loss_supported(config) -> bool:
 
 def summed_token_loss(model, inputs: dict, checkpointed: bool = False) -> tuple[torch.Tensor, int, object]:
     """(summed cross-entropy over the trained positions, their count, the model's outputs),
-    computed from the final hidden states `CHUNK` positions at a time: no full logits. With
+    computed from the final hidden states `chunk_rows` positions at a time: no full logits. With
     `checkpointed`, each chunk's logits are recomputed in backward instead of kept."""
     labels = inputs["labels"]
     forward = {key: value for key, value in inputs.items() if key != "labels"}
@@ -41,10 +53,12 @@ def summed_token_loss(model, inputs: dict, checkpointed: bool = False) -> tuple[
     targets = labels[:, 1:]
     trained = targets != IGNORE
     hidden, targets = hidden[trained], targets[trained]
-    head = extract_model_from_parallel(model).get_output_embeddings()  # DDP wraps the model
+    unwrapped = extract_model_from_parallel(model)  # DDP wraps the model
+    head = unwrapped.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), CHUNK):
-        chunk = (head, hidden[start:start + CHUNK], targets[start:start + CHUNK])
+    rows = chunk_rows(unwrapped.config.vocab_size)
+    for start in range(0, targets.numel(), rows):
+        chunk = (head, hidden[start:start + rows], targets[start:start + rows])
         total = total + (checkpoint(_chunk_loss, *chunk, use_reentrant=False) if checkpointed
                          else _chunk_loss(*chunk))
     return total, targets.numel(), outputs

@@ -22,7 +22,7 @@ from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.recipe import Recipe
 from llmtune.stages.prepare import prepare, up_to_date
-from llmtune.stages.loss import CHUNK, chunked_loss_supported
+from llmtune.stages.loss import chunk_rows, chunked_loss_supported
 from llmtune.stages.train import lora_config
 
 RUNTIME_BYTES = 1.0e9  # Python, torch and library state, measured ~1 GB on CPU
@@ -120,5 +120,5 @@ def _layer(tokens, hidden, inter, heads, batch, seq, act_bytes) -> float:
 
 
 def _logits(config, cfg, seq: int, chunked: bool) -> float:
-    rows = CHUNK if chunked else cfg.batch_size * seq
+    rows = chunk_rows(config.vocab_size) if chunked else cfg.batch_size * seq
     return 2 * rows * config.vocab_size * 4  # fp32 logits and their gradient
