@@ -36,6 +36,38 @@ def test_adapter_variants_lower_the_loss(tiny_model, tmp_path, sets):
     assert summary["eval_loss"] < summary["eval_loss_before"]
 
 
+def test_qlora_gradients_are_the_same_after_an_evaluation(tiny_model, tmp_path):
+    """Training evaluates first (the loss before training). bitsandbytes repacks 4-bit weights
+    for inference on CPUs with AVX512-BF16, into a form with no backward; llmtune keeps them
+    trainable, so an evaluation changes no gradient. (Without AVX512-BF16 nothing is repacked
+    and this holds either way.)"""
+    import importlib
+
+    import torch
+
+    train_stage = importlib.import_module("llmtune.stages.train")
+    from llmtune import model_sources
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, adapter={"init": "gaussian"}),
+                         ["model.quantize=nf4", "model.compute_dtype=bfloat16"])
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def gradients(evaluate_first: bool):
+        torch.manual_seed(0)
+        model = train_stage._adapter_model(recipe, model_sources.resolve(str(tiny_model)), "bf16")
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer runs every forward
+            if evaluate_first:
+                model.eval()
+                with torch.no_grad():
+                    model(input_ids=ids)
+                model.train()
+            model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = gradients(False), gradients(True)
+    assert all(torch.equal(plain[name], after_eval[name]) for name in plain)
+
+
 def _adapter(run):
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 

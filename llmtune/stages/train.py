@@ -187,6 +187,8 @@ def _adapter_model(recipe: Recipe, ref, precision: str):
     # With a cache, transformers does not read packed position ids as sequence boundaries, and
     # packed examples would attend to each other; training never uses the cache anyway.
     base.config.use_cache = False
+    if quantize != "none":
+        _keep_4bit_weights_trainable(base)
     # QLoRA needs nothing more: the Trainer enables gradient checkpointing (non-reentrant, so
     # inputs need not require grads). peft's prepare_model_for_kbit_training would also cast
     # every weight it does not quantize (embeddings, output head, norms) to fp32: for an 8B
@@ -208,6 +210,16 @@ def _adapter_model(recipe: Recipe, ref, precision: str):
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     return model
+
+
+def _keep_4bit_weights_trainable(model) -> None:
+    """bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a 4-bit layer's weights for a
+    faster kernel the first time the layer runs in eval mode, and that kernel has no backward:
+    training after an evaluation (the loss before training) then got gradients 133% off through
+    every 4-bit layer (SmolLM2, measured; tests/test_train.py). Never repack a model in training."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
