@@ -26,6 +26,13 @@ class VerificationError(LlmtuneError):
     exit_code = 3
 
 
+class Diverged(LlmtuneError):
+    """Training met a NaN or infinite loss or gradient norm and stopped before the optimizer
+    applied it; the adapter was not written, earlier checkpoints are kept."""
+
+    exit_code = 5
+
+
 class Interrupted(LlmtuneError):
     """Training stopped on a signal after saving a checkpoint: run again with --resume auto."""
 

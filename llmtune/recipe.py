@@ -110,6 +110,9 @@ class DataSection(Section):
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens are trained
     overlong: Literal["truncate", "drop", "error"] = "truncate"  # examples over max_seq_len (counted)
     bad_rows: Literal["error", "skip"] = "error"  # error stops at file:line; skip counts them
+    # Text of a control token (e.g. "<|eot_id|>") inside content: plain tokenises it as ordinary
+    # text, error refuses the row (file:line), keep lets it become the token. Inference follows.
+    special_text: Literal["plain", "error", "keep"] = "plain"
     dedup: bool = True  # drop exact duplicate samples
     max_samples: int | None = Field(default=None, gt=0)  # cap on training examples
     packing: bool = False  # several examples per sequence, attention kept apart

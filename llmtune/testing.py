@@ -83,9 +83,10 @@ LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_rig
                          "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]
 
 
-def build_llama3_tokenizer(corpus: list[str] | None = None, vocab_size: int = 4096):
+def build_llama3_tokenizer(corpus: list[str] | None = None, vocab_size: int = 4096, base: bool = False):
     """One token per byte; or, given a `corpus`, byte-level BPE merges learnt from it (benchmarks:
-    realistic token counts, and merges that GGUF round trips need)."""
+    realistic token counts, and merges that GGUF round trips need). `base`: as a base Llama 3's,
+    EOS `<|end_of_text|>` and no chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -105,20 +106,24 @@ def build_llama3_tokenizer(corpus: list[str] | None = None, vocab_size: int = 40
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
         special_tokens=[("<|begin_of_text|>", bos)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
-                                        eos_token="<|eot_id|>")
-    tokenizer.chat_template = LLAMA3
+                                        eos_token="<|end_of_text|>" if base else "<|eot_id|>")
+    if not base:
+        tokenizer.chat_template = LLAMA3
     return tokenizer
 
 
-def build_llama3_model(path: str | Path, seed: int = 0) -> Path:
-    """Write the Llama-3-shaped test model (see the module docstring) to `path`; return the path."""
+def build_llama3_model(path: str | Path, seed: int = 0, base: bool = False) -> Path:
+    """Write the Llama-3-shaped test model (see the module docstring) to `path`; return the path.
+    `base`: shaped like a base Llama 3 instead, whose EOS (tokenizer and config) is
+    `<|end_of_text|>` alone and whose tokenizer has no chat template."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    tokenizer = build_llama3_tokenizer()
+    tokenizer = build_llama3_tokenizer(base=base)
     assert tokenizer.pad_token is None
-    end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    ends = ("<|end_of_text|>",) if base else ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+    end_ids = [tokenizer.convert_tokens_to_ids(t) for t in ends]
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

@@ -193,7 +193,7 @@ def test_overlong_policies(tiny_model, tmp_path):
     outcome = prepare(load_recipe(recipe_file, base), run)
     stats = json.loads((run / "prepared" / "stats.json").read_text())
     assert outcome.manifest["summary"]["truncated"] == 1 and stats["rows_kept"] == 7
-    assert stats["skipped_by_reason"] == {"no trained tokens within max_seq_len": 1}
+    assert stats["skipped_by_reason"] == {"trained tokens all beyond max_seq_len": 1}
     assert stats["train"]["length_max"] == 128
 
     prepare(load_recipe(recipe_file, [*base, "data.overlong=drop"]), run)

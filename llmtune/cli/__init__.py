@@ -24,7 +24,8 @@ from llmtune.errors import LlmtuneError
 __all__ = ["app", "main", "run_cli"]
 
 # Exit codes: 0 done, 2 a problem with the input (message and hint, no traceback), 3 an output
-# failed its check, 4 the disk is full, 75 training interrupted and resumable, 1 a bug.
+# failed its check, 4 the disk is full, 5 training diverged (a NaN or infinite loss or
+# gradient), 75 training interrupted and resumable, 1 a bug.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 

@@ -43,14 +43,24 @@ def generate(
     adapter: Annotated[Path | None, typer.Option(help="A PEFT adapter to apply to a model folder.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 8,
+    system: Annotated[str | None, typer.Option(
+        help="System prompt for conversations without one (default: the one every training conversation had).")] = None,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Send {\"prompt\": ...} text as it is, not as a user turn in the chat template.")] = False,
 ):
-    """Answer every prompt of a JSONL file (greedy), for scripts."""
+    """Answer every prompt of a JSONL file (greedy), for scripts. On a run trained on chat data a
+    {"prompt": ...} row is a user turn, rendered with the training template and system prompt."""
+    import dataclasses
+
     from llmtune.data.formats import check_messages
     from llmtune.models import quiet_libraries
+    from llmtune.stages.inference import as_prompt, load_tuned, report_empty, serving_defaults
     from llmtune.stages.inference import generate as run_generation
-    from llmtune.stages.inference import load_tuned
 
     quiet_libraries()
+    serving = serving_defaults(target, adapter)
+    if system is not None:
+        serving = dataclasses.replace(serving, system_prompt=system or None)
     rows, prompts = [], []
     for number, line in enumerate(input.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -70,7 +80,13 @@ def generate(
         rows.append(row)
         prompts.append(prompt)
     model, tokenizer = load_tuned(target, adapter)
-    results = run_generation(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    if not tokenizer.chat_template:
+        serving = dataclasses.replace(serving, chat=False)
+    _say_serving(serving, "generate", raw)
+    prompts = [as_prompt(prompt, serving, raw) for prompt in prompts]
+    results = run_generation(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                             special_text=serving.special_text)
+    report_empty(results, "generate")
     tmp = output.with_name(output.name + ".partial")
     with open(tmp, "w", encoding="utf-8") as handle:
         for row, result in zip(rows, results):
@@ -84,20 +100,27 @@ def generate(
 def chat(
     target: Annotated[Path, typer.Argument(help="A run directory or a transformers model folder.")],
     adapter: Annotated[Path | None, typer.Option(help="A PEFT adapter to apply to a model folder.")] = None,
-    system: Annotated[str | None, typer.Option(help="System prompt to start with.")] = None,
+    system: Annotated[str | None, typer.Option(
+        help="System prompt to start with (default: the one every training conversation had).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
 ):
     """Chat with the model, streamed. Commands: /reset, /system TEXT, /exit (or end of input)."""
+    import torch
     from transformers import TextStreamer
 
-    from llmtune.data.chat import render
+    from llmtune.data.special_text import encode_prompt
     from llmtune.models import eos_token_ids, quiet_libraries
-    from llmtune.stages.inference import load_tuned
+    from llmtune.stages.inference import load_tuned, serving_defaults
 
     quiet_libraries()
+    serving = serving_defaults(target, adapter)
     model, tokenizer = load_tuned(target, adapter)
     if not tokenizer.chat_template:
         raise LlmtuneError(f"{target}: the tokenizer has no chat template to chat with")
+    if system is None and serving.system_prompt:
+        system = serving.system_prompt
+        console.print(f"chat: system prompt from training (every training conversation had it; "
+                      f"/system to change it): {system}", markup=False)
     console.print("chat: /reset clears the conversation, /system TEXT sets the system prompt, /exit leaves")
     history: list[dict] = []
     while True:
@@ -120,8 +143,13 @@ def chat(
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        batch = tokenizer(render(tokenizer, messages, add_generation_prompt=True),
-                          add_special_tokens=False, return_tensors="pt").to(model.device)
+        try:
+            ids = encode_prompt(tokenizer, messages, None, serving.special_text)
+        except LlmtuneError as exc:  # data.special_text: error refuses control-token text
+            console.print(f"({exc.message})", markup=False)
+            history.pop()
+            continue
+        batch = {"input_ids": torch.tensor([ids], device=model.device)}
         print("model> ", end="", flush=True)
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=eos_token_ids(tokenizer, model.config),
@@ -140,6 +168,15 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_d
 
     path = plot_metrics(stage_dir(run_dir, "train") / "metrics.jsonl", run_dir / "training_curves.png")
     console.print(f"plot: {path}")
+
+
+def _say_serving(serving, command: str, raw: bool) -> None:
+    """Say on start how prompts are shaped, so that a surprising answer has an explanation."""
+    if serving.chat and not raw:
+        console.print(f"{command}: text prompts are user turns in the training chat template (--raw: as is)")
+    if serving.system_prompt:
+        console.print(f"{command}: system prompt from training, for conversations without one: "
+                      f"{serving.system_prompt}", markup=False)
 
 
 def _cell(value) -> str:

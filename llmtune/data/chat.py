@@ -26,6 +26,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    answer_cut: bool = False  # truncation cut trained tokens too, not only the prompt
 
 
 def render(tokenizer, messages, add_generation_prompt: bool = False, template: str | None = None) -> str:
@@ -186,6 +187,9 @@ def encode(tokenizer, rendered: list[tuple[str, list[Span]]]) -> list[Example]:
     if not rendered:
         return []
     backend = tokenizer.backend_tokenizer
+    # Special-token text becomes the token (special_text.py handles content that holds such
+    # text). transformers sets this flag on each call and leaves it as the call wanted it.
+    backend.encode_special_tokens = False
     texts = [text for text, _ in rendered]
     byte_lengths = _token_byte_lengths(backend)
     ranges: list = [None] * len(rendered)

@@ -13,8 +13,10 @@ import random
 from llmtune.data.chat import IGNORE, Example
 
 
-def pack(examples: list[Example], max_len: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    """Rows of input_ids, labels and position_ids, each at most `max_len` tokens, seeded order."""
+def pack(examples: list[Example], max_len: int, seed: int = 0,
+         sources: list[str] | None = None) -> list[dict]:
+    """Rows of input_ids, labels and position_ids, each at most `max_len` tokens, seeded order.
+    With `sources` (where each example was read), each row also names its examples' sources."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, bin index), kept sorted
@@ -30,7 +32,11 @@ def pack(examples: list[Example], max_len: int, seed: int = 0) -> list[dict[str,
             room -= length
         bisect.insort(free, (room, target))
     random.Random(seed).shuffle(bins)
-    return [_concatenate([examples[i] for i in members]) for members in bins]
+    rows = [_concatenate([examples[i] for i in members]) for members in bins]
+    if sources is not None:
+        for row, members in zip(rows, bins):
+            row["where"] = ", ".join(sources[i] for i in members)
+    return rows
 
 
 def _concatenate(members: list[Example]) -> dict[str, list[int]]:

@@ -27,4 +27,5 @@ def split_stats(examples: list[Example]) -> dict[str, float | int]:
         "length_p95": percentile(lengths, 95) if lengths else 0,
         "length_max": max(lengths, default=0),
         "truncated": sum(1 for e in examples if e.truncated),
+        "answers_cut": sum(1 for e in examples if e.answer_cut),  # of those, trained text cut too
     }

@@ -69,3 +69,29 @@ def resolve_template(choice: str, tokenizer) -> str:
         f"data.template: {choice!r} is neither a built-in template nor a file",
         hint=f"use auto, {', '.join(BUILT_IN)}, or a path to a .jinja file",
     )
+
+
+def turn_end_token(tokenizer, template: str | None = None) -> str | None:
+    """The special token that ends an assistant turn in `template` (the tokenizer's own when
+    None): what generation must stop at. None when the turn ends in no special token."""
+    from llmtune.data.chat import render
+
+    marker = "\U000f0000llmtune\U000f0000"  # private-use characters: in no template's output
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = render(tokenizer, messages, template=template)
+    except Exception:  # a template that rejects this conversation tells us nothing
+        return None
+    after = text.partition(marker)[2].lstrip()
+    specials = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return max((token for token in specials if after.startswith(token)), key=len, default=None)
+
+
+def end_turns_for_servers(tokenizer, template: str | None = None) -> None:
+    """Make the tokenizer's EOS the token that ends an assistant turn in the template it was
+    trained with. vLLM, TGI and llama.cpp's servers stop on the tokenizer's EOS (and the ids
+    in generation_config.json): a base Llama 3 tokenizer's EOS is `<|end_of_text|>` while its
+    chat template ends turns with `<|eot_id|>`, and a model served that way never stops."""
+    turn_end = turn_end_token(tokenizer, template)
+    if turn_end is not None and turn_end != tokenizer.eos_token:
+        tokenizer.eos_token = turn_end

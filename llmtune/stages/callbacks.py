@@ -1,5 +1,6 @@
-"""Trainer callbacks: progress and metrics.jsonl, graceful stop on SIGTERM/SIGINT, early
-stopping on eval loss, and marking/rotating checkpoints once they are fully written."""
+"""Trainer callbacks: progress and metrics.jsonl, graceful stop on SIGTERM/SIGINT, a stop at the
+first non-finite loss or gradient, early stopping on eval loss, and marking/rotating checkpoints
+once they are fully written."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import signal
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from llmtune.console import console
+from llmtune.errors import Diverged
 from llmtune.stages import checkpoints, distributed
 from llmtune.stages.collate import PadCollator
 
@@ -129,6 +132,63 @@ class StopOnSignal(TrainerCallback):
             self.stopped = True
             control.should_save = True
             control.should_training_stop = True
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stops training at the first NaN or infinite loss or gradient norm, before the optimizer
+    applies it: the Trainer would otherwise report such a loss as the average of earlier ones
+    (0.0 at the start), train on, and hand merge and export a broken adapter.
+
+    The Trainer reports each micro-batch's loss (`saw_loss`); before each optimizer step the
+    norm of the gradients is checked, and every rank decides together (a NaN on one rank
+    reaches all of them through the gradient all-reduce anyway). Under fp16 an infinite
+    gradient is the loss scaler's business (it skips that step and lowers the scale), so only
+    the loss counts there. Raises Diverged naming the step and its rows (file:line)."""
+
+    def __init__(self, collator: PadCollator, precision: str, checkpoints_dir: Path):
+        self.collator = collator
+        self.scaled = precision == "fp16"
+        self.checkpoints_dir = checkpoints_dir
+        self.bad_loss: float | None = None
+
+    def saw_loss(self, loss: torch.Tensor) -> None:
+        if self.bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
+            self.bad_loss = float(loss.detach().float().sum())
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        norm = gradient_norm(model)
+        bad_gradient = not self.scaled and not math.isfinite(norm)
+        if not distributed.any_rank(self.bad_loss is not None or bad_gradient):
+            return
+        step = state.global_step + 1
+        what = (f"the loss was {self.bad_loss}" if self.bad_loss is not None
+                else f"the gradient norm was {norm}")
+        rows = self.collator.step_rows
+        named = ", ".join(rows[:8]) + (f" (and {len(rows) - 8} more)" if len(rows) > 8 else "")
+        good = checkpoints.newest_good(self.checkpoints_dir)
+        kept = (f"the last good checkpoint, {good}, is kept" if good is not None
+                else "no checkpoint had been saved yet")
+        raise Diverged(
+            f"training stopped at step {step}: {what}" + (f" on the rows {named}" if rows else "")
+            + f"; the adapter was not written and {kept}",
+            hint="the usual causes: a learning rate too high (lower train.lr or add warmup_steps), "
+            "fp16 overflow (use precision bf16 where the GPU has it), or a bad row (look at the rows "
+            "named with llmtune data preview); then run train again with --force",
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.collator.step_rows.clear()
+
+
+def gradient_norm(model) -> float:
+    """The 2-norm of every gradient the model holds (after clipping, as the optimizer sees it)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):  # FSDP2: each rank holds shards of the gradients
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 class EarlyStop(TrainerCallback):

@@ -14,7 +14,9 @@ class PadCollator:
     Training passes no attention mask: under the causal mask, right padding never reaches a real
     token, and without a mask SDPA takes its causal fast path. Packed rows carry position ids
     that restart at each example, and their pads restart once more, so transformers keeps
-    attention inside each example. Counts real and trained tokens for the progress line.
+    attention inside each example. Counts real and trained tokens for the progress line, and
+    keeps where the training rows since `step_rows` was last cleared were read (file:line), so
+    that a step that goes wrong can name them.
     """
 
     def __init__(self, pad_id: int, attention_mask: bool = False):
@@ -23,6 +25,7 @@ class PadCollator:
         self.tokens = 0
         self.trained_tokens = 0
         self.counting = True  # off while the Trainer evaluates
+        self.step_rows: list[str] = []
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(r["input_ids"]) for r in rows)
@@ -40,6 +43,7 @@ class PadCollator:
                 positions[i, :n] = torch.tensor(row["position_ids"])
                 positions[i, n:] = torch.arange(longest - n)
         if self.counting:
+            self.step_rows += [row["where"] for row in rows if "where" in row]
             self.tokens += int(mask.sum())
             self.trained_tokens += int((labels != IGNORE).sum())
         batch = {"input_ids": ids, "labels": labels}

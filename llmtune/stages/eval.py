@@ -13,7 +13,8 @@ from datasets import load_from_disk
 
 from llmtune import model_sources, models
 from llmtune.console import console
-from llmtune.data.chat import IGNORE, encode, render_sample
+from llmtune.data.chat import IGNORE
+from llmtune.data.special_text import encode_samples
 from llmtune.data.formats import to_sample
 from llmtune.data.sources import read_source
 from llmtune.errors import InputError
@@ -33,10 +34,13 @@ from llmtune.metrics import contains, exact_match, regex_match
 from llmtune.recipe import Recipe, section_sha256
 from llmtune.stages.inference import (
     adapter_on_base,
+    as_prompt,
     generate,
     mean_token_loss,
     perplexity,
     prompt_and_answer,
+    report_empty,
+    serving_defaults,
     trained_precision,
 )
 
@@ -55,11 +59,12 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     partial = start_stage(out_dir)
     cfg = recipe.eval
     tokenizer = models.load_tokenizer(adapter_dir)  # with the template trained with
+    serving = serving_defaults(adapter_dir)  # prompts as training saw them
     prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
     eval_sets = {"validation": _prepared_rows(prepared / "validation", cfg.max_samples)}
     for index, source in enumerate(cfg.sources):
         name = f"{index}:{Path(source.path).name if source.path else source.hub}"
-        eval_sets[name] = _source_rows(source, recipe, tokenizer)
+        eval_sets[name] = _source_rows(source, recipe, tokenizer, serving.special_text)
     eval_sets = {name: rows for name, rows in eval_sets.items() if rows}
     if not eval_sets:
         raise InputError("nothing to evaluate: the validation set is empty and eval.sources gives no rows",
@@ -75,13 +80,13 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     for name, rows in eval_sets.items():
         console.print(f"eval: {name}: {len(rows)} examples")
         with tuned.disable_adapter():
-            results[name]["base"] = _score(tuned, tokenizer, rows, cfg, name, "base", generations)
-        results[name]["adapter"] = _score(tuned, tokenizer, rows, cfg, name, "adapter", generations)
+            results[name]["base"] = _score(tuned, tokenizer, rows, cfg, name, "base", generations, serving)
+        results[name]["adapter"] = _score(tuned, tokenizer, rows, cfg, name, "adapter", generations, serving)
     del tuned
     if "merged" in inputs:
         merged = models.load_model(merged_dir, precision).eval()
         for name, rows in eval_sets.items():
-            results[name]["merged"] = _score(merged, tokenizer, rows, cfg, name, "merged", generations)
+            results[name]["merged"] = _score(merged, tokenizer, rows, cfg, name, "merged", generations, serving)
         del merged
     report = {"sets": {name: {"examples": len(rows), "models": results[name]} for name, rows in eval_sets.items()}}
 
@@ -99,7 +104,7 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     return Outcome(manifest, up_to_date=False)
 
 
-def _score(model, tokenizer, rows, cfg, set_name, label, generations) -> dict:
+def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving) -> dict:
     loss = mean_token_loss(model, rows, tokenizer.pad_token_id or 0, cfg.batch_size)
     metrics = {"loss": _round(loss), "perplexity": _round(perplexity(loss))}
     pairs = [prompt_and_answer(row["sample"]) for row in rows]
@@ -107,7 +112,10 @@ def _score(model, tokenizer, rows, cfg, set_name, label, generations) -> dict:
     if not pairs:
         return metrics
     prompts, references = zip(*pairs)
-    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size)
+    prompts = [as_prompt(prompt, serving) for prompt in prompts]
+    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
+                       special_text=serving.special_text)
+    metrics["empty_answers"] = report_empty(outputs, f"eval: {set_name}, {label}")
     counts = Counter()
     for prompt, reference, output in zip(prompts, references, outputs):
         scores = {"exact_match": exact_match(output.text, reference),
@@ -132,7 +140,7 @@ def _prepared_rows(path: Path, limit: int) -> list[dict]:
             for r in data.select(range(min(limit, len(data))))]
 
 
-def _source_rows(source, recipe: Recipe, tokenizer) -> list[dict]:
+def _source_rows(source, recipe: Recipe, tokenizer, special_text: str) -> list[dict]:
     """An eval source rendered and masked exactly as training data; bad rows are skipped."""
     samples, skipped = [], 0
     for record in read_source(source):
@@ -146,10 +154,10 @@ def _source_rows(source, recipe: Recipe, tokenizer) -> list[dict]:
             break
     if skipped:
         console.print(f"eval: skipped {skipped} unusable rows in {source.path or source.hub}")
-    rendered = [render_sample(s, tokenizer, None, recipe.data.train_on) for s in samples]
+    examples = encode_samples(tokenizer, samples, None, recipe.data.train_on, special_text)
     limit = recipe.data.max_seq_len
     return [{"input_ids": e.input_ids[:limit], "labels": e.labels[:limit], "sample": s}
-            for s, e in zip(samples, encode(tokenizer, rendered))
+            for s, e in zip(samples, examples)
             if e.labels[:limit].count(IGNORE) < len(e.labels[:limit])]
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 
 from llmtune import model_sources, models
-from llmtune.data.chat import IGNORE, render
+from llmtune.console import console
+from llmtune.data.chat import IGNORE
+from llmtune.data.special_text import encode_prompt
 from llmtune.errors import InputError
-from llmtune.manifest import read_manifest, stage_dir
+from llmtune.manifest import read_manifest, stage_dir, upstream_dir
 from llmtune.stages.collate import PadCollator
 
 
@@ -23,16 +25,15 @@ class Generation:
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | None = None,
-             batch_size: int = 16) -> list[Generation]:
+             batch_size: int = 16, special_text: str = "plain") -> list[Generation]:
     """Greedy answers, in left-padded batches, stopping at any EOS id. A prompt is a
-    conversation, rendered with the chat template, or a plain completion prompt, used as is."""
+    conversation, rendered with the chat template, or a plain completion prompt, used as is;
+    control-token text in it is handled as `special_text` says (as prepare did)."""
     eos_ids = models.eos_token_ids(tokenizer, model.config)
-    texts = [p if isinstance(p, str) else render(tokenizer, p, True, template) for p in prompts]
-    tokenizer.padding_side = "left"
+    encoded = [encode_prompt(tokenizer, p, template, special_text) for p in prompts]
     results = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], add_special_tokens=False,
-                          padding=True, return_tensors="pt").to(model.device)
+    for start in range(0, len(encoded), batch_size):
+        batch = left_padded(encoded[start:start + batch_size], tokenizer.pad_token_id or 0, model.device)
         with torch.no_grad():
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
@@ -43,6 +44,78 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | Non
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
             results.append(Generation(text, ended))
     return results
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of prompts padded on the left, for generation."""
+    longest = max(len(row) for row in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, longest - len(row):] = torch.tensor(row)
+            mask[i, longest - len(row):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How a run's data was prepared, so that prompts reach the model as training's did."""
+
+    special_text: str = "plain"
+    system_prompt: str | None = None  # the system message every training conversation had
+    chat: bool = True  # prompts are user turns rendered with the chat template
+
+
+def serving_defaults(target: Path, adapter: Path | None = None) -> Serving:
+    """The Serving of the run that `target` (a run directory or one of its stage folders) or
+    `adapter` came from; the defaults for a model folder of unknown origin."""
+    prepared = _prepared_manifest(adapter) if adapter is not None else None
+    prepared = prepared or _prepared_manifest(target) or _prepared_manifest(stage_dir(target, "train"))
+    if prepared is None:
+        return Serving()
+    summary, folder = prepared
+    return Serving(special_text=summary.get("special_text", "keep"),  # before the setting: keep
+                   system_prompt=(summary.get("chat") or {}).get("common_system_prompt"),
+                   chat=(folder / "chat_template.jinja").is_file())
+
+
+def as_prompt(prompt, serving: Serving, raw: bool = False):
+    """A prompt as the run's training conversations looked: on a run trained on chat data a
+    text prompt is a user turn (unless `raw`), and a conversation without a system message
+    starts with the system prompt every training conversation had."""
+    if isinstance(prompt, str):
+        if raw or not serving.chat:
+            return prompt
+        prompt = [{"role": "user", "content": prompt}]
+    if serving.system_prompt and not (prompt and prompt[0].get("role") == "system"):
+        prompt = [{"role": "system", "content": serving.system_prompt}, *prompt]
+    return prompt
+
+
+def report_empty(results: list[Generation], where: str) -> int:
+    """Count the empty answers and warn about them: a prompt that produces nothing is a prompt
+    the model was not trained to answer (raw text to a chat model, another template)."""
+    empty = sum(1 for result in results if not result.text.strip())
+    if empty:
+        console.print(f"[yellow]{where}: warning: {empty} of {len(results)} answers are empty; "
+                      "is the prompt shaped like the training data (template, system prompt)?[/yellow]")
+    return empty
+
+
+def _prepared_manifest(folder: Path, depth: int = 0) -> tuple[dict, Path] | None:
+    """(summary, folder) of the prepare stage upstream of a stage folder, following manifests."""
+    manifest = read_manifest(folder) if depth < 4 else None
+    if manifest is None:
+        return None
+    if manifest.get("stage") == "prepare":
+        return manifest.get("summary") or {}, folder
+    for name, ref in (manifest.get("inputs") or {}).items():
+        if isinstance(ref, dict) and "path" in ref:
+            found = _prepared_manifest(upstream_dir(folder, manifest, name), depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 def adapter_on_base(adapter_dir: Path, base: model_sources.ModelRef, precision: str):

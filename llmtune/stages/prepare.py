@@ -20,7 +20,8 @@ from datasets.table import InMemoryTable
 
 from llmtune import model_sources, models
 from llmtune.console import console
-from llmtune.data.chat import IGNORE, Example, encode, render_samples
+from llmtune.data import special_text
+from llmtune.data.chat import IGNORE, Example
 from llmtune.data.formats import to_sample
 from llmtune.data.packing import pack
 from llmtune.data.sources import local_files, read_source
@@ -32,6 +33,10 @@ from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest
 from llmtune.recipe import DataSection, Recipe, section_sha256
 
 BATCH = 8192  # rows per tokenizer call: larger batches keep every core busy
+# Rows that would train nothing are skipped, each under its own reason, never kept all masked.
+NOTHING_TO_TRAIN = "no trained tokens (no assistant turn rendered)"
+CUT_AWAY = "trained tokens all beyond max_seq_len"
+ANSWERS_CUT_WARNING = 0.01  # share of kept rows with a truncated answer that prepare warns about
 
 
 def _cyclic_gc_paused(function):
@@ -68,9 +73,11 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     if template:  # the template trained with travels on to the adapter and merged model
         (partial / "chat_template.jinja").write_text(template, encoding="utf-8")
     skipped: Counter = Counter()
+    controls = special_text.control_tokens(tokenizer)
+    seen = Counter()  # rows and occurrences of control-token text in content
 
-    train_rows = [r for i, s in enumerate(data.train) for r in _read(s, i, data, skipped)]
-    val_rows = [r for s in data.validation.sources or [] for r in _read(s, -1, data, skipped)]
+    train_rows = [r for i, s in enumerate(data.train) for r in _read(s, i, data, skipped, controls, seen)]
+    val_rows = [r for s in data.validation.sources or [] for r in _read(s, -1, data, skipped, controls, seen)]
     rows_read = len(train_rows) + len(val_rows) + sum(skipped.values())
     sources = len(data.train) + len(data.validation.sources or [])
     console.print(f"prepare: {rows_read} rows read from {sources} source(s)")
@@ -88,18 +95,18 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         skipped["beyond max_samples"] += len(train_rows) - data.max_samples
         train_rows = train_rows[: data.max_samples]
 
-    encoder = functools.partial(_encode_batch, tokenizer, template, data.train_on)
+    encoder = functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text)
     train = _limit(train_rows, _tokenize(encoder, train_rows, data.num_proc), data, skipped)
     validation = _limit(val_rows, _tokenize(encoder, val_rows, data.num_proc), data, skipped)
     if not train:
-        raise InputError("no training example is left after preparation", hint=_skip_hint(skipped))
+        raise InputError("no training example is left after preparation", hint=_skip_hint(skipped, data))
     rows_kept = len(train) + len(validation)
     train = [row for i, s in enumerate(data.train) for row in
              weighted([t for t in train if t[0][1] == i], s.weight, data.seed + i)]
     train = split_rows(train, 0.0, data.seed)[0]
 
     examples = [example for _, example in train]
-    packed = pack(examples, data.max_seq_len, data.seed) if data.packing else None
+    packed = pack(examples, data.max_seq_len, data.seed, [row[0] for row, _ in train]) if data.packing else None
     _save_examples(train, packed, partial / "train", with_samples=False)
     _save_examples(validation, None, partial / "validation", with_samples=True)
 
@@ -110,6 +117,8 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         "skipped_by_reason": {reason: n for reason, n in skipped.most_common() if n},
         "max_seq_len": data.max_seq_len,
         "overlong": data.overlong,
+        "special_text": {"handled_as": data.special_text, "rows": seen["rows"],
+                         "occurrences": seen["occurrences"]},
         "train": split_stats(examples),
         "validation": split_stats([e for _, e in validation]),
     }
@@ -128,6 +137,9 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         "train_tokens": stats["train"]["tokens"],
         "trained_share": stats["train"]["trained_share"],
         "truncated": stats["train"]["truncated"] + stats["validation"]["truncated"],
+        "answers_cut": stats["train"]["answers_cut"] + stats["validation"]["answers_cut"],
+        # chat, generate, eval and the preview tokenise prompts the same way
+        "special_text": data.special_text,
     }
     if packed is not None:
         summary["packing_efficiency"] = stats["packing"]["efficiency"]
@@ -152,6 +164,13 @@ def print_stats(stats: dict) -> None:
         f"{train['length_p50']}/{train['length_p95']}/{train['length_max']}; "
         f"truncated {train['truncated'] + val['truncated']}; validation {val['examples']} examples"
     )
+    cut = train["answers_cut"] + val["answers_cut"]
+    if cut and cut / max(stats["rows_kept"], 1) > ANSWERS_CUT_WARNING:
+        console.print(
+            f"[yellow]prepare: warning: {cut} of {stats['rows_kept']} kept rows "
+            f"({100 * cut / stats['rows_kept']:.1f}%) had their answer cut by data.max_seq_len "
+            f"{stats['max_seq_len']}: the model learns to stop mid-answer. Raise data.max_seq_len, "
+            "or set data.overlong: drop[/yellow]")
     if "packing" in stats:
         packing = stats["packing"]
         console.print(f"  packed into {packing['sequences']} sequences, "
@@ -179,12 +198,22 @@ def _common_system_prompt(rows: list[Row]) -> str | None:
     return prompts.pop() if len(prompts) == 1 else None
 
 
-def _read(source, index: int, data: DataSection, skipped: Counter) -> list[Row]:
+def _read(source, index: int, data: DataSection, skipped: Counter, controls: tuple[str, ...],
+          seen: Counter) -> list[Row]:
     rows = []
     for record in read_source(source):
         sample, reason = (None, record.error) if record.error else to_sample(
             record.data, source.format, source.fields, data.system_prompt, source.separator)
         if reason is None:
+            hits = special_text.found(special_text.contents(sample), controls)
+            if hits:
+                seen["rows"] += 1
+                seen["occurrences"] += len(hits)
+                if data.special_text == "error":
+                    raise InputError(
+                        f"{record.where}: the content holds the text of a control token, {hits[0]}",
+                        hint="data.special_text: plain tokenises such text as ordinary text (the "
+                        "default), keep lets it become the control token; or fix that row")
             rows.append((record.where, index, sample))
             continue
         if data.bad_rows == "error":
@@ -209,8 +238,8 @@ def _tokenize(encoder, rows: list[Row], workers: int) -> list[Example]:
     return [Example(ids, labels) for ids, labels in zip(columns["input_ids"], columns["labels"])]
 
 
-def _encode_batch(tokenizer, template, train_on, samples: list[dict]) -> list[Example]:
-    return encode(tokenizer, render_samples(samples, tokenizer, template, train_on))
+def _encode_batch(tokenizer, template, train_on, mode: str, samples: list[dict]) -> list[Example]:
+    return special_text.encode_samples(tokenizer, samples, template, train_on, mode)
 
 
 def _encode_json_batch(encoder, batch: dict) -> dict[str, list]:
@@ -222,6 +251,10 @@ def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped:
     """Apply data.overlong; drop examples left with nothing to train. Returns (row, example)."""
     kept, overlong = [], []
     for row, example in zip(rows, examples):
+        if all(label == IGNORE for label in example.labels):
+            # e.g. a conversation without an assistant turn, or a template that renders none
+            skipped[NOTHING_TO_TRAIN] += 1
+            continue
         if len(example.input_ids) > data.max_seq_len:
             if data.overlong == "error":
                 overlong.append((row[0], len(example.input_ids)))
@@ -229,10 +262,11 @@ def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped:
             if data.overlong == "drop":
                 skipped["overlong"] += 1
                 continue
+            cut = any(label != IGNORE for label in example.labels[data.max_seq_len:])
             example = Example(example.input_ids[: data.max_seq_len],
-                              example.labels[: data.max_seq_len], truncated=True)
+                              example.labels[: data.max_seq_len], truncated=True, answer_cut=cut)
         if example.labels.count(IGNORE) == len(example.labels):
-            skipped["no trained tokens within max_seq_len"] += 1
+            skipped[CUT_AWAY] += 1
             continue
         kept.append((row, example))
     if overlong:
@@ -249,14 +283,16 @@ def _save_examples(pairs, packed: list[dict] | None, path: Path, with_samples: b
     """Write a split as a `datasets` folder. With `with_samples`, each row also keeps its sample
     as JSON, so later stages can show and score it (the validation split)."""
     if packed is not None:
-        columns = {key: [row[key] for row in packed] for key in ("input_ids", "labels", "position_ids")}
+        columns = {key: [row[key] for row in packed] for key in ("input_ids", "labels", "position_ids", "where")}
     else:
-        columns = {"input_ids": [e.input_ids for _, e in pairs], "labels": [e.labels for _, e in pairs]}
+        columns = {"input_ids": [e.input_ids for _, e in pairs], "labels": [e.labels for _, e in pairs],
+                   "where": [row[0] for row, _ in pairs]}  # training names a bad batch's rows
         if with_samples:
             columns["sample"] = [json.dumps(row[2], ensure_ascii=False) for row, _ in pairs]
     # Arrow arrays with a declared type: 3x faster than letting `datasets` infer it from lists.
     ids = pa.list_(pa.int32())
-    table = pa.table({k: pa.array(v, type=pa.string() if k == "sample" else ids) for k, v in columns.items()})
+    table = pa.table({k: pa.array(v, type=pa.string() if k in ("sample", "where") else ids)
+                      for k, v in columns.items()})
     # An empty split (validation fraction 0) needs one explicit shard: datasets writes none and
     # then cannot load the folder back.
     Dataset(InMemoryTable(table)).save_to_disk(str(path), num_shards=1 if not table.num_rows else None)
@@ -292,8 +328,13 @@ def _content_hashes(data: DataSection) -> dict[str, str]:
     return hashes
 
 
-def _skip_hint(skipped: Counter) -> str:
+def _skip_hint(skipped: Counter, data: DataSection) -> str:
     if not skipped:
         return "check data.train"
     reasons = ", ".join(f"{reason} ({n})" for reason, n in skipped.most_common())
-    return f"every row was skipped: {reasons}"
+    hint = f"every row was skipped: {reasons}"
+    if skipped[NOTHING_TO_TRAIN] or skipped[CUT_AWAY]:
+        template = "the tokenizer's own" if data.template == "auto" else repr(data.template)
+        hint += (f". With data.template {template} and data.train_on {data.train_on}, look at what is "
+                 "trained with: llmtune data preview RECIPE (trained tokens are highlighted)")
+    return hint

@@ -15,7 +15,15 @@ from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.manifest import manifest_sha256, require_stage, stage_dir, upstream_dir
 from llmtune.recipe import Recipe
-from llmtune.stages.inference import adapter_on_base, generate, prompt_and_answer, trained_precision
+from llmtune.stages.inference import (
+    adapter_on_base,
+    as_prompt,
+    generate,
+    prompt_and_answer,
+    report_empty,
+    serving_defaults,
+    trained_precision,
+)
 
 PREVIEW_FILE = "preview.json"
 
@@ -43,10 +51,15 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
     ref = model_sources.resolve_section(adapter_manifest["inputs"]["base_model"])
     tokenizer = models.load_tokenizer(adapter_dir)  # with the template trained with
     model = adapter_on_base(adapter_dir, ref, trained_precision(adapter_dir))
+    serving = serving_defaults(adapter_dir)
+    served = [as_prompt(prompt, serving) for prompt in prompts]
     console.print(f"preview: generating answers to {len(prompts)} held-out prompts, base and tuned")
-    tuned = [g.text for g in generate(model, tokenizer, prompts, cfg.max_new_tokens)]
+    tuned_answers = generate(model, tokenizer, served, cfg.max_new_tokens, special_text=serving.special_text)
+    report_empty(tuned_answers, "preview (tuned)")
+    tuned = [g.text for g in tuned_answers]
     with model.disable_adapter():
-        untuned = [g.text for g in generate(model, tokenizer, prompts, cfg.max_new_tokens)]
+        untuned = [g.text for g in generate(model, tokenizer, served, cfg.max_new_tokens,
+                                            special_text=serving.special_text)]
 
     examples = [
         {

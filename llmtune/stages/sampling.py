@@ -65,7 +65,15 @@ class _EpochToSampler(TrainerCallback):
 
 class GroupedTrainer(Trainer):
     """The transformers Trainer with the seeded length-grouped sampler; evaluation batches are
-    not counted as trained tokens by the collator."""
+    not counted as trained tokens by the collator; each micro-batch's loss is shown to the
+    callbacks that check it (StopOnNonFinite), which the Trainer's own events never see."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "saw_loss"):
+                callback.saw_loss(loss)
+        return loss
 
     def evaluate(self, *args, **kwargs):
         collator = self.data_collator

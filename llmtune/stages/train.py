@@ -15,6 +15,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from llmtune import model_sources, models
 from llmtune.console import console
+from llmtune.data.templates import end_turns_for_servers
 from llmtune.errors import InputError, Interrupted
 from llmtune.manifest import (
     Outcome,
@@ -30,7 +31,14 @@ from llmtune.manifest import (
 from llmtune.plot import plot_metrics
 from llmtune.recipe import Recipe, section_sha256
 from llmtune.stages import checkpoints, distributed, trackers
-from llmtune.stages.callbacks import EarlyStop, MarkCheckpoints, RecordEvalBefore, StopOnSignal, TrainProgress
+from llmtune.stages.callbacks import (
+    EarlyStop,
+    MarkCheckpoints,
+    RecordEvalBefore,
+    StopOnNonFinite,
+    StopOnSignal,
+    TrainProgress,
+)
 from llmtune.stages.collate import PadCollator
 from llmtune.stages.distributed import strategy_arguments
 from llmtune.stages.loss import ChunkedLossTrainer, chunked_loss_supported
@@ -70,6 +78,8 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     template = prepared_dir / "chat_template.jinja"  # the template the data was rendered with
     tokenizer = models.load_tokenizer(
         ref, template.read_text(encoding="utf-8") if template.is_file() else None)
+    if template.is_file():  # the adapter's tokenizer, then the merged one, stop where turns end
+        end_turns_for_servers(tokenizer, tokenizer.chat_template)
     precision = models.precision(cfg.precision, device)
     if precision == "fp16" and device != "cuda":
         raise InputError("train.precision: fp16 needs a CUDA GPU", hint="use bf16 or fp32 on CPU")
@@ -94,7 +104,8 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     progress = TrainProgress(partial / "metrics.jsonl", collator)
     stop = StopOnSignal()
     callbacks = [progress, stop, MarkCheckpoints(partial / checkpoints.CHECKPOINTS, cfg.keep_checkpoints),
-                 RecordEvalBefore(partial, state)]
+                 RecordEvalBefore(partial, state),
+                 StopOnNonFinite(collator, precision, partial / checkpoints.CHECKPOINTS)]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStop(cfg.early_stopping_patience))
     chunked = cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(model.config))
@@ -303,6 +314,9 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str, precision
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         logging_steps=cfg.log_every,
         logging_strategy="steps",
+        # A NaN loss is reported as such (StopOnNonFinite stops there), never replaced by the
+        # average of earlier ones, which the Trainer does by default.
+        logging_nan_inf_filter=False,
         # Checkpoints every save_every steps (and on SIGTERM/SIGINT); MarkCheckpoints rotates
         # them itself, after marking, so rotation can never remove the last good one.
         save_strategy="steps" if cfg.save_every else "no",

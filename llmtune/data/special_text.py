@@ -1,0 +1,169 @@
+"""Control-token text inside content (`data.special_text`).
+
+A tokenizer turns the text of any special token it knows into that token, wherever it appears:
+a user message that mentions `<|eot_id|>` (a chat log about chat templates, a prompt-injection
+sample) would end a turn in the middle of the conversation. Content must reach the model as the
+characters it is, and only the template's own markers as control tokens:
+
+- `plain` (default): such text in content is tokenised as ordinary text;
+- `error`: a row holding such text is refused, with its file:line;
+- `keep`: the tokenizer's behaviour (the text becomes the control token).
+
+How `plain` works: before rendering, each occurrence in a sample's content is replaced by as
+many private-use characters as it has (so every character offset stays where it was); the
+control tokens left in the rendered text are the template's. The text between them is
+tokenised with the tokenizer's special-token matching off (`encode_special_tokens`), exactly
+as the tokenizer itself tokenises the text between the added tokens it splits out, and the
+template's markers become their ids. Only samples that hold such text take this path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import re
+
+from llmtune.data.chat import IGNORE, Example, Span, encode, render_samples
+
+PLACEHOLDER = 0xF0000  # Supplementary Private Use Area-A: placeholder k stands for token k
+
+
+@functools.lru_cache(maxsize=8)
+def _patterns(tokens: tuple[str, ...]):
+    """(regex finding the tokens, the short prefixes that any of them starts with)."""
+    longest_first = sorted(range(len(tokens)), key=lambda k: -len(tokens[k]))
+    finder = re.compile("|".join(re.escape(tokens[k]) for k in longest_first))
+    prefixes = tuple({token[:2] for token in tokens})
+    return finder, prefixes
+
+
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """The texts the tokenizer turns into special tokens (added tokens marked special)."""
+    return tuple(sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}))
+
+
+def contents(sample: dict) -> list[str]:
+    """The user's own text in a sample: message contents, prompt and completion, or text."""
+    if "messages" in sample:
+        return [m["content"] for m in sample["messages"] if isinstance(m.get("content"), str)]
+    return [value for key, value in sample.items() if key in ("prompt", "completion", "text")]
+
+
+def found(texts: list[str], tokens: tuple[str, ...]) -> list[str]:
+    """Every control-token text in `texts`, in order."""
+    if not tokens:
+        return []
+    finder, prefixes = _patterns(tokens)
+    hits = []
+    for text in texts:
+        if any(prefix in text for prefix in prefixes):  # a fast no for almost every text
+            hits += finder.findall(text)
+    return hits
+
+
+def hide(sample: dict, tokens: tuple[str, ...]) -> dict:
+    """The sample with each control-token text in its content replaced by placeholders of the
+    same length."""
+    finder, _ = _patterns(tokens)
+    index = {token: k for k, token in enumerate(tokens)}
+
+    def masked(text: str) -> str:
+        return finder.sub(lambda m: chr(PLACEHOLDER + index[m.group()]) * len(m.group()), text)
+
+    if "messages" in sample:
+        return {**sample, "messages": [
+            {**m, "content": masked(m["content"])} if isinstance(m.get("content"), str) else m
+            for m in sample["messages"]]}
+    return {key: masked(value) if key in ("prompt", "completion", "text") else value
+            for key, value in sample.items()}
+
+
+def restore(text: str, tokens: tuple[str, ...]) -> str:
+    """The placeholders of `hide` back as the text they stand for."""
+    return re.sub("[\U000f0000-\U000fffff]+", lambda m: _unmask(m.group(), tokens), text)
+
+
+def _unmask(run: str, tokens: tuple[str, ...]) -> str:
+    # Content that holds characters of this plane itself (private use: next to no real text
+    # does) is left as it is where they stand for no token.
+    out, position = [], 0
+    while position < len(run):
+        k = ord(run[position]) - PLACEHOLDER
+        token = tokens[k] if k < len(tokens) else run[position]
+        out.append(token)
+        position += len(token)
+    return "".join(out)
+
+
+def encode_as_text(tokenizer, hidden_text: str, spans: list[Span], tokens: tuple[str, ...]) -> Example:
+    """Token ids and labels for a rendered sample whose content was hidden: the template's
+    control tokens as their ids, everything else (content's control-token text included)
+    tokenised as ordinary text; labels inside the trained `spans` (character offsets)."""
+    finder, _ = _patterns(tokens)
+    backend = tokenizer.backend_tokenizer
+    ids: list[int] = []
+    starts: list[int] = []
+    ends: list[int] = []
+
+    def add_text(start: int, end: int) -> None:
+        if start == end:
+            return
+        encoding = backend.encode(restore(hidden_text[start:end], tokens), add_special_tokens=False)
+        ids.extend(encoding.ids)
+        starts.extend(start + s for s, _ in encoding.offsets)
+        ends.extend(start + e for _, e in encoding.offsets)
+
+    previous = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        position = 0
+        for match in finder.finditer(hidden_text):
+            add_text(position, match.start())
+            ids.append(backend.token_to_id(match.group()))
+            starts.append(match.start())
+            ends.append(match.end())
+            position = match.end()
+        add_text(position, len(hidden_text))
+    finally:
+        backend.encode_special_tokens = previous
+    labels = [IGNORE] * len(ids)
+    for start, end in spans:  # tokens overlapping the span, as chat.encode finds them
+        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
+        labels[first:last] = ids[first:last]
+    return Example(ids, labels)
+
+
+def encode_prompt(tokenizer, prompt, template: str | None, mode: str) -> list[int]:
+    """Token ids of a prompt (a conversation, rendered with the generation prompt added, or a
+    raw text) under `mode`, as prepare tokenised the training data."""
+    from llmtune.data.chat import render
+    from llmtune.errors import InputError
+
+    sample = {"messages": list(prompt)} if not isinstance(prompt, str) else {"prompt": prompt}
+    controls = control_tokens(tokenizer) if mode != "keep" else ()
+    hits = found(contents(sample), controls)
+    if hits and mode == "error":
+        raise InputError(f"the prompt holds the text of a control token, {hits[0]}",
+                         hint="the model was trained with data.special_text: error; remove that text")
+    if hits:
+        sample = hide(sample, controls)
+    text = sample["prompt"] if "prompt" in sample else render(tokenizer, sample["messages"], True, template)
+    if not hits:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_as_text(tokenizer, text, [], controls).input_ids
+
+
+def encode_samples(tokenizer, samples: list[dict], template: str | None, train_on: str,
+                   mode: str) -> list[Example]:
+    """Rendered and tokenised samples (chat.encode); under `plain`, those whose content holds
+    control-token text are tokenised with that text as ordinary text (`error` refused such
+    rows when they were read)."""
+    controls = control_tokens(tokenizer) if mode == "plain" else ()
+    plain = [bool(controls) and bool(found(contents(s), controls)) for s in samples]
+    if not any(plain):
+        return encode(tokenizer, render_samples(samples, tokenizer, template, train_on))
+    samples = [hide(s, controls) if p else s for s, p in zip(samples, plain)]
+    rendered = render_samples(samples, tokenizer, template, train_on)
+    examples = iter(encode(tokenizer, [r for r, p in zip(rendered, plain) if not p]))
+    return [encode_as_text(tokenizer, text, spans, controls) if p else next(examples)
+            for (text, spans), p in zip(rendered, plain)]
