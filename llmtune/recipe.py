@@ -207,10 +207,17 @@ class GgufOptions(Section):
     quant: GgufQuant = "q8_0"
 
 
+class AdapterExportOptions(Section):
+    # What vLLM and other LoRA servers refuse (modules_to_save, trained embeddings or head):
+    # a warning by default, an error with strict
+    strict: bool = False
+
+
 class ExportSection(Section):
     # hf: the merged folder | gguf: one GGUF file | ollama: Modelfile + GGUF | adapter: PEFT adapter
     formats: list[Literal["hf", "gguf", "ollama", "adapter"]] = Field(default=["hf"], min_length=1)
     gguf: GgufOptions = GgufOptions()  # GGUF file settings (gguf and ollama formats)
+    adapter: AdapterExportOptions = AdapterExportOptions()  # adapter format settings
     verify_examples: int = Field(default=8, gt=0)  # prepared conversations a GGUF is checked on
     verify_tokens: int = Field(default=256, ge=16)  # tokens of each
 

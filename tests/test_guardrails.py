@@ -244,9 +244,43 @@ def test_generate_and_chat_serve_prompts_as_training_saw_them(tiny_model, tmp_pa
     for output in (result, raw, chat):
         assert "kernels-community" not in output.stdout + output.stderr
 
+    # template drift: a copy of the merged model whose template was edited is refused...
+    import shutil
+
+    shutil.copytree(run / "merged", tmp_path / "edited")
+    shutil.copy(run / "merged" / "manifest.json", tmp_path / "edited" / "manifest.json")
+    template_file = tmp_path / "edited" / "chat_template.jinja"
+    template_file.write_text(template_file.read_text().replace("<|im_start|>", "<|im_start|> "))
+    for relative in ("prepared", "adapter"):  # the manifest's upstream paths, as in the run
+        (tmp_path / relative).symlink_to(run / relative)
+    drift = llmtune("generate", "edited", "--input", "in.jsonl", "--output", "d.jsonl", cwd=tmp_path)
+    assert drift.returncode == 2 and "chat template differs from the one the run's data was prepared with" \
+        in " ".join(drift.stderr.split())
+    # ...unless --template says which to use
+    trained = llmtune("generate", "edited", "--input", "in.jsonl", "--output", "d.jsonl",
+                      "--template", "trained", "--max-new-tokens", "12", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert [json.loads(line)["output"] for line in (tmp_path / "d.jsonl").read_text().splitlines()] == outputs
+
 
 def test_empty_answers_are_counted_and_warned_about(capsys):
     from llmtune.stages.inference import Generation, report_empty
 
     assert report_empty([Generation("", True), Generation(" 42", True), Generation("  ", True)], "generate") == 2
     assert "generate: warning: 2 of 3 answers are empty" in " ".join(capsys.readouterr().out.split())
+
+
+# --- adapters that servers refuse --------------------------------------------------------------
+
+def test_an_adapter_with_whole_modules_is_flagged_at_export_and_refused_under_strict(tiny_model, tmp_path):
+    import json
+
+    recipe = write_recipe(tmp_path, tiny_model, rows=24, adapter={"modules_to_save": ["lm_head"]},
+                          train={"max_steps": 2}, export={"formats": ["adapter"]}, preview={"count": 0})
+    result = llmtune("run", recipe, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "vLLM refuses this adapter: modules_to_save ['lm_head']" in " ".join(result.stdout.split())
+    summary = json.loads((tmp_path / "runs" / "tiny" / "exported" / "manifest.json").read_text())["summary"]
+    assert summary["adapter_servable"] is False and "modules_to_save" in summary["adapter_problems"][0]
+    strict = llmtune("export", recipe, "--force", "--set", "export.adapter.strict=true", cwd=tmp_path)
+    assert strict.returncode == 2 and "LoRA servers refuse" in strict.stderr

@@ -15,6 +15,11 @@ from llmtune.console import console
 from llmtune.errors import LlmtuneError
 
 
+TemplateOpt = Annotated[str | None, typer.Option(
+    help="Chat template to serve with: trained (the run's), auto (the model folder's own), a built-in "
+    "name or a .jinja file. Default: the trained one; a folder whose own template differs is refused.")]
+
+
 @app.command("eval")
 def eval_(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
     """Compare base, adapter and merged: loss, perplexity, exact/contains/regex match, EOS rate."""
@@ -47,6 +52,7 @@ def generate(
         help="System prompt for conversations without one (default: the one every training conversation had).")] = None,
     raw: Annotated[bool, typer.Option(
         "--raw", help="Send {\"prompt\": ...} text as it is, not as a user turn in the chat template.")] = False,
+    template: TemplateOpt = None,
 ):
     """Answer every prompt of a JSONL file (greedy), for scripts. On a run trained on chat data a
     {"prompt": ...} row is a user turn, rendered with the training template and system prompt."""
@@ -54,7 +60,7 @@ def generate(
 
     from llmtune.data.formats import check_messages
     from llmtune.models import quiet_libraries
-    from llmtune.stages.inference import as_prompt, load_tuned, report_empty, serving_defaults
+    from llmtune.stages.inference import as_prompt, load_tuned, report_empty, serving_defaults, use_template
     from llmtune.stages.inference import generate as run_generation
 
     quiet_libraries()
@@ -80,6 +86,7 @@ def generate(
         rows.append(row)
         prompts.append(prompt)
     model, tokenizer = load_tuned(target, adapter)
+    use_template(tokenizer, serving, template, target)
     if not tokenizer.chat_template:
         serving = dataclasses.replace(serving, chat=False)
     _say_serving(serving, "generate", raw)
@@ -103,6 +110,7 @@ def chat(
     system: Annotated[str | None, typer.Option(
         help="System prompt to start with (default: the one every training conversation had).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
+    template: TemplateOpt = None,
 ):
     """Chat with the model, streamed. Commands: /reset, /system TEXT, /exit (or end of input)."""
     import torch
@@ -110,11 +118,13 @@ def chat(
 
     from llmtune.data.special_text import encode_prompt
     from llmtune.models import eos_token_ids, quiet_libraries
-    from llmtune.stages.inference import load_tuned, serving_defaults
+    from llmtune.stages.inference import load_tuned, serving_defaults, use_template
 
     quiet_libraries()
     serving = serving_defaults(target, adapter)
     model, tokenizer = load_tuned(target, adapter)
+    use_template(tokenizer, serving, template, target)
+    use_template(tokenizer, serving, template, target)
     if not tokenizer.chat_template:
         raise LlmtuneError(f"{target}: the tokenizer has no chat template to chat with")
     if system is None and serving.system_prompt:

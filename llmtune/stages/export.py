@@ -72,6 +72,16 @@ def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) 
             summary["gguf_file"] = f"ollama/{gguf_file.name}"
     if "adapter" in formats:
         adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
+        problems = adapter_serving_problems(adapter_dir)
+        if problems and recipe.export.adapter.strict:
+            raise InputError(f"export: the adapter is one that LoRA servers refuse: {'; '.join(problems)}",
+                             hint="export hf or gguf (the merged model) instead, or retrain without "
+                             "modules_to_save and embedding targets, or set export.adapter.strict: false")
+        for problem in problems:
+            console.print(f"[yellow]export: warning: vLLM refuses this adapter: {problem}; "
+                          "serve the merged model (hf, gguf) instead[/yellow]")
+        summary["adapter_servable"] = not problems
+        summary["adapter_problems"] = problems
         summary["adapter_base"] = _export_adapter(adapter_dir, partial / "adapter")
         console.print(f"export: adapter -> {out_dir / 'adapter'} (base {summary['adapter_base']})")
     manifest = finish_stage(partial, out_dir, stage="export", recipe_sha256=recipe_sha,
@@ -171,6 +181,35 @@ def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path,
     eos_ids = models.eos_token_ids(tokenizer, models.load_config(merged_dir))
     eos_texts = [tokenizer.convert_ids_to_tokens(token_id) for token_id in eos_ids]
     write_modelfile(folder, gguf_file.name, tokenizer, tokenizer.chat_template, eos_texts, system_prompt)
+
+
+EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_out", "output", "tok_embeddings")
+
+
+def adapter_serving_problems(adapter_dir: Path) -> list[str]:
+    """Why vLLM (and TGI's LoRA support, which follows it) would refuse the adapter: it loads
+    LoRA matrices on linear layers only, so whole modules saved beside them (modules_to_save,
+    or the embeddings peft saves when they were targeted or resized) cannot be served."""
+    from safetensors import safe_open
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    problems = []
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {sorted(config['modules_to_save'])} are whole trained modules")
+    targets = config.get("target_modules") or []
+    targeted = ([t for t in targets if t.split(".")[-1] in EMBEDDING_NAMES] if isinstance(targets, list)
+                else [n for n in EMBEDDING_NAMES if n in targets])
+    if targeted:
+        problems.append(f"LoRA on the embeddings or output head ({', '.join(targeted)})")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as handle:
+            whole = sorted({key.rsplit(".", 1)[0] for key in handle.keys()
+                            if "lora_" not in key and key.split(".")[-2] in EMBEDDING_NAMES})
+        if whole and not config.get("modules_to_save"):
+            problems.append(f"whole embedding weights saved ({', '.join(whole)}), "
+                            "as for a resized vocabulary")
+    return problems
 
 
 def _export_adapter(adapter_dir: Path, target: Path) -> str:

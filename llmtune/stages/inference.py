@@ -65,6 +65,7 @@ class Serving:
     special_text: str = "plain"
     system_prompt: str | None = None  # the system message every training conversation had
     chat: bool = True  # prompts are user turns rendered with the chat template
+    template: str | None = None  # the chat template the data was rendered with
 
 
 def serving_defaults(target: Path, adapter: Path | None = None) -> Serving:
@@ -75,9 +76,34 @@ def serving_defaults(target: Path, adapter: Path | None = None) -> Serving:
     if prepared is None:
         return Serving()
     summary, folder = prepared
+    template = folder / "chat_template.jinja"
     return Serving(special_text=summary.get("special_text", "keep"),  # before the setting: keep
                    system_prompt=(summary.get("chat") or {}).get("common_system_prompt"),
-                   chat=(folder / "chat_template.jinja").is_file())
+                   chat=template.is_file(),
+                   template=template.read_text(encoding="utf-8") if template.is_file() else None)
+
+
+def use_template(tokenizer, serving: Serving, choice: str | None, target: Path) -> None:
+    """Give the tokenizer the chat template to serve with: `choice` when given (trained: the
+    one the data was prepared with; auto: the model folder's own; a built-in name or a file),
+    else the trained one, and a folder whose own template differs from it is refused: a model
+    prompted in another format than it was trained in answers worse, silently."""
+    from llmtune.data.templates import resolve_template
+
+    if choice is None:
+        if serving.template is not None and tokenizer.chat_template != serving.template:
+            raise InputError(
+                f"{target}: its chat template differs from the one the run's data was prepared with",
+                hint="pass --template trained to serve with the training one, or --template auto "
+                "for the folder's own")
+        return
+    if choice == "trained":
+        if serving.template is None:
+            raise InputError(f"{target}: no run to take the trained template from",
+                             hint="give a run directory, or --template auto, a built-in name or a file")
+        tokenizer.chat_template = serving.template
+    else:
+        tokenizer.chat_template = resolve_template(choice, tokenizer)
 
 
 def as_prompt(prompt, serving: Serving, raw: bool = False):
