@@ -284,3 +284,29 @@ def test_an_adapter_with_whole_modules_is_flagged_at_export_and_refused_under_st
     assert summary["adapter_servable"] is False and "modules_to_save" in summary["adapter_problems"][0]
     strict = llmtune("export", recipe, "--force", "--set", "export.adapter.strict=true", cwd=tmp_path)
     assert strict.returncode == 2 and "LoRA servers refuse" in strict.stderr
+
+
+def test_numeric_checks_count_a_nan_as_a_failure(tiny_model):
+    """NaN compares false against every bar: the GGUF check's argmax of a NaN row is 0 on both
+    sides (a perfect "agreement"), and the merge check's difference is NaN (never > tolerance)."""
+    import torch
+
+    from llmtune import models
+    from llmtune.errors import VerificationError
+    from llmtune.stages import gguf_verify, merge_check
+
+    model = models.load_model(tiny_model, "fp32").eval()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    _, non_finite = gguf_verify._top1(model, [[5, 6, 7, 8]])
+    assert non_finite == 4
+    figures = {"top1_agreement": 1.0, "positions": 4, "non_finite_positions": 4,
+               "tokenization_matches": "1/1", "chat_template_matches": True}
+    assert gguf_verify.failures(figures, "q8_0") == ["4 positions have NaN or infinite logits"]
+
+    logits = torch.zeros(1, 4, 8)
+    broken = logits.clone()
+    broken[0, 2, 3] = float("nan")
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(VerificationError):
+        merge_check.check_logits(broken, logits, logits, mask, "float32")

@@ -6,6 +6,7 @@ with EOS before the length limit. Writes eval/report.json and eval/generations.j
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from llmtune.data.chat import IGNORE
 from llmtune.data.special_text import encode_samples
 from llmtune.data.formats import to_sample
 from llmtune.data.sources import read_source
-from llmtune.errors import InputError
+from llmtune.errors import InputError, VerificationError
 from llmtune.manifest import (
     Outcome,
     finish_stage,
@@ -89,6 +90,12 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
             results[name]["merged"] = _score(merged, tokenizer, rows, cfg, name, "merged", generations, serving)
         del merged
     report = {"sets": {name: {"examples": len(rows), "models": results[name]} for name, rows in eval_sets.items()}}
+    broken = [f"{model} on {name}" for name in results for model, metrics in results[name].items()
+              if metrics.get("loss") is not None and not math.isfinite(metrics["loss"])]
+    if broken:  # NaN compares false against everything: never let it pass as a number
+        raise VerificationError(f"eval: the loss is NaN or infinite for {', '.join(broken)}",
+                                hint="a model with non-finite weights or an fp16 overflow; evaluate "
+                                "in bf16 or fp32, and retrain if the adapter itself holds NaN")
 
     if cfg.lm_eval_tasks:
         report["lm_eval"] = _lm_eval(merged_dir if "merged" in inputs else None, cfg)

@@ -62,10 +62,15 @@ def _figures(llm, model, tokenizer, rows: list[list[int]]) -> dict:
     # otherwise count every prediction inside that prefix once per conversation (8 times here).
     agree = total = 0
     seen = set()
-    for ids, expected in zip(rows, _top1(model, rows)):
+    # A NaN logit is never agreement: the argmax of NaN rows is 0 on both sides, which would
+    # count a broken model as a perfect match.
+    expected_rows, non_finite = _top1(model, rows)
+    for ids, expected in zip(rows, expected_rows):
         llm.reset()
         llm.eval(ids)
-        got = np.asarray(llm.scores[: len(ids)]).argmax(-1)
+        scores = np.asarray(llm.scores[: len(ids)])
+        non_finite += int((~np.isfinite(scores)).any(-1).sum())
+        got = scores.argmax(-1)
         for position in range(len(ids)):
             context = hash(tuple(ids[: position + 1]))
             if context not in seen:
@@ -82,16 +87,18 @@ def _figures(llm, model, tokenizer, rows: list[list[int]]) -> dict:
     return {
         "top1_agreement": round(agree / total, 4),
         "positions": total,  # distinct contexts compared
+        "non_finite_positions": non_finite,  # positions with a NaN or infinite logit, either side
         "tokenization_matches": f"{same_tokens}/{len(texts)}",
         "chat_template_matches": template is not None and _render_llama_cpp(llm, template)
         == tokenizer.apply_chat_template(TEMPLATE_PROBE, tokenize=False, add_generation_prompt=True),
     }
 
 
-def _top1(model, rows: list[list[int]], batch_size: int = 4) -> list[np.ndarray]:
+def _top1(model, rows: list[list[int]], batch_size: int = 4) -> tuple[list[np.ndarray], int]:
     """transformers' top-1 token at every position of each row, in right-padded batches on the
-    model's device (padding comes after every real token, so it changes none of them)."""
-    result = []
+    model's device (padding comes after every real token, so it changes none of them), and the
+    number of positions with a non-finite logit."""
+    result, non_finite = [], 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         longest = max(len(ids) for ids in batch)
@@ -100,9 +107,13 @@ def _top1(model, rows: list[list[int]], batch_size: int = 4) -> list[np.ndarray]
         for i, row in enumerate(batch):
             ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
         with torch.no_grad():
-            top = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.argmax(-1)
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        bad = (~torch.isfinite(logits)).any(-1) & mask.to(logits.device).bool()
+        non_finite += int(bad.sum())
+        top = logits.argmax(-1)
+        del logits
         result += [top[i, :len(row)].cpu().numpy() for i, row in enumerate(batch)]
-    return result
+    return result, non_finite
 
 
 def _render_llama_cpp(llm, template: str) -> str:
@@ -120,6 +131,8 @@ def _render_llama_cpp(llm, template: str) -> str:
 def failures(figures: dict, quant: str) -> list[str]:
     """What falls short, in words; empty when the file passes."""
     problems = []
+    if figures.get("non_finite_positions"):
+        problems.append(f"{figures['non_finite_positions']} positions have NaN or infinite logits")
     bar = MIN_AGREEMENT.get(quant, 0.6)
     if figures["top1_agreement"] < bar:
         problems.append(f"next-token agreement {figures['top1_agreement']:.1%} is below {bar:.0%} for {quant}")
