@@ -173,6 +173,11 @@ def main() -> None:
     measured = train.peak_gpu_gb if gpu else train.peak_rss_gb
     print(f"\nplan's estimate for train ({plan['precision']}, {plan['micro_batch']}): {estimate:.2f} GB; "
           f"measured {measured:.2f} GB ({'GPU' if gpu else 'RSS'}); estimate/measured {estimate / measured:.2f}")
+    evaluation = next(done for stage, done in rows if stage == "eval")
+    eval_measured = evaluation.peak_gpu_gb if gpu else evaluation.peak_rss_gb
+    eval_estimate = plan["eval_memory_bytes"]["total"] / 1e9
+    print(f"plan's estimate for eval: {eval_estimate:.2f} GB; measured {eval_measured:.2f} GB; "
+          f"estimate/measured {eval_estimate / eval_measured:.2f}")
     print("GB = 10^9 bytes.")
 
 

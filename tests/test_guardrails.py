@@ -310,3 +310,26 @@ def test_numeric_checks_count_a_nan_as_a_failure(tiny_model):
     mask = torch.ones(1, 4, dtype=torch.bool)
     with pytest.raises(VerificationError):
         merge_check.check_logits(broken, logits, logits, mask, "float32")
+
+
+# --- evaluation that runs out of memory --------------------------------------------------------
+
+def test_plan_reports_eval_and_generation_batches_shrink_to_what_fits(tiny_model, tmp_path, monkeypatch, capsys):
+    import json
+
+    from llmtune import models
+    from llmtune.stages import inference
+
+    recipe = write_recipe(tmp_path, tiny_model, eval={"batch_size": 8, "max_new_tokens": 16})
+    result = llmtune("plan", recipe, "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    memory = json.loads(result.stdout)["eval_memory_bytes"]
+    assert memory["total"] == memory["weights"] + memory["generation or loss"] + memory["runtime"]
+    assert memory["generation or loss"] > 0
+
+    model = models.load_model(tiny_model, "fp32").eval()
+    per_row = inference.generation_bytes_per_row(model.config, 40, 4)
+    monkeypatch.setattr(inference, "available_bytes", lambda device: int(3.5 * per_row / 0.8))
+    assert inference.fitting_batch_size(model, 8, 40) == 3
+    assert "generation: 3 prompts at a time, not 8" in capsys.readouterr().out
+    assert inference.fitting_batch_size(model, 2, 40) == 2

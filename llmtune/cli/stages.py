@@ -105,10 +105,12 @@ def plan(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None,
         return
     table = Table("plan", "value", show_header=False)
     for key, value in result.items():
-        if key != "memory_bytes":
+        if key not in ("memory_bytes", "eval_memory_bytes"):
             table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
     for key, value in result["memory_bytes"].items():
         table.add_row(f"memory: {key}" + (" (estimate)" if key == "total" else ""), f"{value / 1e9:.2f} GB")
+    for key, value in result["eval_memory_bytes"].items():
+        table.add_row(f"eval memory: {key}" + (" (estimate)" if key == "total" else ""), f"{value / 1e9:.2f} GB")
     console.print(table)
 
 

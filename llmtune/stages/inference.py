@@ -31,6 +31,8 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | Non
     control-token text in it is handled as `special_text` says (as prepare did)."""
     eos_ids = models.eos_token_ids(tokenizer, model.config)
     encoded = [encode_prompt(tokenizer, p, template, special_text) for p in prompts]
+    if encoded:
+        batch_size = fitting_batch_size(model, batch_size, max(map(len, encoded)) + max_new_tokens)
     results = []
     for start in range(0, len(encoded), batch_size):
         batch = left_padded(encoded[start:start + batch_size], tokenizer.pad_token_id or 0, model.device)
@@ -44,6 +46,49 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | Non
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
             results.append(Generation(text, ended))
     return results
+
+
+def generation_bytes_per_row(config, tokens: int, dtype_bytes: int) -> int:
+    """Memory one sequence of `tokens` (prompt and answer) takes while it is generated: its KV
+    cache, the prompt's largest transient in the prefill (the MLP's intermediate tensors, and
+    the attention scores where the kernel materialises them, as CPU SDPA does), and one step's
+    fp32 logits over the vocabulary with their processed copy (generate keeps the last
+    position's logits only)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    inter = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    kv_cache = 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * dtype_bytes
+    prefill = max(3 * tokens * inter * dtype_bytes, heads * tokens * tokens * dtype_bytes)
+    return int(kv_cache + prefill + 2 * config.vocab_size * 4)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for more work on the device: the GPU's free memory, or the system's."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not limit
+
+
+def fitting_batch_size(model, requested: int, tokens: int) -> int:
+    """The largest generation batch up to `requested` whose estimate (plan's, below) fits in
+    80% of the memory free now, with the model loaded; says so when it is smaller."""
+    dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    per_row = generation_bytes_per_row(model.config, tokens, dtype_bytes)
+    free = available_bytes(model.device)
+    fits = max(1, int(0.8 * free // per_row))
+    if fits < requested:
+        console.print(f"generation: {fits} prompts at a time, not {requested}: each needs about "
+                      f"{per_row / 1e9:.2f} GB ({tokens} tokens), {free / 1e9:.1f} GB are free")
+        return fits
+    return requested
 
 
 def left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.recipe import Recipe
+from llmtune.stages.inference import generation_bytes_per_row
 from llmtune.stages.prepare import prepare, up_to_date
 from llmtune.stages.loss import chunk_rows, chunked_loss_supported
 from llmtune.stages.train import lora_config
@@ -64,7 +65,26 @@ def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
         "precision": precision,
         "gradient_checkpointing": "on" if cfg.gradient_checkpointing else "off",
         "memory_bytes": estimate["memory_bytes"],
+        "eval_memory_bytes": estimate_eval_memory(config, recipe, precision, estimate["parameters"]
+                                                  - estimate["trainable_parameters"]),
     }
+
+
+def estimate_eval_memory(config, recipe: Recipe, precision: str, frozen: int) -> dict:
+    """Peak memory of `llmtune eval` (and the preview, generate, chat): one model at a time in
+    the compute dtype (the adapter, merged in or not, is small), generation of eval.batch_size
+    prompts up to max_seq_len tokens plus eval.max_new_tokens, or the chunked loss of a batch,
+    whichever is larger; generation batches shrink to what fits (inference.fitting_batch_size)."""
+    act_bytes = ACTIVATION_BYTES[precision]
+    cfg = recipe.eval
+    tokens = recipe.data.max_seq_len + cfg.max_new_tokens
+    generation = cfg.batch_size * generation_bytes_per_row(config, tokens, act_bytes)
+    loss = (cfg.batch_size * recipe.data.max_seq_len * config.hidden_size * act_bytes * 4
+            + _logits(config, recipe.train, recipe.data.max_seq_len, chunked_loss_supported(config)))
+    memory = {"weights": frozen * act_bytes, "generation or loss": max(generation, loss),
+              "runtime": RUNTIME_BYTES}
+    memory["total"] = sum(memory.values())
+    return {key: int(value) for key, value in memory.items()}
 
 
 def estimate_memory(config, recipe: Recipe, precision: str) -> dict:
