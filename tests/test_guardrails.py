@@ -210,7 +210,7 @@ def test_generate_and_chat_serve_prompts_as_training_saw_them(tiny_model, tmp_pa
     import sys
 
     from conftest import write_jsonl
-    from llmtune.stages.inference import serving_defaults
+    from llmtune.stages.serving import serving_defaults
 
     recipe = write_recipe(tmp_path, tiny_model, rows=24, data={"system_prompt": "Answer in three words."},
                           train={"max_steps": 4, "lr": 5e-3}, preview={"count": 0})
@@ -264,7 +264,8 @@ def test_generate_and_chat_serve_prompts_as_training_saw_them(tiny_model, tmp_pa
 
 
 def test_empty_answers_are_counted_and_warned_about(capsys):
-    from llmtune.stages.inference import Generation, report_empty
+    from llmtune.stages.inference import Generation
+    from llmtune.stages.serving import report_empty
 
     assert report_empty([Generation("", True), Generation(" 42", True), Generation("  ", True)], "generate") == 2
     assert "generate: warning: 2 of 3 answers are empty" in " ".join(capsys.readouterr().out.split())

@@ -60,8 +60,9 @@ def generate(
 
     from llmtune.data.formats import check_messages
     from llmtune.models import quiet_libraries
-    from llmtune.stages.inference import as_prompt, load_tuned, report_empty, serving_defaults, use_template
     from llmtune.stages.inference import generate as run_generation
+    from llmtune.stages.inference import load_tuned
+    from llmtune.stages.serving import as_prompt, report_empty, serving_defaults, use_template
 
     quiet_libraries()
     serving = serving_defaults(target, adapter)
@@ -118,7 +119,8 @@ def chat(
 
     from llmtune.data.special_text import encode_prompt
     from llmtune.models import eos_token_ids, quiet_libraries
-    from llmtune.stages.inference import load_tuned, serving_defaults, use_template
+    from llmtune.stages.inference import load_tuned
+    from llmtune.stages.serving import serving_defaults, use_template
 
     quiet_libraries()
     serving = serving_defaults(target, adapter)

@@ -35,15 +35,13 @@ from llmtune.metrics import contains, exact_match, regex_match
 from llmtune.recipe import Recipe, section_sha256
 from llmtune.stages.inference import (
     adapter_on_base,
-    as_prompt,
     generate,
     mean_token_loss,
     perplexity,
     prompt_and_answer,
-    report_empty,
-    serving_defaults,
     trained_precision,
 )
+from llmtune.stages.serving import as_prompt, report_empty, serving_defaults
 
 def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     adapter_dir, merged_dir, out_dir = (stage_dir(run, stage) for stage in ("train", "merge", "eval"))

@@ -15,15 +15,8 @@ from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.manifest import manifest_sha256, require_stage, stage_dir, upstream_dir
 from llmtune.recipe import Recipe
-from llmtune.stages.inference import (
-    adapter_on_base,
-    as_prompt,
-    generate,
-    prompt_and_answer,
-    report_empty,
-    serving_defaults,
-    trained_precision,
-)
+from llmtune.stages.inference import adapter_on_base, generate, prompt_and_answer, trained_precision
+from llmtune.stages.serving import as_prompt, report_empty, serving_defaults
 
 PREVIEW_FILE = "preview.json"
 
