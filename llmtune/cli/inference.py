@@ -126,7 +126,6 @@ def chat(
     serving = serving_defaults(target, adapter)
     model, tokenizer = load_tuned(target, adapter)
     use_template(tokenizer, serving, template, target)
-    use_template(tokenizer, serving, template, target)
     if not tokenizer.chat_template:
         raise LlmtuneError(f"{target}: the tokenizer has no chat template to chat with")
     if system is None and serving.system_prompt:

@@ -251,7 +251,7 @@ def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped:
     """Apply data.overlong; drop examples left with nothing to train. Returns (row, example)."""
     kept, overlong = [], []
     for row, example in zip(rows, examples):
-        if all(label == IGNORE for label in example.labels):
+        if example.labels.count(IGNORE) == len(example.labels):
             # e.g. a conversation without an assistant turn, or a template that renders none
             skipped[NOTHING_TO_TRAIN] += 1
             continue
