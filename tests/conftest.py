@@ -118,6 +118,11 @@ def write_recipe(folder: Path, base: str | Path, rows: int = 40, **sections) -> 
     return path
 
 
+def stage_manifest(run: Path, folder: str) -> dict:
+    """The manifest.json of one of a run's stage folders (prepared, adapter, merged, ...)."""
+    return json.loads((run / folder / "manifest.json").read_text())
+
+
 def llmtune(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real CLI as a user would: `python -m llmtune ...` in `cwd`."""
     return subprocess.run(

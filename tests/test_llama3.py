@@ -14,7 +14,7 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from conftest import llmtune, write_jsonl, write_recipe
+from conftest import llmtune, stage_manifest, write_jsonl, write_recipe
 from llmtune.errors import VerificationError
 from llmtune.recipe import load_recipe
 from llmtune.testing import build_llama3_model
@@ -32,10 +32,6 @@ def llama3_run(tmp_path_factory):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and "held-out exact match" in result.stdout
     return folder, recipe, base
-
-
-def _manifest(run, stage):
-    return json.loads((run / stage / "manifest.json").read_text())
 
 
 def test_run_keeps_one_bos_the_vocabulary_and_every_end_of_turn_id(llama3_run):
@@ -61,7 +57,7 @@ def test_run_keeps_one_bos_the_vocabulary_and_every_end_of_turn_id(llama3_run):
 def test_merge_auto_writes_the_bases_bf16_and_checks_it_exactly(llama3_run):
     folder, _, base = llama3_run
     run = folder / "runs" / "tiny"
-    summary = _manifest(run, "merged")["summary"]
+    summary = stage_manifest(run, "merged")["summary"]
     assert summary["dtype"] == "bfloat16" and summary["max_abs_logit_diff"] == 0.0
     assert summary["tensors_equal_to_peft_merge"] == 21
     with safe_open(str(run / "merged" / "model.safetensors"), "pt") as reader:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import llmtune, write_recipe
+from conftest import llmtune, stage_manifest, write_recipe
 
 STAGE_DIRS = ("prepared", "adapter", "merged", "exported")
 
@@ -25,24 +25,20 @@ def tiny_run(tiny_model, tmp_path_factory):
     return folder, recipe, result
 
 
-def _manifest(run, stage_dir):
-    return json.loads((run / stage_dir / "manifest.json").read_text())
-
-
-def test_run_writes_every_stage_with_a_manifest(tiny_run):
+def test_run_writes_every_stage_with_astage_manifest(tiny_run):
     folder, _, result = tiny_run
     run = folder / "runs" / "tiny"
     for stage_dir in STAGE_DIRS:
-        manifest = _manifest(run, stage_dir)
+        manifest = stage_manifest(run, stage_dir)
         assert manifest["manifest_version"] == 1 and manifest["outputs"]
     assert (run / "recipe.yaml").is_file()
-    train = _manifest(run, "adapter")["summary"]
+    train = stage_manifest(run, "adapter")["summary"]
     assert train["eval_loss"] < train["eval_loss_before"]
     assert "eval loss: before training" in result.stdout
     assert "held-out exact match" in result.stdout
     lines = (run / "adapter" / "metrics.jsonl").read_text().splitlines()
     assert any("loss" in json.loads(line) and "lr" in json.loads(line) for line in lines)
-    merge = _manifest(run, "merged")["summary"]
+    merge = stage_manifest(run, "merged")["summary"]
     assert merge["max_abs_logit_diff"] <= merge["logit_tolerance"]
     stats = json.loads((run / "prepared" / "stats.json").read_text())
     assert stats["rows_read"] == 40 == stats["rows_kept"] + stats["rows_skipped"]
