@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ["_read", "dedup", "render_samples", "encode", "_limit", "_save_examples", "split_stats",
-         "finish_stage", "_content_hashes"]
+STEPS = ["_read", "dedup", "_limit", "_save_examples", "split_stats", "finish_stage", "_content_hashes"]
+# rendering and tokenising happen in llmtune.data.special_text.encode_samples
+ENCODE_STEPS = ["render_samples", "encode", "found"]
 
 
 def time_steps(times: dict[str, float]) -> None:
@@ -48,6 +49,10 @@ def time_steps(times: dict[str, float]) -> None:
 
     for name in STEPS:
         setattr(stage, name, timed(name.strip("_"), getattr(stage, name)))
+    from llmtune.data import special_text
+
+    for name in ENCODE_STEPS:
+        setattr(special_text, name, timed(name, getattr(special_text, name)))
     models.load_tokenizer = timed("load_tokenizer", models.load_tokenizer)
 
 

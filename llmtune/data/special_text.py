@@ -29,12 +29,9 @@ PLACEHOLDER = 0xF0000  # Supplementary Private Use Area-A: placeholder k stands 
 
 
 @functools.lru_cache(maxsize=8)
-def _patterns(tokens: tuple[str, ...]):
-    """(regex finding the tokens, the short prefixes that any of them starts with)."""
-    longest_first = sorted(range(len(tokens)), key=lambda k: -len(tokens[k]))
-    finder = re.compile("|".join(re.escape(tokens[k]) for k in longest_first))
-    prefixes = tuple({token[:2] for token in tokens})
-    return finder, prefixes
+def _finder(tokens: tuple[str, ...]):
+    """One regex finding any of the tokens, the longest first where one is a prefix of another."""
+    return re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
 
 
 def control_tokens(tokenizer) -> tuple[str, ...]:
@@ -53,18 +50,27 @@ def found(texts: list[str], tokens: tuple[str, ...]) -> list[str]:
     """Every control-token text in `texts`, in order."""
     if not tokens:
         return []
-    finder, prefixes = _patterns(tokens)
-    hits = []
-    for text in texts:
-        if any(prefix in text for prefix in prefixes):  # a fast no for almost every text
-            hits += finder.findall(text)
-    return hits
+    finder = _finder(tokens)
+    return [hit for text in texts for hit in finder.findall(text)]
+
+
+def found_in_samples(samples: list[dict], tokens: tuple[str, ...]) -> dict[int, list[str]]:
+    """{index of a sample: its control-token texts} for the samples that hold any. One regex
+    search of the whole batch's text answers for the common batch that holds none (GSM8K's
+    7,473 conversations: 13 ms, against 70 ms sample by sample)."""
+    if not tokens:
+        return {}
+    texts = [contents(sample) for sample in samples]
+    if not _finder(tokens).search("\x00".join(text for sample_texts in texts for text in sample_texts)):
+        return {}
+    hits = {index: found(sample_texts, tokens) for index, sample_texts in enumerate(texts)}
+    return {index: found_here for index, found_here in hits.items() if found_here}
 
 
 def hide(sample: dict, tokens: tuple[str, ...]) -> dict:
     """The sample with each control-token text in its content replaced by placeholders of the
     same length."""
-    finder, _ = _patterns(tokens)
+    finder = _finder(tokens)
     index = {token: k for k, token in enumerate(tokens)}
 
     def masked(text: str) -> str:
@@ -99,7 +105,7 @@ def encode_as_text(tokenizer, hidden_text: str, spans: list[Span], tokens: tuple
     """Token ids and labels for a rendered sample whose content was hidden: the template's
     control tokens as their ids, everything else (content's control-token text included)
     tokenised as ordinary text; labels inside the trained `spans` (character offsets)."""
-    finder, _ = _patterns(tokens)
+    finder = _finder(tokens)
     backend = tokenizer.backend_tokenizer
     ids: list[int] = []
     starts: list[int] = []
@@ -159,9 +165,10 @@ def encode_samples(tokenizer, samples: list[dict], template: str | None, train_o
     control-token text are tokenised with that text as ordinary text (`error` refused such
     rows when they were read)."""
     controls = control_tokens(tokenizer) if mode == "plain" else ()
-    plain = [bool(controls) and bool(found(contents(s), controls)) for s in samples]
-    if not any(plain):
+    holding = found_in_samples(samples, controls)
+    if not holding:
         return encode(tokenizer, render_samples(samples, tokenizer, template, train_on))
+    plain = [index in holding for index in range(len(samples))]
     samples = [hide(s, controls) if p else s for s, p in zip(samples, plain)]
     rendered = render_samples(samples, tokenizer, template, train_on)
     examples = iter(encode(tokenizer, [r for r, p in zip(rendered, plain) if not p]))

@@ -205,21 +205,21 @@ def _read(source, index: int, data: DataSection, skipped: Counter, controls: tup
         sample, reason = (None, record.error) if record.error else to_sample(
             record.data, source.format, source.fields, data.system_prompt, source.separator)
         if reason is None:
-            hits = special_text.found(special_text.contents(sample), controls)
-            if hits:
-                seen["rows"] += 1
-                seen["occurrences"] += len(hits)
-                if data.special_text == "error":
-                    raise InputError(
-                        f"{record.where}: the content holds the text of a control token, {hits[0]}",
-                        hint="data.special_text: plain tokenises such text as ordinary text (the "
-                        "default), keep lets it become the control token; or fix that row")
             rows.append((record.where, index, sample))
             continue
         if data.bad_rows == "error":
             raise InputError(f"{record.where}: {reason}",
                              hint="fix or remove that row, or set data.bad_rows: skip")
         skipped[reason.split(":")[0]] += 1
+    holding = special_text.found_in_samples([sample for _, _, sample in rows], controls)
+    for row_index, hits in sorted(holding.items()):
+        if data.special_text == "error":
+            raise InputError(
+                f"{rows[row_index][0]}: the content holds the text of a control token, {hits[0]}",
+                hint="data.special_text: plain tokenises such text as ordinary text (the default), "
+                "keep lets it become the control token; or fix that row")
+        seen["rows"] += 1
+        seen["occurrences"] += len(hits)
     return rows
 
 
