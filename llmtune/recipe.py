@@ -132,6 +132,11 @@ class AdapterSection(Section):
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] = []  # trained in full and saved, e.g. [embed_tokens, lm_head]
     init: Literal["default", "gaussian", "pissa", "loftq"] = "default"  # peft's init_lora_weights
+    # LoRA+: the B matrices learn this many times faster than the A matrices (peft), e.g. 16
+    loraplus_lr_ratio: float | None = Field(default=None, gt=0)
+    layers_to_transform: list[int] | None = None  # only these layer indices get the adapter (peft)
+    rank_pattern: dict[str, int] = {}  # module name or regex -> its rank instead of r (peft)
+    alpha_pattern: dict[str, float] = {}  # module name or regex -> its alpha instead of alpha (peft)
 
     @field_validator("target_modules")
     @classmethod
@@ -146,7 +151,10 @@ class TrainSection(Section):
     max_steps: int | None = Field(default=None, gt=0)  # overrides epochs when set
     batch_size: int = Field(default=8, gt=0)  # sequences per micro-batch
     grad_accum: int = Field(default=1, gt=0)  # micro-batches per optimizer step
-    lr: float = Field(default=2.0e-4, gt=0)  # peak learning rate (AdamW)
+    lr: float = Field(default=2.0e-4, gt=0)  # peak learning rate
+    # adamw: torch's fused AdamW | adamw_8bit, lion_8bit: bitsandbytes' 8-bit states (a quarter of
+    # AdamW's) | paged_adamw_8bit: 8-bit states paged to CPU memory (CUDA) | adafactor | sgd
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd", "lion_8bit"] = "adamw"
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"  # after warmup
     warmup_steps: int = Field(default=0, ge=0)  # steps of linear warmup from 0
     weight_decay: float = Field(default=0.0, ge=0)  # AdamW weight decay on the adapter
@@ -168,6 +176,8 @@ class TrainSection(Section):
     early_stopping_patience: int | None = Field(default=None, gt=0)  # evals without improvement
     save_every: int | None = Field(default=None, gt=0)  # steps between resumable checkpoints
     keep_checkpoints: int = Field(default=2, ge=1)  # newest good checkpoints kept by rotation
+    neftune_alpha: float | None = Field(default=None, gt=0)  # NEFTune noise on input embeddings, e.g. 5
+    compile: bool = False  # torch.compile the model for training (see docs/benchmarks.md)
     # experiment trackers, when installed; they log under <run>/logs (keys only from the environment)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
 

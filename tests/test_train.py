@@ -274,3 +274,103 @@ def test_length_grouped_batches_are_seeded_by_epoch_and_pad_less():
     assert maxima != sorted(maxima, reverse=True)  # then in no length order
     small = SeededLengthGroupedSampler(lengths[:64], group_size=8, seed=3)  # 8 batches: one group
     assert padding(list(small)) < 0.05
+
+
+def test_an_8bit_optimizer_checkpoints_and_resumes_exactly(tiny_model, tmp_path):
+    """bitsandbytes' 8-bit AdamW runs on this CPU; its quantized states go into the checkpoint
+    and a resumed run ends with the same adapter as an uninterrupted one. (r 64: bitsandbytes
+    keeps tensors under 4,096 elements in 32 bits; the tiny model's 64 x 64 matrices reach it.)"""
+    settings = {**RESUMABLE, "optimizer": "adamw_8bit"}
+    adapter = {"dropout": 0.1, "r": 64, "alpha": 64}
+    whole = tmp_path / "whole"
+    recipe = write_recipe(whole, tiny_model, rows=40, adapter=adapter, train=settings, preview={"count": 0})
+    assert llmtune("prepare", recipe, cwd=whole).returncode == 0
+    assert llmtune("train", recipe, cwd=whole).returncode == 0
+    killed = tmp_path / "killed"
+    recipe = write_recipe(killed, tiny_model, rows=40, adapter=adapter, train=settings, preview={"count": 0})
+    assert llmtune("prepare", recipe, cwd=killed).returncode == 0
+    process = _start_and_wait(killed, recipe, 40)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    optimizer_state = killed / "runs" / "tiny" / "adapter.partial" / "checkpoints" / "checkpoint-40" / "optimizer.pt"
+    import torch
+
+    states = torch.load(optimizer_state, weights_only=False)["state"]
+    # bitsandbytes nests its quantized moments under one key per parameter
+    moments = [value for state in states.values() for part in state.values() if isinstance(part, dict)
+               for value in part.values() if isinstance(value, torch.Tensor)]
+    assert any(value.dtype == torch.uint8 for value in moments)  # 8-bit moments, not fp32
+    resumed = llmtune("train", recipe, "--resume", "auto", cwd=killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _max_difference(_adapter(killed / "runs" / "tiny"), _adapter(whole / "runs" / "tiny")) <= 1e-5
+
+
+@pytest.mark.parametrize("sets", [
+    ["train.optimizer=adafactor", "train.lr=1e-2"],
+    ["train.optimizer=sgd", "train.lr=5e-1"],
+    ["train.optimizer=lion_8bit", "train.lr=1e-3"],
+    ["adapter.loraplus_lr_ratio=16", "train.neftune_alpha=5"],
+    ["adapter.layers_to_transform=[1]", "adapter.rank_pattern={q_proj: 8}", "adapter.alpha_pattern={q_proj: 4}"],
+], ids=["adafactor", "sgd", "lion_8bit", "loraplus+neftune", "layers+patterns"])
+def test_training_options_train(tiny_model, tmp_path, sets):
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, rows=40, train={"max_steps": 12, "lr": 5e-3}), sets)
+    run = tmp_path / "runs" / "tiny"
+    prepare(recipe, run)
+    summary = train(recipe, run).manifest["summary"]
+    assert summary["eval_loss"] < summary["eval_loss_before"]
+    config = __import__("json").loads((run / "adapter" / "adapter_config.json").read_text())
+    if "adapter.layers_to_transform=[1]" in sets:
+        weights = _adapter(run)
+        assert all(".layers.1." in name for name in weights)
+        assert weights["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape[0] == 8
+        assert config["rank_pattern"] == {"q_proj": 8} and config["alpha_pattern"] == {"q_proj": 4}
+        from llmtune.stages.merge import merge
+
+        summary = merge(recipe, run).manifest["summary"]  # checked against peft's own merge
+        assert summary["tensors_equal_to_peft_merge"] > 0 and summary["merged_modules"] == 7
+
+
+def test_paged_optimizer_is_refused_off_cuda(tiny_model, tmp_path):
+    from llmtune.errors import InputError
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model), ["train.optimizer=paged_adamw_8bit"])
+    prepare(recipe, tmp_path / "runs" / "tiny")
+    with pytest.raises(InputError, match="paged_adamw_8bit pages optimizer state"):
+        train(recipe, tmp_path / "runs" / "tiny")
+
+
+def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tiny_model, tmp_path, monkeypatch):
+    from llmtune.stages import sampling
+
+    seen = {}
+    original = sampling.GroupedTrainer.create_optimizer
+
+    def spy(self, model=None):
+        optimizer = original(self, model)
+        seen["groups"] = [(group["lr"], len(group["params"])) for group in optimizer.param_groups]
+        return optimizer
+
+    monkeypatch.setattr(sampling.GroupedTrainer, "create_optimizer", spy)
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, train={"max_steps": 1, "lr": 1e-3}),
+                         ["adapter.loraplus_lr_ratio=16"])
+    prepare(recipe, tmp_path / "runs" / "tiny")
+    train(recipe, tmp_path / "runs" / "tiny")
+    rates = {lr for lr, count in seen["groups"] if count}
+    assert rates == {1e-3, 16e-3}
+
+
+def test_plan_shows_each_optimizers_state(tiny_model, tmp_path):
+    import json
+
+    from llmtune.stages.plan import optimizer_state_bytes
+
+    states = optimizer_state_bytes([(16, 2048), (2048, 16), (64,)])
+    assert states["adamw"] == 8 * (2 * 16 * 2048 + 64)
+    # 8-bit: a quarter of AdamW for large tensors (plus a scale per 256), 32 bits below 4,096 elements
+    assert states["adamw_8bit"] == 2 * (2 * (32768 + 4 * 128)) + 2 * 4 * 64
+    assert states["lion_8bit"] == (2 * (32768 + 4 * 128)) + 4 * 64
+    assert states["adafactor"] == 2 * 4 * (16 + 2048) + 4 * 64 and states["sgd"] == 0
+    recipe = write_recipe(tmp_path, tiny_model, train={"optimizer": "adamw_8bit"})
+    plan = json.loads(llmtune("plan", recipe, "--json", cwd=tmp_path).stdout)
+    assert plan["optimizer"] == "adamw_8bit"
+    assert plan["memory_bytes"]["optimizer"] == plan["optimizer_state_bytes_by_choice"]["adamw_8bit"]

@@ -105,10 +105,12 @@ def plan(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None,
         return
     table = Table("plan", "value", show_header=False)
     for key, value in result.items():
-        if key not in ("memory_bytes", "eval_memory_bytes"):
+        if key not in ("memory_bytes", "eval_memory_bytes", "optimizer_state_bytes_by_choice"):
             table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
     for key, value in result["memory_bytes"].items():
         table.add_row(f"memory: {key}" + (" (estimate)" if key == "total" else ""), f"{value / 1e9:.2f} GB")
+    table.add_row("optimizer state by train.optimizer", ", ".join(
+        f"{name} {value / 1e9:.3f} GB" for name, value in result["optimizer_state_bytes_by_choice"].items()))
     for key, value in result["eval_memory_bytes"].items():
         table.add_row(f"eval memory: {key}" + (" (estimate)" if key == "total" else ""), f"{value / 1e9:.2f} GB")
     console.print(table)

@@ -65,6 +65,8 @@ def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
         "precision": precision,
         "gradient_checkpointing": "on" if cfg.gradient_checkpointing else "off",
         "memory_bytes": estimate["memory_bytes"],
+        "optimizer": cfg.optimizer,
+        "optimizer_state_bytes_by_choice": estimate["optimizer_state_bytes"],
         "eval_memory_bytes": estimate_eval_memory(config, recipe, precision, estimate["parameters"]
                                                   - estimate["trainable_parameters"]),
     }
@@ -95,8 +97,10 @@ def estimate_memory(config, recipe: Recipe, precision: str) -> dict:
         # quantization applies to the linear layers of the blocks, not the output head
         linear = sum(m.weight.numel() for name, m in base.named_modules()
                      if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
-        model = get_peft_model(base, lora_config(recipe))
+        model = get_peft_model(base, lora_config(recipe, base))
     trainable, total = model.get_nb_trainable_parameters()
+    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    states = optimizer_state_bytes(shapes)
     cfg = recipe.train
     act_bytes = ACTIVATION_BYTES[precision]
     # frozen weights are loaded in the compute dtype (models.load_model); QLoRA's compute dtype
@@ -110,7 +114,7 @@ def estimate_memory(config, recipe: Recipe, precision: str) -> dict:
         "weights": weights,
         "adapter": trainable * 4,
         "gradients": trainable * 4,
-        "optimizer": trainable * 8,  # AdamW: two fp32 moments
+        "optimizer": states[cfg.optimizer],
         "activations": _activations(config, cfg, recipe.data.max_seq_len, act_bytes),
         "logits": _logits(config, cfg, recipe.data.max_seq_len,
                           cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(config))),
@@ -118,7 +122,25 @@ def estimate_memory(config, recipe: Recipe, precision: str) -> dict:
     }
     memory["total"] = sum(memory.values())
     return {"parameters": total, "trainable_parameters": trainable,
-            "memory_bytes": {key: int(value) for key, value in memory.items()}}
+            "memory_bytes": {key: int(value) for key, value in memory.items()},
+            "optimizer_state_bytes": states}
+
+
+def optimizer_state_bytes(shapes: list[tuple[int, ...]]) -> dict[str, int]:
+    """The state each train.optimizer keeps for trainable tensors of these shapes. AdamW: two
+    fp32 moments; bitsandbytes' 8-bit AdamW: two 1-byte moments plus an fp32 scale per block
+    of 256 (tensors under 4,096 elements stay in 32 bits); Lion: one moment; Adafactor (as
+    transformers configures it, no first moment): factored second moments, a row and a column
+    per matrix; SGD without momentum: none."""
+    def eight_bit(moments: int) -> float:
+        return sum(moments * (n + 4 * -(-n // 256)) if n >= 4096 else moments * 4 * n
+                   for n in (math.prod(shape) for shape in shapes))
+
+    adafactor = sum(4 * (shape[-2] + shape[-1]) if len(shape) >= 2 else 4 * math.prod(shape) for shape in shapes)
+    adamw = 8 * sum(math.prod(shape) for shape in shapes)
+    paged = eight_bit(2)
+    return {"adamw": adamw, "adamw_8bit": int(paged), "paged_adamw_8bit": int(paged),
+            "lion_8bit": int(eight_bit(1)), "adafactor": adafactor, "sgd": 0}
 
 
 def _activations(config, cfg, seq: int, act_bytes: int) -> float:

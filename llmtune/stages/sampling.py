@@ -68,6 +68,23 @@ class GroupedTrainer(Trainer):
     not counted as trained tokens by the collator; each micro-batch's loss is shown to the
     callbacks that check it (StopOnNonFinite), which the Trainer's own events never see."""
 
+    loraplus_lr_ratio: float | None = None  # adapter.loraplus_lr_ratio
+
+    def create_optimizer(self, model=None):
+        """LoRA+ (adapter.loraplus_lr_ratio): peft's optimizer with the B matrices in a group of
+        their own at ratio x the learning rate, of the class train.optimizer names."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        model = model if model is not None else self.model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        kwargs.pop("lr", None)
+        self.optimizer = create_loraplus_optimizer(
+            model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         for callback in self.callback_handler.callbacks:

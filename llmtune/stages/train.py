@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pyarrow.compute as pc
+import torch
 from datasets import load_from_disk
 from peft import LoftQConfig, LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -60,6 +61,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     if not force and is_up_to_date(out_dir, "train", recipe_sha, inputs):
         return Outcome(read_manifest(out_dir), up_to_date=True)
     trackers.check_installed(recipe.train.report_to)
+    check_optimizer(recipe, device)
     strategy = strategy_arguments(recipe.distributed, device, recipe.model.quantize)
 
     depends_on = {
@@ -205,7 +207,7 @@ def _adapter_model(recipe: Recipe, ref, precision: str):
     # every weight it does not quantize (embeddings, output head, norms) to fp32: for an 8B
     # Llama 3 that is 2.1 GB more, for stability that bf16 autocast does not need.
     try:
-        model = get_peft_model(base, lora_config(recipe))
+        model = get_peft_model(base, lora_config(recipe, base))
     except ValueError as exc:  # peft names the modules it could not find
         raise InputError(f"adapter: {exc}", hint="check adapter.target_modules against the model's "
                          "module names, or use target_modules: all-linear") from None
@@ -244,10 +246,16 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 _INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}
 
 
-def lora_config(recipe: Recipe) -> LoraConfig:
-    """The peft LoraConfig for the recipe's adapter section (plan builds the same on the meta device)."""
+def lora_config(recipe: Recipe, model=None) -> LoraConfig:
+    """The peft LoraConfig for the recipe's adapter section (plan builds the same on the meta
+    device). peft takes layers_to_transform only with a list of module names: with all-linear,
+    the names of `model`'s linear layers but the output head are listed."""
     adapter = recipe.adapter
     extra = {}
+    targets = adapter.target_modules
+    if adapter.layers_to_transform is not None and targets == "all-linear" and model is not None:
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")})
     if adapter.init == "loftq":
         if recipe.model.quantize != "none":
             raise InputError("adapter.init: loftq quantizes the base itself; use it with model.quantize: none")
@@ -255,8 +263,11 @@ def lora_config(recipe: Recipe) -> LoraConfig:
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
+        layers_to_transform=adapter.layers_to_transform,
+        rank_pattern=dict(adapter.rank_pattern),
+        alpha_pattern=dict(adapter.alpha_pattern),
         lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
+        target_modules=targets,
         modules_to_save=adapter.modules_to_save or None,
         use_dora=adapter.method == "dora",
         use_rslora=adapter.rslora,
@@ -279,6 +290,7 @@ def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, co
         data_collator=collator,
         callbacks=callbacks,
     )
+    trainer.loraplus_lr_ratio = recipe.adapter.loraplus_lr_ratio  # the optimizer is made in train()
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
@@ -288,6 +300,19 @@ def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, co
     finally:
         stop.uninstall()
     return trainer, result
+
+
+# train.optimizer -> transformers' `optim`: each from the library that implements it.
+OPTIMIZERS = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+              "adafactor": "adafactor", "sgd": "sgd", "lion_8bit": "lion_8bit"}
+
+
+def check_optimizer(recipe: Recipe, device: str) -> None:
+    """Refuse what the device cannot run, before the model is loaded."""
+    if recipe.train.optimizer.startswith("paged_") and device != "cuda":
+        raise InputError(f"train.optimizer: {recipe.train.optimizer} pages optimizer state between a CUDA "
+                         f"GPU and CPU memory; this device is {device}",
+                         hint="use adamw_8bit for the same 8-bit states without paging")
 
 
 def _training_arguments(recipe: Recipe, output_dir: Path, device: str, precision: str, has_eval: bool,
@@ -302,6 +327,9 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str, precision
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
         learning_rate=cfg.lr,
+        optim=OPTIMIZERS[cfg.optimizer],
+        neftune_noise_alpha=cfg.neftune_alpha,
+        torch_compile=cfg.compile,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
