@@ -223,11 +223,21 @@ class AdapterExportOptions(Section):
     strict: bool = False
 
 
+class HubExport(Section):
+    """`llmtune run` ends by pushing the run to the Hub (as `llmtune push` does)."""
+
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")  # ORG/NAME
+    what: Literal["adapter", "merged", "gguf", "all"] = "all"
+    private: bool = True
+    revision: str | None = None  # a branch, created if missing
+
+
 class ExportSection(Section):
     # hf: the merged folder | gguf: one GGUF file | ollama: Modelfile + GGUF | adapter: PEFT adapter
     formats: list[Literal["hf", "gguf", "ollama", "adapter"]] = Field(default=["hf"], min_length=1)
     gguf: GgufOptions = GgufOptions()  # GGUF file settings (gguf and ollama formats)
     adapter: AdapterExportOptions = AdapterExportOptions()  # adapter format settings
+    hub: HubExport | None = None  # push to the Hugging Face Hub at the end of `llmtune run`
     verify_examples: int = Field(default=8, gt=0)  # prepared conversations a GGUF is checked on
     verify_tokens: int = Field(default=256, ge=16)  # tokens of each
 
@@ -311,9 +321,10 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def section_sha256(recipe: Recipe, *sections: str) -> str:
-    """Hash of just the recipe sections a stage depends on, so other edits do not re-run it."""
-    data = recipe.model_dump(mode="json", include=set(sections))
+def section_sha256(recipe: Recipe, *sections: str, exclude: dict | None = None) -> str:
+    """Hash of just the recipe sections a stage depends on, so other edits do not re-run it;
+    `exclude` leaves out keys inside them (pydantic's exclude)."""
+    data = recipe.model_dump(mode="json", include=set(sections), exclude=exclude)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""The pipeline commands: prepare, train, merge, export, run, plan, inspect, data preview."""
+"""The pipeline commands: prepare, train, merge, export, run, plan, inspect, push, data preview."""
 
 from __future__ import annotations
 
@@ -84,7 +84,36 @@ def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: F
     result = preview(loaded, run_path)
     if result:
         _print_preview(result, loaded.preview.show)
+    hub = loaded.export.hub
+    if hub is not None:  # a cluster job publishes its result
+        _push(run_path, hub.repo, hub.what, hub.private, hub.revision)
     console.print(f"[bold green]done:[/] {run_path}", markup=True)
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", show_default=False)],
+    repo: Annotated[str, typer.Option("--repo", help="ORG/NAME on the Hugging Face Hub.")],
+    what: Annotated[str, typer.Option(help="adapter | merged | gguf | all")] = "all",
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="A branch to push to (created if missing).")] = None,
+):
+    """Upload a finished run's outputs with a model card and the recipe (token: HF_TOKEN or hf auth login)."""
+    from llmtune.stages.push import WHAT
+
+    if what not in WHAT:
+        raise LlmtuneError(f"--what {what}: expected one of {', '.join(WHAT)}")
+    if not run_dir.is_dir():
+        raise LlmtuneError(f"{run_dir}: no such run directory")
+    _push(run_dir, repo, what, private, revision)
+
+
+def _push(run_path: Path, repo: str, what: str, private: bool, revision: str | None) -> None:
+    from llmtune.stages.push import push as push_run
+
+    result = push_run(run_path, repo, what, private, revision)
+    console.print(f"push: {len(result['files'])} files -> {repo} ({result['revision']})"
+                  + (f": {result['url']}" if result["url"] else ""))
 
 
 @app.command()

@@ -41,7 +41,8 @@ def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) 
     merged_dir, out_dir = stage_dir(run, "merge"), stage_dir(run, "export")
     merged_manifest = require_stage(merged_dir, "merge", f"llmtune merge {run / 'recipe.yaml'}")
     inputs = {"merged": upstream_ref(merged_dir, out_dir)}
-    recipe_sha = section_sha256(recipe, "export")
+    # export.hub says where `run` pushes afterwards: it changes nothing export writes
+    recipe_sha = section_sha256(recipe, "export", exclude={"export": {"hub"}})
     formats = recipe.export.formats
     wants_gguf = "gguf" in formats or "ollama" in formats
     if not force and is_up_to_date(out_dir, "export", recipe_sha, inputs):
@@ -82,7 +83,7 @@ def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) 
                           "serve the merged model (hf, gguf) instead[/yellow]")
         summary["adapter_servable"] = not problems
         summary["adapter_problems"] = problems
-        summary["adapter_base"] = _export_adapter(adapter_dir, partial / "adapter")
+        summary["adapter_base"] = export_adapter(adapter_dir, partial / "adapter")
         console.print(f"export: adapter -> {out_dir / 'adapter'} (base {summary['adapter_base']})")
     manifest = finish_stage(partial, out_dir, stage="export", recipe_sha256=recipe_sha,
                             inputs=inputs, summary=summary)
@@ -212,7 +213,7 @@ def adapter_serving_problems(adapter_dir: Path) -> list[str]:
     return problems
 
 
-def _export_adapter(adapter_dir: Path, target: Path) -> str:
+def export_adapter(adapter_dir: Path, target: Path) -> str:
     """The adapter files, with base_model_name_or_path naming the hub id when there is one."""
     target.mkdir()
     for name in ADAPTER_FILES:
