@@ -62,6 +62,9 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         return Outcome(read_manifest(out_dir), up_to_date=True)
     trackers.check_installed(recipe.train.report_to)
     check_optimizer(recipe, device)
+    if recipe.train.compile and device == "cpu":
+        console.print("[yellow]train: warning: train.compile on a CPU was 4.5x slower in "
+                      "scripts/bench_train.py (it compiles again for each new batch length)[/yellow]")
     strategy = strategy_arguments(recipe.distributed, device, recipe.model.quantize)
 
     depends_on = {
