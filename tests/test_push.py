@@ -66,6 +66,8 @@ def test_push_uploads_the_run_with_its_card_and_recipe_and_no_secrets(finished_r
     assert TOKEN not in result.stdout + result.stderr
     config = json.loads(files["adapter/adapter_config.json"])
     assert not os.path.isabs(config["base_model_name_or_path"])
+    # the weights were hard-linked and the text copied: the run's own files are as they were
+    assert _llmtune(["inspect", "runs/tiny"], folder, {}).returncode == 0
 
 
 def test_push_of_the_adapter_alone_to_a_branch(finished_run, tmp_path):

@@ -92,18 +92,19 @@ def stage_upload(run: Path, finished: dict[str, dict], what: str, staged: Path) 
     for path in gguf:
         target = staged if root_is == "gguf" else staged / "gguf"
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target / path.name)
+        _place(path, target / path.name)
     recipe = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
     paths = _local_paths(recipe, base)
     (staged / "recipe.yaml").write_text(
         yaml.safe_dump(_replaced(recipe, paths), sort_keys=False, allow_unicode=True), encoding="utf-8")
     (staged / "README.md").write_text(_card(run, finished, what, gguf), encoding="utf-8")
     for path in staged.rglob("*"):  # what the model card, configs and template may still name
-        if path.is_file() and (path.suffix in TEXT_FILES or path.name == "Modelfile"):
-            text = path.read_text(encoding="utf-8")
+        if path.is_file() and _is_text(path):
+            text = original = path.read_text(encoding="utf-8")
             for local, shared in paths.items():
                 text = text.replace(local, shared)
-            path.write_text(text, encoding="utf-8")
+            if text != original:
+                path.write_text(text, encoding="utf-8")
 
 
 def _gguf_files(run: Path) -> list[Path]:
@@ -113,11 +114,27 @@ def _gguf_files(run: Path) -> list[Path]:
     return files + ([modelfile] if files and modelfile.is_file() else [])
 
 
+def _is_text(path: Path) -> bool:
+    return path.suffix in TEXT_FILES or path.name == "Modelfile"
+
+
+def _place(source: Path, target: Path) -> None:
+    """Weights are hard-linked (no second copy of gigabytes; nothing writes to them), text files
+    copied: local paths in them are rewritten, which must never reach the run's own files."""
+    if not _is_text(source):
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another filesystem
+            pass
+    shutil.copyfile(source, target)
+
+
 def _copy_folder(source: Path, target: Path, skip: set[str]) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
         if path.is_file() and path.name not in skip:
-            shutil.copyfile(path, target / path.name)
+            _place(path, target / path.name)
 
 
 def _copy_adapter(adapter_dir: Path, target: Path, base: str) -> None:
@@ -130,7 +147,7 @@ def _copy_adapter(adapter_dir: Path, target: Path, base: str) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:
         if (scratch / name).is_file():
-            shutil.copyfile(scratch / name, target / name)
+            _place(scratch / name, target / name)
     shutil.rmtree(scratch)
     config_file = target / "adapter_config.json"
     config = json.loads(config_file.read_text())
