@@ -585,12 +585,21 @@ def _origin_of(loc: tuple, origins: Origins, top: Path) -> str:
     return _label(Path(os.path.abspath(top)))
 
 
+# What Axolotl, LLaMA-Factory, TRL and peft call some of our keys: people bring these names along.
+OTHER_NAMES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+               "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
+               "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+               "gradient_accumulation_steps": "grad_accum", "optim": "optimizer", "sequence_len": "max_seq_len",
+               "cutoff_len": "max_seq_len", "max_length": "max_seq_len", "lora_target_modules": "target_modules"}
+
+
 def _did_you_mean(loc: tuple) -> str:
     model = _model_at(loc[:-1])
     if model is None:
         return ""
     key, known = str(loc[-1]), list(model.model_fields)
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    close = [OTHER_NAMES[key]] if OTHER_NAMES.get(key) in known else []
+    close = close or difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     close = close or [k for k in known if key.startswith(k) or k.startswith(key)][:1]
     if close:
         return f" (did you mean '{close[0]}'?)"

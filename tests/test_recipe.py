@@ -81,6 +81,17 @@ def test_every_problem_reported_at_once_with_file_and_key_path(tmp_path):
     assert "bad.yaml: data.train.1.path: file not found:" in message and "missing.jsonl" in message
 
 
+def test_keys_other_tools_use_point_to_ours(tmp_path):
+    data = {**_minimal(tmp_path), "train": {"learning_rate": 1e-4, "gradient_accumulation_steps": 2,
+                                            "optim": "adamw_8bit"}, "adapter": {"lora_alpha": 16}}
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(_write(tmp_path / "axolotl.yaml", data))
+    message = caught.value.message
+    for theirs, ours in (("train.learning_rate", "lr"), ("train.gradient_accumulation_steps", "grad_accum"),
+                         ("train.optim", "optimizer"), ("adapter.lora_alpha", "alpha")):
+        assert f"{theirs}: unknown key (did you mean '{ours}'?)" in message
+
+
 def test_errors_name_the_file_that_set_the_key(tmp_path):
     _write(tmp_path / "base.yaml", {**_minimal(tmp_path), "train": {"batch_size": 0}})
     child = _write(tmp_path / "child.yaml", {"extends": "base.yaml", "merge": {"dtyp": "float32"}})
