@@ -30,6 +30,7 @@ from llmtune.manifest import (
     upstream_ref,
 )
 from llmtune.recipe import Recipe, section_sha256
+from llmtune.stages.serving import serving_defaults
 
 K_QUANTS = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q4_k_s": "Q4_K_S",
             "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
@@ -65,7 +66,8 @@ def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) 
     if wants_gguf:
         gguf_file = _export_gguf(recipe, merged_dir, merged_manifest, partial, verify, summary)
         if "ollama" in formats:
-            _export_ollama(merged_dir, _training_system_prompt(merged_dir, merged_manifest),
+            # the system prompt every training conversation had, as chat and generate use it
+            _export_ollama(merged_dir, serving_defaults(merged_dir).system_prompt,
                            gguf_file, partial / "ollama")
             console.print(f"export: ollama -> {out_dir / 'ollama' / 'Modelfile'}")
         if "gguf" not in formats:  # the file lives on in ollama/ only
@@ -164,13 +166,6 @@ def _k_quantize(source: Path, target: Path, quant: str) -> None:
         code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if code != 0:
         raise RuntimeError(f"llama.cpp could not quantize {source.name} to {quant} (code {code})")
-
-
-def _training_system_prompt(merged_dir: Path, merged_manifest: dict) -> str | None:
-    """The system prompt every training conversation had, from the prepare manifest."""
-    adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
-    prepared = read_manifest(upstream_dir(adapter_dir, read_manifest(adapter_dir), "prepared")) or {}
-    return (prepared.get("summary", {}).get("chat") or {}).get("common_system_prompt")
 
 
 def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path, folder: Path) -> None:
