@@ -61,7 +61,9 @@ class DataSource(Section):
     format: DataFormat = "chat"  # chat | sharegpt | alpaca | completion | text
     fields: dict[str, str] = {}  # our field name -> the dataset's column, e.g. {prompt: question}
     separator: str = "\n"  # completion format: between prompt and completion
-    weight: float = Field(default=1.0, gt=0)  # mixing: rows repeated/sampled to weight x count
+    # mixing: each row is used int(weight) times, and once more with the fraction's probability
+    # (2 = twice, 0.5 = about half the rows; drawn by a seeded hash of the row)
+    weight: float = Field(default=1.0, gt=0)
 
     @field_validator("path")
     @classmethod
@@ -84,7 +86,8 @@ class DataSource(Section):
 
 
 class ValidationSplit(Section):
-    fraction: float | None = Field(default=None, ge=0.0, lt=1.0)  # of the training rows (0.1 when unset)
+    # of the training rows, each drawn by a seeded hash of the row (0.1 when unset; at least one row)
+    fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
     sources: list[DataSource] | None = None  # separate validation sources instead of a fraction
 
     @model_validator(mode="after")
@@ -104,7 +107,7 @@ class DataSection(Section):
     train: list[DataSource] = Field(min_length=1)  # training sources, mixed by weight
     validation: ValidationSplit = ValidationSplit()  # held out by fraction, or separate sources
     max_seq_len: int = Field(default=512, ge=16)  # tokens per training sequence
-    seed: int = 0  # shuffle, split and mixing seed
+    seed: int = 0  # validation split, mixing and packing order seed
     template: str = "auto"  # auto (the tokenizer's) | chatml | llama-3 | mistral | alpaca | a .jinja file
     system_prompt: str | None = None  # added to conversations that have no system message
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens are trained
@@ -114,7 +117,7 @@ class DataSection(Section):
     # text, error refuses the row (file:line), keep lets it become the token. Inference follows.
     special_text: Literal["plain", "error", "keep"] = "plain"
     dedup: bool = True  # drop exact duplicate samples
-    max_samples: int | None = Field(default=None, gt=0)  # cap on training examples
+    max_samples: int | None = Field(default=None, gt=0)  # reading stops after this many training rows
     packing: bool = False  # several examples per sequence, attention kept apart
     # Worker processes for rendering and tokenising. The Rust tokenizer already uses every core,
     # so more processes pay only for heavy templates on many cores (bench_prepare.py: on 2 cores,

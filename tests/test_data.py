@@ -9,8 +9,8 @@ import pytest
 from conftest import AWKWARD, CONVERSATION, encode_both_ways
 from llmtune.data.chat import IGNORE, Example, encode_sample, trained_segments
 from llmtune.data.formats import to_sample
-from llmtune.data.split import split_rows
-from llmtune.data.stats import percentile, split_stats
+from llmtune.data.split import copies, digest, sample_json, unit
+from llmtune.data.stats import SplitStats, percentile
 
 
 def test_trained_spans_are_exactly_the_assistant_turns_with_their_eos(tokenizer):
@@ -53,20 +53,29 @@ def test_bad_rows_are_named_by_kind(row, kind, detail):
     assert reason.split(":")[0] == kind and detail in reason
 
 
-def test_split_is_seeded_and_holds_out_the_fraction():
-    rows = list(range(100))
-    train, validation = split_rows(rows, 0.1, seed=3)
-    assert len(validation) == 10 and sorted(train + validation) == rows
-    assert split_rows(rows, 0.1, seed=3) == (train, validation)
-    assert split_rows(rows, 0.1, seed=4) != (train, validation)
-    assert split_rows([1, 2, 3], 0.01, seed=0)[1] != []  # at least one held out when asked
-    assert split_rows([1], 0.5, seed=0) == ([1], [])
+def test_row_draws_are_seeded_uniform_and_weights_repeat_rows_on_average():
+    digests = [digest(sample_json({"text": f"row {n}"})) for n in range(20_000)]
+    assert len(set(digests)) == len(digests) and all(len(d) == 16 for d in digests)
+    draws = [unit(d, 3, b"validation") for d in digests]
+    assert draws == [unit(d, 3, b"validation") for d in digests]  # the same in every run
+    assert draws != [unit(d, 4, b"validation") for d in digests]  # another seed, another split
+    assert draws != [unit(d, 3, b"weight") for d in digests]  # split and weights drawn apart
+    assert all(0 <= x < 1 for x in draws)
+    held_out = sum(x < 0.1 for x in draws)
+    assert 1800 < held_out < 2200  # 10% +- 7 standard deviations of a binomial(20000, 0.1)
+    for weight, mean in ((2, 2.0), (0.5, 0.5), (1.25, 1.25)):
+        taken = sum(copies(weight, x) for x in draws) / len(draws)
+        assert abs(taken - mean) < 0.02
+    assert {copies(2, x) for x in draws} == {2}
 
 
 def test_stats(tokenizer):
     full = encode_sample(tokenizer, {"messages": CONVERSATION})
     examples = [full, Example(full.input_ids[:40], full.labels[:40], truncated=True)]
-    stats = split_stats(examples)
+    counted = SplitStats()
+    for example in examples:
+        counted.add(example)
+    stats = counted.result()
     assert stats["examples"] == 2 and stats["truncated"] == 1 and stats["length_max"] > 40
     assert 0 < stats["trained_share"] < 1
     assert json.dumps(stats)

@@ -161,8 +161,11 @@ def test_sources_of_every_file_type_mix_with_weights(tiny_model, tmp_path):
         "validation": {"fraction": 0.0},
     })
     assert stats["rows_read"] == 4 + 4 + 4 + 3 + 2 == stats["rows_kept"]
-    # weights: b.json twice (8), e.parquet half (2 of 3 rounds to 2... round(1.5) == 2)
-    assert outcome.manifest["summary"]["train_examples"] == 4 + 8 + 4 + 2 + 2
+    # weights: b.json twice (8); e.parquet half: each of its 3 rows drawn with probability 0.5
+    where = load_from_disk(str(tmp_path / "runs" / "tiny" / "prepared" / "train"))["where"]
+    halved = sum("e.parquet" in w for w in where)
+    assert sum("b.json" in w for w in where) == 8 and 0 <= halved <= 3
+    assert outcome.manifest["summary"]["train_examples"] == 4 + 8 + 4 + halved + 2
 
 
 def test_bad_rows_stop_with_file_and_line_or_are_counted(tiny_model, tmp_path):
@@ -205,14 +208,15 @@ def test_overlong_policies(tiny_model, tmp_path):
         prepare(load_recipe(recipe_file, [*base, "data.overlong=error"]), run)
 
 
-def test_dedup_and_max_samples_are_counted(tiny_model, tmp_path):
+def test_dedup_and_max_samples_are_counted_and_reading_stops_at_max_samples(tiny_model, tmp_path):
     rows = chat_rows(8)
     recipe_file = write_recipe(tmp_path, tiny_model, data={"max_samples": 5, "validation": {"fraction": 0.0}})
-    write_jsonl(tmp_path / "data" / "train.jsonl", rows + rows[:3])
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows[:3] + rows[:2] + rows[3:])
     prepare(load_recipe(recipe_file), tmp_path / "runs" / "tiny")
     stats = json.loads((tmp_path / "runs" / "tiny" / "prepared" / "stats.json").read_text())
-    assert stats["rows_read"] == 11
-    assert stats["skipped_by_reason"] == {"duplicate": 3, "beyond max_samples": 3}
+    # the 5th training row is line 7 (two duplicates before it): the last 3 lines are never read
+    assert stats["rows_read"] == 7 and stats["stopped_at_max_samples"] == 5
+    assert stats["skipped_by_reason"] == {"duplicate": 2}
     assert stats["rows_kept"] == 5
 
 

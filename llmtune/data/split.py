@@ -1,37 +1,42 @@
-"""Seeded shuffling and the validation split."""
+"""What prepare decides for each row from the row alone, so that it can stream: whether it
+repeats an earlier row, whether it is held out for validation, and how many times a weighted
+source repeats it. A decision never depends on the rows around it, so prepare's result does not
+depend on how rows are batched, and no list of all rows is needed.
+
+Rows are identified by a 128-bit BLAKE2b digest of their sample's JSON. Two different samples
+share a digest with probability about n²/2¹²⁹: 1.5e-27 for a million rows, far below the chance
+of a disk error, so a digest seen before is taken as a duplicate. The seeded decisions hash that
+digest again with the seed, which gives each row a number in [0, 1) that looks uniform and is the
+same on every machine and in every run (Python's own hash() is salted per process).
+"""
 
 from __future__ import annotations
 
-import random
-from typing import TypeVar
-
-T = TypeVar("T")
+import hashlib
+import json
 
 
-def split_rows(rows: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Shuffle with `seed`, then hold out `fraction` of the rows (at least one when asked for)."""
-    shuffled = list(rows)
-    random.Random(seed).shuffle(shuffled)
-    if fraction <= 0 or len(shuffled) < 2:
-        return shuffled, []
-    held_out = min(len(shuffled) - 1, max(1, round(fraction * len(shuffled))))
-    return shuffled[held_out:], shuffled[:held_out]
+def sample_json(sample: dict) -> str:
+    """A sample as compact JSON: what its digest is taken of (samples are built by
+    formats.to_sample, with their keys always in the same order), and what the validation split
+    keeps of it."""
+    return json.dumps(sample, ensure_ascii=False, separators=(",", ":"))
 
 
-def dedup(samples: list[T], key) -> tuple[list[T], int]:
-    """Samples with exact duplicates (by `key(sample)`) removed, first kept; and how many went."""
-    seen: set = set()
-    unique = []
-    for sample in samples:
-        identity = key(sample)
-        if identity not in seen:
-            seen.add(identity)
-            unique.append(sample)
-    return unique, len(samples) - len(unique)
+def digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def weighted(rows: list[T], weight: float, seed: int) -> list[T]:
-    """A source's rows repeated or sampled to `weight` times their number (for mixing sources)."""
-    whole, fraction = int(weight), weight - int(weight)
-    extra = random.Random(seed).sample(rows, round(fraction * len(rows)))
-    return rows * whole + extra
+def unit(row_digest: bytes, seed: int, purpose: bytes) -> float:
+    """A number in [0, 1) drawn from the row's digest and the seed, one per purpose."""
+    drawn = hashlib.blake2b(row_digest, digest_size=8, key=seed.to_bytes(8, "little", signed=True),
+                            person=purpose).digest()
+    return int.from_bytes(drawn, "little") / 2**64
+
+
+def copies(weight: float, drawn: float) -> int:
+    """How many times a source with mixing weight `weight` repeats a row: the whole part of the
+    weight, and one more with the probability of its fraction (weight 0.5 keeps about half the
+    rows, 2 repeats every row twice)."""
+    whole = int(weight)
+    return whole + (drawn < weight - whole)

@@ -1,38 +1,39 @@
 """prepare: data sources -> tokenised, label-masked train/validation sets (`datasets` folders).
 
-Order: read and convert rows (bad rows stop or are skipped) -> exact dedup -> validation split
--> max_samples -> render and tokenise -> overlong rows truncated, dropped or refused -> mixing
-weights -> packing. Every row read is either kept or counted as skipped with its reason.
+It streams: rows are read, converted, deduplicated and split one by one (data/rows.py), then
+rendered, tokenised and masked a batch at a time, and written as they come (prepared_split.py),
+so its memory does not grow with the data. Overlong rows are truncated, dropped or refused;
+a train row is repeated by its source's mixing weight; packing packs a bucket at a time.
+Every row read is either kept or counted as skipped with its reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import os
 import json
 import re
-from collections import Counter
+import time
+from collections import Counter, deque
 from pathlib import Path
-
-import pyarrow as pa
-from datasets import Dataset
-from datasets.table import InMemoryTable
 
 from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.data import special_text
 from llmtune.data.chat import IGNORE, Example
-from llmtune.data.formats import to_sample
-from llmtune.data.packing import pack
-from llmtune.data.sources import local_files, read_source
-from llmtune.data.split import dedup, split_rows, weighted
-from llmtune.data.stats import split_stats
+from llmtune.data.rows import Row, RowStream
+from llmtune.data.sources import local_files, source_bytes
+from llmtune.data.stats import SplitStats
 from llmtune.data.templates import resolve_template
 from llmtune.errors import InputError
 from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, stage_dir, start_stage
 from llmtune.recipe import DataSection, Recipe, section_sha256
+from llmtune.stages.prepared_split import SplitWriter, TrainWriter
 
 BATCH = 8192  # rows per tokenizer call: larger batches keep every core busy
+PROGRESS_SECONDS = 10.0  # a long prepare prints a progress line this often
 # Rows that would train nothing are skipped, each under its own reason, never kept all masked.
 NOTHING_TO_TRAIN = "no trained tokens (no assistant turn rendered)"
 CUT_AWAY = "trained tokens all beyond max_seq_len"
@@ -67,73 +68,54 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
     partial = start_stage(out_dir)
     tokenizer = models.load_tokenizer(ref)
-    conversational = any(s.format in ("chat", "sharegpt", "alpaca")
-                         for s in [*data.train, *(data.validation.sources or [])])
+    sources = [*data.train, *(data.validation.sources or [])]
+    conversational = any(s.format in ("chat", "sharegpt", "alpaca") for s in sources)
     template = resolve_template(data.template, tokenizer) if conversational else None
     if template:  # the template trained with travels on to the adapter and merged model
         (partial / "chat_template.jinja").write_text(template, encoding="utf-8")
-    skipped: Counter = Counter()
-    controls = special_text.control_tokens(tokenizer)
-    seen = Counter()  # rows and occurrences of control-token text in content
 
-    train_rows = [r for i, s in enumerate(data.train) for r in _read(s, i, data, skipped, controls, seen)]
-    val_rows = [r for s in data.validation.sources or [] for r in _read(s, -1, data, skipped, controls, seen)]
-    rows_read = len(train_rows) + len(val_rows) + sum(skipped.values())
-    sources = len(data.train) + len(data.validation.sources or [])
-    console.print(f"prepare: {rows_read} rows read from {sources} source(s)")
-    if data.dedup:
-        everything, duplicates = dedup(train_rows + val_rows, key=lambda r: _sample_key(r[2]))
-        skipped["duplicate"] += duplicates
-        val_ids = {id(r) for r in val_rows}
-        train_rows = [r for r in everything if id(r) not in val_ids]
-        val_rows = [r for r in everything if id(r) in val_ids]
-    if data.validation.sources is None:
-        train_rows, val_rows = split_rows(train_rows, data.validation.effective_fraction, data.seed)
-    else:
-        train_rows, _ = split_rows(train_rows, 0.0, data.seed)
-    if data.max_samples is not None and len(train_rows) > data.max_samples:
-        skipped["beyond max_samples"] += len(train_rows) - data.max_samples
-        train_rows = train_rows[: data.max_samples]
-
+    rows = RowStream(data, special_text.control_tokens(tokenizer))
+    out = _Outputs(partial, data)
+    progress = _Progress(source_bytes(sources))
     encoder = functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text)
-    train = _limit(train_rows, _tokenize(encoder, train_rows, data.num_proc), data, skipped)
-    validation = _limit(val_rows, _tokenize(encoder, val_rows, data.num_proc), data, skipped)
-    if not train:
-        raise InputError("no training example is left after preparation", hint=_skip_hint(skipped, data))
-    rows_kept = len(train) + len(validation)
-    train = [row for i, s in enumerate(data.train) for row in
-             weighted([t for t in train if t[0][1] == i], s.weight, data.seed + i)]
-    train = split_rows(train, 0.0, data.seed)[0]
+    # worker processes take smaller batches: the batches in flight hold about 2 x BATCH rows
+    batch_rows = BATCH if data.num_proc <= 1 else max(256, BATCH // data.num_proc)
+    with contextlib.closing(_encoded(rows.batches(batch_rows), encoder, data.num_proc)) as encoded:
+        for batch, examples in encoded:
+            for row, example in _limit(batch, examples, data, rows.skipped):
+                out.add(row, example)
+            progress.update(rows.read, rows.bytes_read, out.tokens)
+    packing = out.close()
+    console.print(f"prepare: {rows.read} rows read from {len(sources)} source(s)")
+    if not out.train_stats.lengths:
+        raise InputError("no training example is left after preparation", hint=_skip_hint(rows.skipped, data))
 
-    examples = [example for _, example in train]
-    packed = pack(examples, data.max_seq_len, data.seed, [row[0] for row, _ in train]) if data.packing else None
-    _save_examples(train, packed, partial / "train", with_samples=False)
-    _save_examples(validation, None, partial / "validation", with_samples=True)
-
+    skipped = rows.skipped
+    if rows.read != out.kept + sum(skipped.values()):  # every row is kept or counted as skipped
+        raise RuntimeError(f"prepare lost rows: read {rows.read}, kept {out.kept}, skipped {dict(skipped)}")
     stats = {
-        "rows_read": rows_read,
-        "rows_kept": rows_kept,
+        "rows_read": rows.read,
+        "rows_kept": out.kept,
         "rows_skipped": sum(skipped.values()),
         "skipped_by_reason": {reason: n for reason, n in skipped.most_common() if n},
+        "stopped_at_max_samples": data.max_samples if rows.stopped_at_max_samples else None,
         "max_seq_len": data.max_seq_len,
         "overlong": data.overlong,
-        "special_text": {"handled_as": data.special_text, "rows": seen["rows"],
-                         "occurrences": seen["occurrences"]},
-        "train": split_stats(examples),
-        "validation": split_stats([e for _, e in validation]),
+        "special_text": {"handled_as": data.special_text, "rows": rows.special["rows"],
+                         "occurrences": rows.special["occurrences"]},
+        "train": out.train_stats.result(),
+        "validation": out.validation_stats.result(),
     }
-    if packed is not None:
-        tokens = sum(len(row["input_ids"]) for row in packed)
-        stats["packing"] = {"sequences": len(packed),
-                            "efficiency": round(tokens / (len(packed) * data.max_seq_len), 4)}
+    if packing is not None:
+        stats["packing"] = packing
     (partial / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print_stats(stats)
     summary = {
-        "rows_read": rows_read,
-        "rows_kept": rows_kept,
+        "rows_read": rows.read,
+        "rows_kept": out.kept,
         "rows_skipped": stats["rows_skipped"],
-        "train_examples": len(train),
-        "validation_examples": len(validation),
+        "train_examples": stats["train"]["examples"],
+        "validation_examples": stats["validation"]["examples"],
         "train_tokens": stats["train"]["tokens"],
         "trained_share": stats["train"]["trained_share"],
         "truncated": stats["train"]["truncated"] + stats["validation"]["truncated"],
@@ -141,11 +123,11 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         # chat, generate, eval and the preview tokenise prompts the same way
         "special_text": data.special_text,
     }
-    if packed is not None:
-        summary["packing_efficiency"] = stats["packing"]["efficiency"]
-    common = _common_system_prompt([row for row, _ in train])
-    if common:  # an exported chat model (Ollama's SYSTEM) should start where training did
-        summary["chat"] = {"common_system_prompt": common}
+    if packing is not None:
+        summary["packing_efficiency"] = packing["efficiency"]
+    if out.system_prompts and len(out.system_prompts) == 1 and None not in out.system_prompts:
+        # an exported chat model (Ollama's SYSTEM) should start where training did
+        summary["chat"] = {"common_system_prompt": next(iter(out.system_prompts))}
     manifest = finish_stage(
         partial, out_dir, stage="prepare", recipe_sha256=recipe_sha, inputs=inputs, summary=summary
     )
@@ -154,6 +136,9 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
 def print_stats(stats: dict) -> None:
     train, val = stats["train"], stats["validation"]
+    if stats.get("stopped_at_max_samples"):
+        console.print(f"prepare: stopped reading at data.max_samples ({stats['stopped_at_max_samples']} "
+                      "training rows); the rows after it were not read")
     console.print(
         f"prepare: read {stats['rows_read']} = kept {stats['rows_kept']} + skipped {stats['rows_skipped']}"
         + "".join(f"\n  skipped, {reason}: {n}" for reason, n in stats["skipped_by_reason"].items())
@@ -179,72 +164,134 @@ def print_stats(stats: dict) -> None:
 
 # --- steps -----------------------------------------------------------------------------------
 
-Row = tuple  # (where it was read, index of its data.train source or -1, sample)
+
+class _Outputs:
+    """Where kept examples go: validation, or train (as many times as its copies), with the
+    counts of each. While no row has been held out for validation, the train row with the lowest
+    validation draw is held back, so that a validation fraction always gets a row when two are
+    kept (a few hundred rows at fraction 0.001 might otherwise draw none)."""
+
+    def __init__(self, partial: Path, data: DataSection):
+        self.train = TrainWriter(partial / "train", data.packing, data.max_seq_len, data.seed)
+        # validation rows keep their sample as JSON, so later stages can show and score them
+        self.validation = SplitWriter(partial / "validation", ("input_ids", "labels", "where", "sample"))
+        self.train_stats, self.validation_stats = SplitStats(), SplitStats()
+        self.holding = data.validation.sources is None and data.validation.effective_fraction > 0
+        self.held: tuple[Row, Example] | None = None
+        self.kept = 0
+        self.tokens = 0
+        self.system_prompts: set = set()  # of the train conversations, while there is one at most
+
+    def add(self, row: Row, example: Example) -> None:
+        self.kept += 1
+        self.tokens += len(example.input_ids)
+        if row.held_out:
+            self._to_validation(row, example)
+            if self.holding:
+                self._release()
+        elif not self.holding:
+            self._to_train(row, example)
+        elif self.held is None or row.draw < self.held[0].draw:
+            self._release()
+            self.held = (row, example)
+        else:
+            self._to_train(row, example)
+
+    def _release(self) -> None:
+        if self.held is not None:
+            self._to_train(*self.held)
+        self.held = None
+        self.holding = self.holding and not self.validation.rows
+
+    def close(self) -> dict | None:
+        """Finish both splits; packing's figures, if the train split is packed."""
+        if self.held is not None:
+            if self.train.out.rows or self.train.bucket:  # another train row is there: hold this one out
+                self._to_validation(*self.held)
+            else:
+                self._to_train(*self.held)
+        self.validation.close()
+        return self.train.close()
+
+    def _to_validation(self, row: Row, example: Example) -> None:
+        self.validation.add({"input_ids": example.input_ids, "labels": example.labels,
+                             "where": row.where, "sample": row.text})
+        self.validation_stats.add(example)
+
+    def _to_train(self, row: Row, example: Example) -> None:
+        for _ in range(row.copies):
+            self.train.add(row.where, example)
+        self.train_stats.add(example, row.copies)
+        if row.copies and len(self.system_prompts) < 2:
+            messages = row.sample.get("messages") or [{}]
+            self.system_prompts.add(messages[0].get("content") if messages[0].get("role") == "system" else None)
 
 
-def _sample_key(sample: dict) -> tuple:
-    """What makes two samples duplicates: every field, and each message's role and content
-    (a tuple hashes 2x faster than the sorted JSON text it stands for)."""
-    return tuple((key, tuple((m["role"], m["content"]) for m in value) if key == "messages" else value)
-                 for key, value in sorted(sample.items()))
+class _Progress:
+    """A line every PROGRESS_SECONDS while prepare runs: rows/s, tokens/s, and an ETA from the
+    share of the files' bytes read (none for hub sources of unknown size)."""
+
+    def __init__(self, total_bytes: int | None):
+        self.total = total_bytes
+        self.start = self.last = time.monotonic()
+
+    def update(self, rows: int, bytes_read: float, tokens: int) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        elapsed = now - self.start
+        line = f"prepare: {rows:,} rows read, {rows / elapsed:,.0f} rows/s, {tokens / elapsed:,.0f} tokens/s"
+        if self.total and bytes_read:
+            share = min(bytes_read / self.total, 1.0)
+            minutes, seconds = divmod(int(elapsed / share * (1 - share)), 60)
+            line += f", {100 * share:.0f}% of {self.total / 1e9:.2f} GB, ETA {minutes}m{seconds:02d}s"
+        console.print(line)
 
 
-def _common_system_prompt(rows: list[Row]) -> str | None:
-    """The system message every training conversation starts with, when they all share one."""
-    prompts = set()
-    for _, _, sample in rows:
-        messages = sample.get("messages") or [{}]
-        prompts.add(messages[0].get("content") if messages[0].get("role") == "system" else None)
-    return prompts.pop() if len(prompts) == 1 else None
-
-
-def _read(source, index: int, data: DataSection, skipped: Counter, controls: tuple[str, ...],
-          seen: Counter) -> list[Row]:
-    rows = []
-    for record in read_source(source):
-        sample, reason = (None, record.error) if record.error else to_sample(
-            record.data, source.format, source.fields, data.system_prompt, source.separator)
-        if reason is None:
-            rows.append((record.where, index, sample))
-            continue
-        if data.bad_rows == "error":
-            raise InputError(f"{record.where}: {reason}",
-                             hint="fix or remove that row, or set data.bad_rows: skip")
-        skipped[reason.split(":")[0]] += 1
-    holding = special_text.found_in_samples([sample for _, _, sample in rows], controls)
-    for row_index, hits in sorted(holding.items()):
-        if data.special_text == "error":
-            raise InputError(
-                f"{rows[row_index][0]}: the content holds the text of a control token, {hits[0]}",
-                hint="data.special_text: plain tokenises such text as ordinary text (the default), "
-                "keep lets it become the control token; or fix that row")
-        seen["rows"] += 1
-        seen["occurrences"] += len(hits)
-    return rows
-
-
-def _tokenize(encoder, rows: list[Row], workers: int) -> list[Example]:
-    """Render and tokenise in batches; in worker processes when the data is large."""
+def _encoded(batches, encoder, workers: int):
+    """(batch, its examples), in order: rendered and tokenised here, or in worker processes."""
     if workers <= 1:
-        examples = []
-        for start in range(0, len(rows), BATCH):
-            examples += encoder([sample for _, _, sample in rows[start:start + BATCH]])
-        return examples
-    # Worker processes exchange Arrow tables: samples travel as JSON strings.
-    columns = Dataset.from_dict({"sample": [json.dumps(sample) for _, _, sample in rows]}).map(
-        functools.partial(_encode_json_batch, encoder), batched=True, batch_size=BATCH,
-        num_proc=workers, remove_columns=["sample"],
-    ).to_dict()
-    return [Example(ids, labels) for ids, labels in zip(columns["input_ids"], columns["labels"])]
+        for batch in batches:
+            yield batch, encoder([row.sample for row in batch])
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Fresh interpreters (spawn): a forked copy of a tokenizer that has run its thread pool can
+    # hang. Each worker gets the encoder (the tokenizer) once. At most two batches per worker are
+    # in flight, so memory stays bounded however fast the reading runs ahead.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_set_worker_encoder, initargs=(encoder,))
+    pending: deque = deque()
+    try:
+        for batch in batches:
+            pending.append((batch, pool.submit(_encode_in_worker, [row.sample for row in batch])))
+            if len(pending) >= 2 * workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+_worker_encoder = None
+
+
+def _set_worker_encoder(encoder) -> None:
+    global _worker_encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(samples: list[dict]) -> list[Example]:
+    return _worker_encoder(samples)
 
 
 def _encode_batch(tokenizer, template, train_on, mode: str, samples: list[dict]) -> list[Example]:
     return special_text.encode_samples(tokenizer, samples, template, train_on, mode)
-
-
-def _encode_json_batch(encoder, batch: dict) -> dict[str, list]:
-    examples = encoder([json.loads(s) for s in batch["sample"]])
-    return {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
 
 
 def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped: Counter):
@@ -257,7 +304,7 @@ def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped:
             continue
         if len(example.input_ids) > data.max_seq_len:
             if data.overlong == "error":
-                overlong.append((row[0], len(example.input_ids)))
+                overlong.append((row.where, len(example.input_ids)))
                 continue
             if data.overlong == "drop":
                 skipped["overlong"] += 1
@@ -269,33 +316,14 @@ def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped:
             skipped[CUT_AWAY] += 1
             continue
         kept.append((row, example))
-    if overlong:
+    if overlong:  # stop at the first batch that holds any: a long prepare fails early
         overlong.sort(key=lambda item: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])])
         listed = "; ".join(f"{where}: overlong: {n} tokens > data.max_seq_len {data.max_seq_len}"
                            for where, n in overlong[:3])
-        more = f" (and {len(overlong) - 3} more)" if len(overlong) > 3 else ""
+        more = f" (and {len(overlong) - 3} more in these {len(rows)} rows)" if len(overlong) > 3 else ""
         raise InputError(f"{len(overlong)} overlong row(s): {listed}{more}",
                          hint="raise data.max_seq_len, or set data.overlong: truncate or drop")
     return kept
-
-
-def _save_examples(pairs, packed: list[dict] | None, path: Path, with_samples: bool) -> None:
-    """Write a split as a `datasets` folder. With `with_samples`, each row also keeps its sample
-    as JSON, so later stages can show and score it (the validation split)."""
-    if packed is not None:
-        columns = {key: [row[key] for row in packed] for key in ("input_ids", "labels", "position_ids", "where")}
-    else:
-        columns = {"input_ids": [e.input_ids for _, e in pairs], "labels": [e.labels for _, e in pairs],
-                   "where": [row[0] for row, _ in pairs]}  # training names a bad batch's rows
-        if with_samples:
-            columns["sample"] = [json.dumps(row[2], ensure_ascii=False) for row, _ in pairs]
-    # Arrow arrays with a declared type: 3x faster than letting `datasets` infer it from lists.
-    ids = pa.list_(pa.int32())
-    table = pa.table({k: pa.array(v, type=pa.string() if k in ("sample", "where") else ids)
-                      for k, v in columns.items()})
-    # An empty split (validation fraction 0) needs one explicit shard: datasets writes none and
-    # then cannot load the folder back.
-    Dataset(InMemoryTable(table)).save_to_disk(str(path), num_shards=1 if not table.num_rows else None)
 
 
 def up_to_date(recipe: Recipe, run: Path) -> dict | None:

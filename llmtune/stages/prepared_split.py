@@ -1,0 +1,110 @@
+"""Writing a prepared split as its rows come, so prepare's memory does not grow with the data.
+
+The result is a `datasets` folder as `Dataset.save_to_disk` writes it (one Arrow shard written by
+`datasets`' own ArrowWriter, then state.json and dataset_info.json), which `load_from_disk` reads
+memory-mapped. Building a whole Dataset first and saving it would hold every row in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+from datasets import Features, List, Value
+from datasets.arrow_writer import ArrowWriter
+from datasets.fingerprint import generate_random_fingerprint
+from datasets.info import DatasetInfo
+from datasets.utils.py_utils import asdict  # save_to_disk's, which leaves out what is unset
+
+from llmtune.data.chat import Example
+from llmtune.data.packing import pack
+
+SHARD = "data-00000-of-00001.arrow"
+FLUSH_ROWS = 2048  # rows gathered before they go to the Arrow file
+# Packing packs the train examples a bucket at a time: their Python lists cost about 60 bytes a
+# token, so a bucket of 4M tokens holds ~250 MB. Best-fit decreasing fills the bins of a bucket
+# of thousands of examples as well as of all of them (docs/benchmarks.md, "Data at scale").
+PACK_BUCKET_TOKENS = 4_000_000
+TYPES = {"input_ids": List(Value("int32")), "labels": List(Value("int32")),
+         "position_ids": List(Value("int32")), "where": Value("string"), "sample": Value("string")}
+
+
+class SplitWriter:
+    """Rows of the named columns, appended to one `datasets` folder."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...]):
+        path.mkdir(parents=True)
+        self.path, self.columns = path, columns
+        self.features = Features({name: TYPES[name] for name in columns})
+        self.writer = ArrowWriter(features=self.features, path=str(path / SHARD))
+        self.pending: dict[str, list] = {name: [] for name in columns}
+        self.rows = 0
+
+    def add(self, row: dict) -> None:
+        for name in self.columns:
+            self.pending[name].append(row[name])
+        self.rows += 1
+        if len(self.pending["input_ids"]) >= FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending["input_ids"]:
+            # Arrow arrays of a declared type: 3x faster than letting `datasets` infer it from lists.
+            schema = self.features.arrow_schema
+            self.writer.write_table(pa.table({name: pa.array(values, type=schema.field(name).type)
+                                              for name, values in self.pending.items()}))
+            self.pending = {name: [] for name in self.columns}
+
+    def close(self) -> int:
+        """Finish the folder; the number of rows written."""
+        self._flush()
+        self.writer.finalize()  # an empty split still gets its shard: load_from_disk needs one
+        state = {"_data_files": [{"filename": SHARD}], "_fingerprint": generate_random_fingerprint(),
+                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+                 "_output_all_columns": False, "_split": None}
+        (self.path / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        info = asdict(DatasetInfo(features=self.features))
+        (self.path / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
+        return self.rows
+
+
+class TrainWriter:
+    """The train split: examples as they come, or packed a bucket of PACK_BUCKET_TOKENS at a time."""
+
+    def __init__(self, path: Path, packing: bool, max_len: int, seed: int):
+        columns = ("input_ids", "labels", "position_ids", "where") if packing else ("input_ids", "labels", "where")
+        self.out = SplitWriter(path, columns)
+        self.packing, self.max_len, self.seed = packing, max_len, seed
+        self.bucket: list[Example] = []
+        self.bucket_where: list[str] = []
+        self.bucket_tokens = 0
+        self.buckets = 0
+        self.packed_tokens = 0
+
+    def add(self, where: str, example: Example) -> None:
+        if not self.packing:
+            self.out.add({"input_ids": example.input_ids, "labels": example.labels, "where": where})
+            return
+        self.bucket.append(example)
+        self.bucket_where.append(where)
+        self.bucket_tokens += len(example.input_ids)
+        if self.bucket_tokens >= PACK_BUCKET_TOKENS:
+            self._pack_bucket()
+
+    def _pack_bucket(self) -> None:
+        if self.bucket:
+            for row in pack(self.bucket, self.max_len, self.seed + self.buckets, self.bucket_where):
+                self.out.add(row)
+            self.packed_tokens += self.bucket_tokens
+            self.buckets += 1
+        self.bucket, self.bucket_where, self.bucket_tokens = [], [], 0
+
+    def close(self) -> dict | None:
+        """Finish the split; for packing, its sequences and the share of their room filled."""
+        self._pack_bucket()
+        rows = self.out.close()
+        if not self.packing:
+            return None
+        return {"sequences": rows, "efficiency": round(self.packed_tokens / max(rows * self.max_len, 1), 4),
+                "buckets": self.buckets}
