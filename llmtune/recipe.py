@@ -119,9 +119,9 @@ class DataSection(Section):
     dedup: bool = True  # drop exact duplicate samples
     max_samples: int | None = Field(default=None, gt=0)  # reading stops after this many training rows
     packing: bool = False  # several examples per sequence, attention kept apart
-    # Worker processes for rendering and tokenising. The Rust tokenizer already uses every core,
-    # so more processes pay only for heavy templates on many cores (bench_prepare.py: on 2 cores,
-    # num_proc 2 halved throughput).
+    # Worker processes for rendering, tokenising and masking. The Rust tokenizer already uses
+    # every core, so workers pay only on many cores with large data (on 2 cores, num_proc 2 took
+    # 1.3x as long for 200k rows; docs/benchmarks.md, "Data at scale").
     num_proc: int = Field(default=1, gt=0)
 
 

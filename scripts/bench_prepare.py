@@ -26,7 +26,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ["_read", "dedup", "_limit", "_save_examples", "split_stats", "finish_stage", "_content_hashes"]
+STEPS = ["_limit", "finish_stage", "_content_hashes"]
+# reading, converting, dedup and split happen row by row in RowStream._source_rows (a generator,
+# timed per row); writing in the split writers
+ROW_STEPS = {"llmtune.data.rows": [("RowStream", "_source_rows")],
+             "llmtune.stages.prepared_split": [("SplitWriter", "add"), ("SplitWriter", "close"),
+                                               ("TrainWriter", "_pack_bucket")]}
 # rendering and tokenising happen in llmtune.data.special_text.encode_samples
 ENCODE_STEPS = ["render_samples", "encode", "found"]
 
@@ -47,8 +52,28 @@ def time_steps(times: dict[str, float]) -> None:
                 times[name] = times.get(name, 0.0) + time.perf_counter() - start
         return wrapper
 
+    def timed_generator(name, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            items = function(*args, **kwargs)
+            while True:
+                start = time.perf_counter()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                finally:
+                    times[name] = times.get(name, 0.0) + time.perf_counter() - start
+                yield item
+        return wrapper
+
     for name in STEPS:
         setattr(stage, name, timed(name.strip("_"), getattr(stage, name)))
+    for module, methods in ROW_STEPS.items():
+        for owner, name in methods:
+            cls = getattr(sys.modules[module], owner)
+            wrap = timed_generator if name == "_source_rows" else timed
+            setattr(cls, name, wrap(f"{owner}.{name.strip('_')}", getattr(cls, name)))
     from llmtune.data import special_text
 
     for name in ENCODE_STEPS:
