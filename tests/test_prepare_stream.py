@@ -12,6 +12,7 @@ from datasets import Dataset, load_from_disk
 
 from conftest import chat_rows, write_jsonl, write_recipe
 from llmtune.data.chat import IGNORE
+from llmtune.errors import InputError
 from llmtune.recipe import load_recipe
 from llmtune.stages import prepared_split
 from llmtune.stages.prepare import prepare
@@ -86,6 +87,9 @@ def test_a_validation_fraction_always_gets_a_row_when_two_are_kept(tiny_model, t
     recipe_file = write_recipe(tmp_path, tiny_model, rows=1, data={"validation": {"fraction": 0.5}})
     _, _, summary = prepare_and_read(recipe_file, tmp_path / "one")
     assert (summary["train_examples"], summary["validation_examples"]) == (1, 0)
+    recipe_file = write_recipe(tmp_path, tiny_model, rows=1, data={"validation": {"fraction": 0.99}})
+    with pytest.raises(InputError, match="all 1 rows kept were drawn for validation"):
+        prepare(load_recipe(recipe_file), tmp_path / "greedy")
 
 
 def prepare_and_read(recipe_file, run):

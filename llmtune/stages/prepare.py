@@ -88,46 +88,16 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     packing = out.close()
     console.print(f"prepare: {rows.read} rows read from {len(sources)} source(s)")
     if not out.train_stats.lengths:
+        if out.validation_stats.lengths and data.validation.sources is None:
+            raise InputError(f"all {out.kept} rows kept were drawn for validation "
+                             f"(data.validation.fraction {data.validation.effective_fraction})",
+                             hint="lower data.validation.fraction, or give more rows")
         raise InputError("no training example is left after preparation", hint=_skip_hint(rows.skipped, data))
 
-    skipped = rows.skipped
-    if rows.read != out.kept + sum(skipped.values()):  # every row is kept or counted as skipped
-        raise RuntimeError(f"prepare lost rows: read {rows.read}, kept {out.kept}, skipped {dict(skipped)}")
-    stats = {
-        "rows_read": rows.read,
-        "rows_kept": out.kept,
-        "rows_skipped": sum(skipped.values()),
-        "skipped_by_reason": {reason: n for reason, n in skipped.most_common() if n},
-        "stopped_at_max_samples": data.max_samples if rows.stopped_at_max_samples else None,
-        "max_seq_len": data.max_seq_len,
-        "overlong": data.overlong,
-        "special_text": {"handled_as": data.special_text, "rows": rows.special["rows"],
-                         "occurrences": rows.special["occurrences"]},
-        "train": out.train_stats.result(),
-        "validation": out.validation_stats.result(),
-    }
-    if packing is not None:
-        stats["packing"] = packing
+    stats = _stats(rows, out, data, packing)
     (partial / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print_stats(stats)
-    summary = {
-        "rows_read": rows.read,
-        "rows_kept": out.kept,
-        "rows_skipped": stats["rows_skipped"],
-        "train_examples": stats["train"]["examples"],
-        "validation_examples": stats["validation"]["examples"],
-        "train_tokens": stats["train"]["tokens"],
-        "trained_share": stats["train"]["trained_share"],
-        "truncated": stats["train"]["truncated"] + stats["validation"]["truncated"],
-        "answers_cut": stats["train"]["answers_cut"] + stats["validation"]["answers_cut"],
-        # chat, generate, eval and the preview tokenise prompts the same way
-        "special_text": data.special_text,
-    }
-    if packing is not None:
-        summary["packing_efficiency"] = packing["efficiency"]
-    if out.system_prompts and len(out.system_prompts) == 1 and None not in out.system_prompts:
-        # an exported chat model (Ollama's SYSTEM) should start where training did
-        summary["chat"] = {"common_system_prompt": next(iter(out.system_prompts))}
+    summary = _summary(stats, out, data)
     manifest = finish_stage(
         partial, out_dir, stage="prepare", recipe_sha256=recipe_sha, inputs=inputs, summary=summary
     )
@@ -206,7 +176,7 @@ class _Outputs:
     def close(self) -> dict | None:
         """Finish both splits; packing's figures, if the train split is packed."""
         if self.held is not None:
-            if self.train.out.rows or self.train.bucket:  # another train row is there: hold this one out
+            if self.train_stats.lengths:  # another train row is there: hold this one out
                 self._to_validation(*self.held)
             else:
                 self._to_train(*self.held)
@@ -225,6 +195,53 @@ class _Outputs:
         if row.copies and len(self.system_prompts) < 2:
             messages = row.sample.get("messages") or [{}]
             self.system_prompts.add(messages[0].get("content") if messages[0].get("role") == "system" else None)
+
+
+def _stats(rows: RowStream, out: _Outputs, data: DataSection, packing: dict | None) -> dict:
+    """stats.json: what was read, kept and skipped by reason, and each split's counts."""
+    skipped = rows.skipped
+    if rows.read != out.kept + sum(skipped.values()):  # every row is kept or counted as skipped
+        raise RuntimeError(f"prepare lost rows: read {rows.read}, kept {out.kept}, skipped {dict(skipped)}")
+    stats = {
+        "rows_read": rows.read,
+        "rows_kept": out.kept,
+        "rows_skipped": sum(skipped.values()),
+        "skipped_by_reason": {reason: n for reason, n in skipped.most_common() if n},
+        "stopped_at_max_samples": data.max_samples if rows.stopped_at_max_samples else None,
+        "max_seq_len": data.max_seq_len,
+        "overlong": data.overlong,
+        "special_text": {"handled_as": data.special_text, "rows": rows.special["rows"],
+                         "occurrences": rows.special["occurrences"]},
+        "train": out.train_stats.result(),
+        "validation": out.validation_stats.result(),
+    }
+    if packing is not None:
+        stats["packing"] = packing
+    return stats
+
+
+def _summary(stats: dict, out: _Outputs, data: DataSection) -> dict:
+    """The prepared manifest's summary: what plan, train and export read of the data."""
+    train, validation = stats["train"], stats["validation"]
+    summary = {
+        "rows_read": stats["rows_read"],
+        "rows_kept": stats["rows_kept"],
+        "rows_skipped": stats["rows_skipped"],
+        "train_examples": train["examples"],
+        "validation_examples": validation["examples"],
+        "train_tokens": train["tokens"],
+        "trained_share": train["trained_share"],
+        "truncated": train["truncated"] + validation["truncated"],
+        "answers_cut": train["answers_cut"] + validation["answers_cut"],
+        # chat, generate, eval and the preview tokenise prompts the same way
+        "special_text": data.special_text,
+    }
+    if "packing" in stats:
+        summary["packing_efficiency"] = stats["packing"]["efficiency"]
+    if len(out.system_prompts) == 1 and None not in out.system_prompts:
+        # an exported chat model (Ollama's SYSTEM) should start where training did
+        summary["chat"] = {"common_system_prompt": next(iter(out.system_prompts))}
+    return summary
 
 
 class _Progress:
