@@ -25,12 +25,11 @@ from llmtune.data import special_text
 from llmtune.data.chat import IGNORE, Example
 from llmtune.data.rows import Row, RowStream
 from llmtune.data.sources import local_files, source_bytes
-from llmtune.data.stats import SplitStats
 from llmtune.data.templates import resolve_template
 from llmtune.errors import InputError
 from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, stage_dir, start_stage
 from llmtune.recipe import DataSection, Recipe, section_sha256
-from llmtune.stages.prepared_split import SplitWriter, TrainWriter
+from llmtune.stages.prepared_split import Outputs
 
 BATCH = 8192  # rows per tokenizer call: larger batches keep every core busy
 PROGRESS_SECONDS = 10.0  # a long prepare prints a progress line this often
@@ -75,7 +74,7 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         (partial / "chat_template.jinja").write_text(template, encoding="utf-8")
 
     rows = RowStream(data, special_text.control_tokens(tokenizer))
-    out = _Outputs(partial, data)
+    out = Outputs(partial, data)
     progress = _Progress(source_bytes(sources))
     encoder = functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text)
     # worker processes take smaller batches: the batches in flight hold about 2 x BATCH rows
@@ -135,69 +134,7 @@ def print_stats(stats: dict) -> None:
 # --- steps -----------------------------------------------------------------------------------
 
 
-class _Outputs:
-    """Where kept examples go: validation, or train (as many times as its copies), with the
-    counts of each. While no row has been held out for validation, the train row with the lowest
-    validation draw is held back, so that a validation fraction always gets a row when two are
-    kept (a few hundred rows at fraction 0.001 might otherwise draw none)."""
-
-    def __init__(self, partial: Path, data: DataSection):
-        self.train = TrainWriter(partial / "train", data.packing, data.max_seq_len, data.seed)
-        # validation rows keep their sample as JSON, so later stages can show and score them
-        self.validation = SplitWriter(partial / "validation", ("input_ids", "labels", "where", "sample"))
-        self.train_stats, self.validation_stats = SplitStats(), SplitStats()
-        self.holding = data.validation.sources is None and data.validation.effective_fraction > 0
-        self.held: tuple[Row, Example] | None = None
-        self.kept = 0
-        self.tokens = 0
-        self.system_prompts: set = set()  # of the train conversations, while there is one at most
-
-    def add(self, row: Row, example: Example) -> None:
-        self.kept += 1
-        self.tokens += len(example.input_ids)
-        if row.held_out:
-            self._to_validation(row, example)
-            if self.holding:
-                self._release()
-        elif not self.holding:
-            self._to_train(row, example)
-        elif self.held is None or row.draw < self.held[0].draw:
-            self._release()
-            self.held = (row, example)
-        else:
-            self._to_train(row, example)
-
-    def _release(self) -> None:
-        if self.held is not None:
-            self._to_train(*self.held)
-        self.held = None
-        self.holding = self.holding and not self.validation.rows
-
-    def close(self) -> dict | None:
-        """Finish both splits; packing's figures, if the train split is packed."""
-        if self.held is not None:
-            if self.train_stats.lengths:  # another train row is there: hold this one out
-                self._to_validation(*self.held)
-            else:
-                self._to_train(*self.held)
-        self.validation.close()
-        return self.train.close()
-
-    def _to_validation(self, row: Row, example: Example) -> None:
-        self.validation.add({"input_ids": example.input_ids, "labels": example.labels,
-                             "where": row.where, "sample": row.text})
-        self.validation_stats.add(example)
-
-    def _to_train(self, row: Row, example: Example) -> None:
-        for _ in range(row.copies):
-            self.train.add(row.where, example)
-        self.train_stats.add(example, row.copies)
-        if row.copies and len(self.system_prompts) < 2:
-            messages = row.sample.get("messages") or [{}]
-            self.system_prompts.add(messages[0].get("content") if messages[0].get("role") == "system" else None)
-
-
-def _stats(rows: RowStream, out: _Outputs, data: DataSection, packing: dict | None) -> dict:
+def _stats(rows: RowStream, out: Outputs, data: DataSection, packing: dict | None) -> dict:
     """stats.json: what was read, kept and skipped by reason, and each split's counts."""
     skipped = rows.skipped
     if rows.read != out.kept + sum(skipped.values()):  # every row is kept or counted as skipped
@@ -220,7 +157,7 @@ def _stats(rows: RowStream, out: _Outputs, data: DataSection, packing: dict | No
     return stats
 
 
-def _summary(stats: dict, out: _Outputs, data: DataSection) -> dict:
+def _summary(stats: dict, out: Outputs, data: DataSection) -> dict:
     """The prepared manifest's summary: what plan, train and export read of the data."""
     train, validation = stats["train"], stats["validation"]
     summary = {

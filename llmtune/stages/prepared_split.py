@@ -1,4 +1,4 @@
-"""Writing a prepared split as its rows come, so prepare's memory does not grow with the data.
+"""Writing the prepared splits as their rows come, so prepare's memory does not grow with the data.
 
 The result is a `datasets` folder as `Dataset.save_to_disk` writes it (one Arrow shard written by
 `datasets`' own ArrowWriter, then state.json and dataset_info.json), which `load_from_disk` reads
@@ -19,6 +19,9 @@ from datasets.utils.py_utils import asdict  # save_to_disk's, which leaves out w
 
 from llmtune.data.chat import Example
 from llmtune.data.packing import pack
+from llmtune.data.rows import Row
+from llmtune.data.stats import SplitStats
+from llmtune.recipe import DataSection
 
 SHARD = "data-00000-of-00001.arrow"
 FLUSH_ROWS = 2048  # rows gathered before they go to the Arrow file
@@ -108,3 +111,65 @@ class TrainWriter:
             return None
         return {"sequences": rows, "efficiency": round(self.packed_tokens / max(rows * self.max_len, 1), 4),
                 "buckets": self.buckets}
+
+
+class Outputs:
+    """Where kept examples go: validation, or train (as many times as its copies), with the
+    counts of each. While no row has been held out for validation, the train row with the lowest
+    validation draw is held back, so that a validation fraction always gets a row when two are
+    kept (a few hundred rows at fraction 0.001 might otherwise draw none)."""
+
+    def __init__(self, partial: Path, data: DataSection):
+        self.train = TrainWriter(partial / "train", data.packing, data.max_seq_len, data.seed)
+        # validation rows keep their sample as JSON, so later stages can show and score them
+        self.validation = SplitWriter(partial / "validation", ("input_ids", "labels", "where", "sample"))
+        self.train_stats, self.validation_stats = SplitStats(), SplitStats()
+        self.holding = data.validation.sources is None and data.validation.effective_fraction > 0
+        self.held: tuple[Row, Example] | None = None
+        self.kept = 0
+        self.tokens = 0
+        self.system_prompts: set = set()  # of the train conversations, while there is one at most
+
+    def add(self, row: Row, example: Example) -> None:
+        self.kept += 1
+        self.tokens += len(example.input_ids)
+        if row.held_out:
+            self._to_validation(row, example)
+            if self.holding:
+                self._release()
+        elif not self.holding:
+            self._to_train(row, example)
+        elif self.held is None or row.draw < self.held[0].draw:
+            self._release()
+            self.held = (row, example)
+        else:
+            self._to_train(row, example)
+
+    def _release(self) -> None:
+        if self.held is not None:
+            self._to_train(*self.held)
+        self.held = None
+        self.holding = self.holding and not self.validation.rows
+
+    def close(self) -> dict | None:
+        """Finish both splits; packing's figures, if the train split is packed."""
+        if self.held is not None:
+            if self.train_stats.lengths:  # another train row is there: hold this one out
+                self._to_validation(*self.held)
+            else:
+                self._to_train(*self.held)
+        self.validation.close()
+        return self.train.close()
+
+    def _to_validation(self, row: Row, example: Example) -> None:
+        self.validation.add({"input_ids": example.input_ids, "labels": example.labels,
+                             "where": row.where, "sample": row.text})
+        self.validation_stats.add(example)
+
+    def _to_train(self, row: Row, example: Example) -> None:
+        for _ in range(row.copies):
+            self.train.add(row.where, example)
+        self.train_stats.add(example, row.copies)
+        if row.copies and len(self.system_prompts) < 2:
+            messages = row.sample.get("messages") or [{}]
+            self.system_prompts.add(messages[0].get("content") if messages[0].get("role") == "system" else None)
