@@ -199,7 +199,8 @@ class _Progress:
         if self.total and bytes_read:
             share = min(bytes_read / self.total, 1.0)
             minutes, seconds = divmod(int(elapsed / share * (1 - share)), 60)
-            line += f", {100 * share:.0f}% of {self.total / 1e9:.2f} GB, ETA {minutes}m{seconds:02d}s"
+            size = f"{self.total / 1e9:.2f} GB" if self.total >= 1e9 else f"{self.total / 1e6:.0f} MB"
+            line += f", {100 * share:.0f}% of {size}, ETA {minutes}m{seconds:02d}s"
         console.print(line)
 
 
