@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from datasets import Dataset, load_from_disk
 
-from conftest import chat_rows, write_jsonl, write_recipe
+from conftest import chat_rows, llmtune, write_jsonl, write_recipe
 from llmtune.data.chat import IGNORE
 from llmtune.errors import InputError
 from llmtune.recipe import load_recipe
@@ -158,5 +158,8 @@ def test_a_long_prepare_prints_progress_with_an_eta(tiny_model, tmp_path, monkey
 def test_worker_processes_prepare_what_one_process_prepares(tiny_model, tmp_path):
     recipe_file = write_recipe(tmp_path, tiny_model, data=_mixed_data(tmp_path))
     prepare(load_recipe(recipe_file), tmp_path / "one")
-    prepare(load_recipe(recipe_file, ["data.num_proc=2"]), tmp_path / "two")
-    assert _prepared(tmp_path / "one")[:2] == _prepared(tmp_path / "two")[:2]
+    # through the CLI, as a user runs it: spawned workers must not run the command again
+    result = llmtune("prepare", recipe_file, "--set", "data.num_proc=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("prepare: done") == 1
+    assert _prepared(tmp_path / "one")[:2] == _prepared(tmp_path / "runs" / "tiny")[:2]
