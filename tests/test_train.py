@@ -77,7 +77,7 @@ def _max_difference(a, b) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-RESUMABLE = {"max_steps": 300, "batch_size": 1, "save_every": 20, "keep_checkpoints": 2, "lr": 1e-3}
+RESUMABLE = {"max_steps": 160, "batch_size": 1, "save_every": 20, "keep_checkpoints": 2, "lr": 1e-3}
 
 
 @pytest.fixture(scope="module")
