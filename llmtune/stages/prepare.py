@@ -267,9 +267,9 @@ def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped:
             cut = any(label != IGNORE for label in example.labels[data.max_seq_len:])
             example = Example(example.input_ids[: data.max_seq_len],
                               example.labels[: data.max_seq_len], truncated=True, answer_cut=cut)
-        if example.labels.count(IGNORE) == len(example.labels):
-            skipped[CUT_AWAY] += 1
-            continue
+            if example.labels.count(IGNORE) == len(example.labels):  # only a cut can leave none
+                skipped[CUT_AWAY] += 1
+                continue
         kept.append((row, example))
     if overlong:  # stop at the first batch that holds any: a long prepare fails early
         overlong.sort(key=lambda item: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])])
