@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import re
 import sys
@@ -51,12 +50,11 @@ def packing_fill(source: Path) -> None:
     """Packing's fill and sequences for buckets of several sizes (prepare run in this process)."""
     from llmtune.recipe import load_recipe
     from llmtune.stages import prepared_split
+    from llmtune.stages.prepare import prepare
 
-    prepare = importlib.import_module("llmtune.stages.prepare").prepare
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "chat.jsonl"
-        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-        write_rows(source, len(rows), data)
+        write_rows(source, sum(1 for line in source.read_text().splitlines() if line.strip()), data)
         recipe_file = Path(tmp) / "recipe.yaml"
         recipe_file.write_text(yaml.safe_dump({
             "name": "fill", "model": {"path": "embedded:smollm2-135m-instruct"},
