@@ -50,7 +50,7 @@ class ModelSection(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where bf16 is native (as precision: auto)
 
 
-DataFormat = Literal["chat", "sharegpt", "alpaca", "completion", "text"]
+DataFormat = Literal["chat", "sharegpt", "alpaca", "completion", "text", "preference", "kto"]
 
 
 class DataSource(Section):
@@ -58,7 +58,9 @@ class DataSource(Section):
     hub: str | None = None  # or a hub dataset id (offline: from the datasets cache)
     subset: str | None = None  # hub dataset configuration
     split: str = "train"  # hub dataset split
-    format: DataFormat = "chat"  # chat | sharegpt | alpaca | completion | text
+    # chat | sharegpt | alpaca | completion | text; preference ({prompt, chosen, rejected}, or two
+    # whole conversations {chosen, rejected}) and kto ({prompt, completion, label}) for train.objective
+    format: DataFormat = "chat"
     fields: dict[str, str] = {}  # our field name -> the dataset's column, e.g. {prompt: question}
     separator: str = "\n"  # completion format: between prompt and completion
     # mixing: each row is used int(weight) times, and once more with the fraction's probability
@@ -149,7 +151,23 @@ class AdapterSection(Section):
         return value
 
 
+Objective = Literal["sft", "dpo", "orpo", "simpo", "kto"]
+# The data format each objective trains on (a recipe mixing others is refused by validation).
+OBJECTIVE_FORMATS = {"sft": ("chat", "sharegpt", "alpaca", "completion", "text"),
+                     "dpo": ("preference",), "orpo": ("preference",), "simpo": ("preference",),
+                     "kto": ("kto",)}
+# What prepare makes of each objective's data: sft examples, preference pairs or kto answers
+DATA_KIND = {"sft": "sft", "dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "kto"}
+DpoLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                  "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
 class TrainSection(Section):
+    # sft: supervised | dpo, orpo, simpo: chosen vs rejected answers (format preference) | kto:
+    # answers marked good or bad (format kto); all but sft run on TRL's trainers
+    objective: Objective = "sft"
+    beta: float | None = Field(default=None, gt=0)  # dpo/orpo/simpo/kto strength; unset: TRL's default
+    dpo_loss: DpoLoss = "sigmoid"  # dpo: TRL's loss_type (sigmoid = the DPO paper's; ipo, hinge, ...)
     epochs: float = Field(default=1.0, gt=0)  # passes over the training data
     max_steps: int | None = Field(default=None, gt=0)  # overrides epochs when set
     batch_size: int = Field(default=8, gt=0)  # sequences per micro-batch
@@ -188,6 +206,11 @@ class TrainSection(Section):
     def _early_stopping_needs_eval(self) -> TrainSection:
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("early_stopping_patience needs eval_every")
+        if self.objective == "kto" and self.batch_size < 2:
+            raise ValueError("objective kto needs batch_size 2 or more: its KL term is estimated from the "
+                             "other answers of the micro-batch (TRL)")
+        if self.objective != "dpo" and self.dpo_loss != "sigmoid":  # the default is dumped with every recipe
+            raise ValueError(f"dpo_loss is for objective dpo, not {self.objective}")
         return self
 
 
@@ -286,6 +309,26 @@ class Recipe(Section):
     preview: PreviewSection = PreviewSection()
     eval: EvalSection = EvalSection()
 
+    @model_validator(mode="after")
+    def _data_fits_objective(self) -> Recipe:
+        """Refused here, before anything loads: data of another kind than the objective trains on."""
+        objective = self.train.objective
+        wanted = OBJECTIVE_FORMATS[objective]
+        sources = [("data.train", s) for s in self.data.train]
+        sources += [("data.validation.sources", s) for s in self.data.validation.sources or []]
+        sources += [("eval.sources", s) for s in self.eval.sources]
+        for where, source in sources:
+            if source.format not in wanted:
+                raise ValueError(
+                    f"train.objective {objective} trains on format {' or '.join(wanted)}, but {where} has "
+                    f"a source of format {source.format} ({source.path or source.hub}); set the source's "
+                    f"format, or the objective that fits it"
+                    + (" (sft for chat data)" if objective != "sft" else
+                       f" ({'dpo, orpo or simpo' if source.format == 'preference' else 'kto'})"))
+        if objective != "sft" and self.data.packing:
+            raise ValueError(f"data.packing is for objective sft; {objective} keeps each answer with its prompt")
+        return self
+
 
 # Fields each data format reads (see data/formats.py); `fields` may rename only these.
 FORMAT_FIELDS = {
@@ -294,6 +337,8 @@ FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output"),
     "completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "kto": ("prompt", "completion", "label"),
 }
 
 # Keys whose values are filesystem paths, as key paths with "*" for any list index.

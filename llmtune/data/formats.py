@@ -1,9 +1,12 @@
 """Dataset formats: turn one row into a sample, or say why it cannot be one.
 
-A sample is one of three shapes:
+A sample is one of five shapes:
 - {"messages": [{"role", "content"}, ...]}  from chat, sharegpt and alpaca rows;
 - {"prompt": str, "completion": str}        from completion rows (no chat template);
-- {"text": str}                             from text rows (continued pretraining, all trained).
+- {"text": str}                             from text rows (continued pretraining, all trained);
+- {"prompt": [messages], "chosen": str, "rejected": str}     from preference rows;
+- {"prompt": [messages], "completion": str, "label": bool}   from kto rows.
+The last two are rendered with the chat template, the answers as the assistant's next turn.
 
 `fields` maps our field names to the row's own column names, e.g. {"prompt": "question"}.
 """
@@ -33,6 +36,11 @@ def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | 
             return None, f"empty field: '{column(name)}'"
         return value, None
 
+    if fmt in ("preference", "kto"):
+        sample, problem = _preference(row, fmt, column)
+        if sample is not None and system_prompt and sample["prompt"][0]["role"] != "system":
+            sample["prompt"] = [{"role": "system", "content": system_prompt}, *sample["prompt"]]
+        return sample, problem
     if fmt == "text":
         text, problem = text_field("text")
         return (None, problem) if problem else ({"text": text}, None)
@@ -104,3 +112,93 @@ def _from_sharegpt(conversation, column: str):
             return None, f"unknown role: {column}[{index}] has {turn['from']!r} (expected one of {known})"
         messages.append({"role": role, "content": turn["value"]})
     return messages, None
+
+
+def _preference(row: dict, fmt: str, column):
+    """A preference or kto row as a sample (see the module docstring), or why it is not one."""
+    answers = ("chosen", "rejected") if fmt == "preference" else ("completion",)
+    for name in answers:
+        if row.get(column(name)) is None:
+            return None, f"missing field: '{column(name)}'"
+    prompt = row.get(column("prompt"))
+    if prompt is None and fmt == "preference":
+        if not all(isinstance(row[column(name)], list) for name in answers):
+            return None, (f"missing field: '{column('prompt')}' (or give '{column('chosen')}' and "
+                          f"'{column('rejected')}' as two whole conversations)")
+        # two whole conversations sharing a prefix (HH-RLHF, UltraFeedback): split at the first difference
+        prompt, problem = _split_conversations(row[column("chosen")], row[column("rejected")], column)
+        if problem:
+            return None, problem
+        values = {"chosen": row[column("chosen")][len(prompt)], "rejected": row[column("rejected")][len(prompt)]}
+    elif prompt is None:
+        return None, f"missing field: '{column('prompt')}'"
+    else:
+        values = {name: row[column(name)] for name in answers}
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            return None, f"empty field: '{column('prompt')}'"
+        prompt = [{"role": "user", "content": prompt}]
+    problem = _check_prompt(prompt, column("prompt"))
+    if problem:
+        return None, problem
+    sample = {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt]}
+    for name, value in values.items():
+        text, problem = _answer(value, column(name))
+        if problem:
+            return None, problem
+        sample[name] = text
+    if fmt == "preference" and sample["chosen"].strip() == sample["rejected"].strip():
+        return None, "chosen equals rejected: nothing to prefer"
+    if fmt == "kto":
+        label = row.get(column("label"))
+        if label is None:
+            return None, f"missing field: '{column('label')}'"
+        if not isinstance(label, bool):
+            return None, f"not a boolean: field '{column('label')}' is {label!r} (true for a good answer, false for a bad one)"
+        sample["label"] = label
+    return sample, None
+
+
+def _split_conversations(chosen, rejected, column):
+    """The shared prefix of two conversations that differ only in their last (assistant) turn."""
+    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
+            return None, (f"malformed pair: '{column(name)}' must be a list of messages when the row has "
+                          f"no '{column('prompt')}'")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        return None, "malformed pair: the two conversations share no prefix (no common prompt)"
+    if shared == len(chosen) == len(rejected):
+        return None, "chosen equals rejected: nothing to prefer"
+    if len(chosen) != shared + 1 or len(rejected) != shared + 1:
+        return None, ("malformed pair: the two conversations must differ only in their last turn "
+                      f"(they differ from message {shared}, of {len(chosen)} and {len(rejected)})")
+    return chosen[:shared], None
+
+
+def _check_prompt(prompt, column: str) -> str | None:
+    if not isinstance(prompt, list) or not prompt:
+        return f"malformed prompt: '{column}' must be a string or a non-empty list of messages"
+    problem = check_messages([*prompt, {"role": "assistant", "content": "answer"}])
+    if problem:
+        return problem.replace("malformed conversation", "malformed prompt")
+    if prompt[-1]["role"] != "user":
+        return f"malformed prompt: '{column}' must end with a user message (the answers are the reply)"
+    return None
+
+
+def _answer(value, column: str):
+    """An answer: a string, an assistant message, or a list of one assistant message."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("role") != "assistant":
+            return None, f"malformed answer: '{column}' must be a string or an assistant message"
+        value = value.get("content")
+    if not isinstance(value, str):
+        return None, f"malformed answer: '{column}' must be a string or an assistant message"
+    if not value.strip():
+        return None, f"empty answer: '{column}'"
+    return value, None

@@ -40,9 +40,13 @@ def control_tokens(tokenizer) -> tuple[str, ...]:
 
 
 def contents(sample: dict) -> list[str]:
-    """The user's own text in a sample: message contents, prompt and completion, or text."""
+    """The user's own text in a sample: message contents, prompt and completion, or text (and a
+    preference or kto sample's prompt messages and answers)."""
     if "messages" in sample:
         return [m["content"] for m in sample["messages"] if isinstance(m.get("content"), str)]
+    if isinstance(sample.get("prompt"), list):
+        return [*contents({"messages": sample["prompt"]}),
+                *(sample[key] for key in ("chosen", "rejected", "completion") if key in sample)]
     return [value for key, value in sample.items() if key in ("prompt", "completion", "text")]
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections import Counter
 
 from llmtune.data.chat import IGNORE, Example
+from llmtune.data.pairs import Pair
 
 
 def percentile(values, q: float) -> int:
@@ -21,21 +23,31 @@ class SplitStats:
 
     def __init__(self):
         self.lengths = array("i")
+        self.tokens = 0
         self.trained = 0
+        self.labels = Counter()  # kto: good (True) and bad (False) answers
         self.truncated = 0
         self.answers_cut = 0
 
-    def add(self, example: Example, times: int = 1) -> None:
-        length = len(example.input_ids)
+    def add(self, example: Example | Pair, times: int = 1) -> None:
+        """An SFT example, or a preference pair / kto answer: its length is its longest sequence,
+        its tokens those of every sequence it trains on."""
+        if isinstance(example, Pair):
+            length, tokens, trained = example.longest, example.tokens, example.trained
+            if example.label is not None:
+                self.labels[example.label] += times
+        else:
+            length = tokens = len(example.input_ids)
+            trained = length - example.labels.count(IGNORE)
         self.lengths.extend([length] * times)
-        self.trained += times * (length - example.labels.count(IGNORE))
+        self.tokens += times * tokens
+        self.trained += times * trained
         self.truncated += times * example.truncated
         self.answers_cut += times * example.answer_cut
 
     def result(self) -> dict[str, float | int]:
-        lengths = self.lengths
-        tokens = sum(lengths)
-        return {
+        lengths, tokens = self.lengths, self.tokens
+        result = {
             "examples": len(lengths),
             "tokens": tokens,
             "trained_tokens": self.trained,
@@ -46,3 +58,6 @@ class SplitStats:
             "truncated": self.truncated,
             "answers_cut": self.answers_cut,  # of those, trained text cut too
         }
+        if self.labels:
+            result["desirable"], result["undesirable"] = self.labels[True], self.labels[False]
+        return result

@@ -23,6 +23,7 @@ from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.data import special_text
 from llmtune.data.chat import IGNORE, Example
+from llmtune.data.pairs import encode_pairs
 from llmtune.data.rows import Row, RowStream
 from llmtune.data.sources import local_files, source_bytes
 from llmtune.data.templates import resolve_template
@@ -36,6 +37,7 @@ PROGRESS_SECONDS = 10.0  # a long prepare prints a progress line this often
 # Rows that would train nothing are skipped, each under its own reason, never kept all masked.
 NOTHING_TO_TRAIN = "no trained tokens (no assistant turn rendered)"
 CUT_AWAY = "trained tokens all beyond max_seq_len"
+PROMPT_TOO_LONG = "prompt longer than max_seq_len"  # a pair's answers would have no room
 ANSWERS_CUT_WARNING = 0.01  # share of kept rows with a truncated answer that prepare warns about
 
 
@@ -68,20 +70,23 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     partial = start_stage(out_dir)
     tokenizer = models.load_tokenizer(ref)
     sources = [*data.train, *(data.validation.sources or [])]
-    conversational = any(s.format in ("chat", "sharegpt", "alpaca") for s in sources)
+    kind = data_kind(recipe)
+    conversational = any(s.format in ("chat", "sharegpt", "alpaca", "preference", "kto") for s in sources)
     template = resolve_template(data.template, tokenizer) if conversational else None
     if template:  # the template trained with travels on to the adapter and merged model
         (partial / "chat_template.jinja").write_text(template, encoding="utf-8")
 
     rows = RowStream(data, special_text.control_tokens(tokenizer))
-    out = Outputs(partial, data)
+    out = Outputs(partial, data, kind)
     progress = _Progress(source_bytes(sources))
-    encoder = functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text)
+    encoder = (functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text)
+               if kind == "sft" else functools.partial(encode_pairs, tokenizer, template, data.special_text))
+    limit = _limit if kind == "sft" else _limit_pairs
     # worker processes take smaller batches: the batches in flight hold about 2 x BATCH rows
     batch_rows = BATCH if data.num_proc <= 1 else max(256, BATCH // data.num_proc)
     with contextlib.closing(_encoded(rows.batches(batch_rows), encoder, data.num_proc)) as encoded:
         for batch, examples in encoded:
-            for row, example in _limit(batch, examples, data, rows.skipped):
+            for row, example in limit(batch, examples, data, rows.skipped):
                 out.add(row, example)
             progress.update(rows.read, rows.bytes_read, out.tokens)
     packing = out.close()
@@ -93,7 +98,7 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
                              hint="lower data.validation.fraction, or give more rows")
         raise InputError("no training example is left after preparation", hint=_skip_hint(rows.skipped, data))
 
-    stats = _stats(rows, out, data, packing)
+    stats = _stats(rows, out, data, packing, kind)
     (partial / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print_stats(stats)
     summary = _summary(stats, out, data)
@@ -112,11 +117,14 @@ def print_stats(stats: dict) -> None:
         f"prepare: read {stats['rows_read']} = kept {stats['rows_kept']} + skipped {stats['rows_skipped']}"
         + "".join(f"\n  skipped, {reason}: {n}" for reason, n in stats["skipped_by_reason"].items())
     )
+    unit = {"preference": "pairs", "kto": "marked answers"}.get(stats.get("kind"), "examples")
+    if "desirable" in train:
+        unit += f" ({train['desirable']} good, {train['undesirable']} bad)"
     console.print(
-        f"  train {train['examples']} examples, {train['tokens']:,} tokens, "
+        f"  train {train['examples']} {unit}, {train['tokens']:,} tokens, "
         f"{100 * train['trained_share']:.1f}% trained; length p50/p95/max "
         f"{train['length_p50']}/{train['length_p95']}/{train['length_max']}; "
-        f"truncated {train['truncated'] + val['truncated']}; validation {val['examples']} examples"
+        f"truncated {train['truncated'] + val['truncated']}; validation {val['examples']}"
     )
     cut = train["answers_cut"] + val["answers_cut"]
     if cut and cut / max(stats["rows_kept"], 1) > ANSWERS_CUT_WARNING:
@@ -134,12 +142,13 @@ def print_stats(stats: dict) -> None:
 # --- steps -----------------------------------------------------------------------------------
 
 
-def _stats(rows: RowStream, out: Outputs, data: DataSection, packing: dict | None) -> dict:
+def _stats(rows: RowStream, out: Outputs, data: DataSection, packing: dict | None, kind: str = "sft") -> dict:
     """stats.json: what was read, kept and skipped by reason, and each split's counts."""
     skipped = rows.skipped
     if rows.read != out.kept + sum(skipped.values()):  # every row is kept or counted as skipped
         raise RuntimeError(f"prepare lost rows: read {rows.read}, kept {out.kept}, skipped {dict(skipped)}")
     stats = {
+        "kind": kind,
         "rows_read": rows.read,
         "rows_kept": out.kept,
         "rows_skipped": sum(skipped.values()),
@@ -161,6 +170,8 @@ def _summary(stats: dict, out: Outputs, data: DataSection) -> dict:
     """The prepared manifest's summary: what plan, train and export read of the data."""
     train, validation = stats["train"], stats["validation"]
     summary = {
+        # what the data trains: sft examples, preference pairs or kto answers (train checks it)
+        "kind": stats["kind"],
         "rows_read": stats["rows_read"],
         "rows_kept": stats["rows_kept"],
         "rows_skipped": stats["rows_skipped"],
@@ -271,6 +282,11 @@ def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped:
                 skipped[CUT_AWAY] += 1
                 continue
         kept.append((row, example))
+    _refuse_overlong(overlong, rows, data)
+    return kept
+
+
+def _refuse_overlong(overlong: list[tuple[str, int]], rows: list[Row], data: DataSection) -> None:
     if overlong:  # stop at the first batch that holds any: a long prepare fails early
         overlong.sort(key=lambda item: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])])
         listed = "; ".join(f"{where}: overlong: {n} tokens > data.max_seq_len {data.max_seq_len}"
@@ -278,7 +294,38 @@ def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped:
         more = f" (and {len(overlong) - 3} more in these {len(rows)} rows)" if len(overlong) > 3 else ""
         raise InputError(f"{len(overlong)} overlong row(s): {listed}{more}",
                          hint="raise data.max_seq_len, or set data.overlong: truncate or drop")
+
+
+def _limit_pairs(rows: list[Row], pairs: list, data: DataSection, skipped: Counter):
+    """data.overlong for preference pairs and kto answers: a sequence is the prompt and one
+    answer. Truncating cuts the answers; a prompt that fills max_seq_len leaves nothing to train
+    and is skipped (or refused under overlong: error)."""
+    kept, overlong = [], []
+    for row, pair in zip(rows, pairs):
+        if pair is None:
+            skipped[NOTHING_TO_TRAIN] += 1
+            continue
+        if pair.longest > data.max_seq_len:
+            if data.overlong == "error":
+                overlong.append((row.where, pair.longest))
+                continue
+            if data.overlong == "drop":
+                skipped["overlong"] += 1
+                continue
+            cut = pair.limited(data.max_seq_len)
+            if cut is None:
+                skipped[PROMPT_TOO_LONG] += 1
+                continue
+            pair = cut
+        kept.append((row, pair))
+    _refuse_overlong(overlong, rows, data)
     return kept
+
+
+def data_kind(recipe: Recipe) -> str:
+    """sft, preference or kto: what prepare writes, by the data's format (the recipe's schema
+    has checked that the objective trains on it; prepare depends on the data section alone)."""
+    return {"preference": "preference", "kto": "kto"}.get(recipe.data.train[0].format, "sft")
 
 
 def up_to_date(recipe: Recipe, run: Path) -> dict | None:

@@ -19,6 +19,7 @@ from datasets.utils.py_utils import asdict  # save_to_disk's, which leaves out w
 
 from llmtune.data.chat import Example
 from llmtune.data.packing import pack
+from llmtune.data.pairs import Pair
 from llmtune.data.rows import Row
 from llmtune.data.stats import SplitStats
 from llmtune.recipe import DataSection
@@ -30,7 +31,12 @@ FLUSH_ROWS = 2048  # rows gathered before they go to the Arrow file
 # of thousands of examples as well as of all of them (docs/benchmarks.md, "Data at scale").
 PACK_BUCKET_TOKENS = 4_000_000
 TYPES = {"input_ids": List(Value("int32")), "labels": List(Value("int32")),
-         "position_ids": List(Value("int32")), "where": Value("string"), "sample": Value("string")}
+         "position_ids": List(Value("int32")), "where": Value("string"), "sample": Value("string"),
+         "prompt_ids": List(Value("int32")), "chosen_ids": List(Value("int32")),
+         "rejected_ids": List(Value("int32")), "completion_ids": List(Value("int32")), "label": Value("bool")}
+# The columns of a split by the kind of data prepared (pairs.py for the last two).
+COLUMNS = {"sft": ("input_ids", "labels"), "preference": ("prompt_ids", "chosen_ids", "rejected_ids"),
+           "kto": ("prompt_ids", "completion_ids", "label")}
 
 
 class SplitWriter:
@@ -48,11 +54,11 @@ class SplitWriter:
         for name in self.columns:
             self.pending[name].append(row[name])
         self.rows += 1
-        if len(self.pending["input_ids"]) >= FLUSH_ROWS:
+        if len(self.pending["where"]) >= FLUSH_ROWS:
             self._flush()
 
     def _flush(self) -> None:
-        if self.pending["input_ids"]:
+        if self.pending["where"]:
             # Arrow arrays of a declared type: 3x faster than letting `datasets` infer it from lists.
             schema = self.features.arrow_schema
             self.writer.write_table(pa.table({name: pa.array(values, type=schema.field(name).type)
@@ -70,6 +76,19 @@ class SplitWriter:
         info = asdict(DatasetInfo(features=self.features))
         (self.path / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
         return self.rows
+
+
+class PairWriter:
+    """The train split of preference or kto data: pairs as they come (never packed)."""
+
+    def __init__(self, path: Path, kind: str):
+        self.out = SplitWriter(path, (*COLUMNS[kind], "where"))
+
+    def add(self, where: str, pair: Pair) -> None:
+        self.out.add({**pair.columns(), "where": where})
+
+    def close(self) -> None:
+        self.out.close()
 
 
 class TrainWriter:
@@ -119,10 +138,11 @@ class Outputs:
     validation draw is held back, so that a validation fraction always gets a row when two are
     kept (a few hundred rows at fraction 0.001 might otherwise draw none)."""
 
-    def __init__(self, partial: Path, data: DataSection):
-        self.train = TrainWriter(partial / "train", data.packing, data.max_seq_len, data.seed)
+    def __init__(self, partial: Path, data: DataSection, kind: str = "sft"):
+        self.train = (TrainWriter(partial / "train", data.packing, data.max_seq_len, data.seed) if kind == "sft"
+                      else PairWriter(partial / "train", kind))
         # validation rows keep their sample as JSON, so later stages can show and score them
-        self.validation = SplitWriter(partial / "validation", ("input_ids", "labels", "where", "sample"))
+        self.validation = SplitWriter(partial / "validation", (*COLUMNS[kind], "where", "sample"))
         self.train_stats, self.validation_stats = SplitStats(), SplitStats()
         self.holding = data.validation.sources is None and data.validation.effective_fraction > 0
         self.held: tuple[Row, Example] | None = None
@@ -130,9 +150,9 @@ class Outputs:
         self.tokens = 0
         self.system_prompts: set = set()  # of the train conversations, while there is one at most
 
-    def add(self, row: Row, example: Example) -> None:
+    def add(self, row: Row, example: Example | Pair) -> None:
         self.kept += 1
-        self.tokens += len(example.input_ids)
+        self.tokens += example.tokens if isinstance(example, Pair) else len(example.input_ids)
         if row.held_out:
             self._to_validation(row, example)
             if self.holding:
@@ -161,9 +181,10 @@ class Outputs:
         self.validation.close()
         return self.train.close()
 
-    def _to_validation(self, row: Row, example: Example) -> None:
-        self.validation.add({"input_ids": example.input_ids, "labels": example.labels,
-                             "where": row.where, "sample": row.text})
+    def _to_validation(self, row: Row, example: Example | Pair) -> None:
+        columns = (example.columns() if isinstance(example, Pair)
+                   else {"input_ids": example.input_ids, "labels": example.labels})
+        self.validation.add({**columns, "where": row.where, "sample": row.text})
         self.validation_stats.add(example)
 
     def _to_train(self, row: Row, example: Example) -> None:
@@ -171,5 +192,6 @@ class Outputs:
             self.train.add(row.where, example)
         self.train_stats.add(example, row.copies)
         if row.copies and len(self.system_prompts) < 2:
-            messages = row.sample.get("messages") or [{}]
+            prompt = row.sample.get("prompt")  # preference and kto prompts are messages too
+            messages = row.sample.get("messages") or (prompt if isinstance(prompt, list) else [{}])
             self.system_prompts.add(messages[0].get("content") if messages[0].get("role") == "system" else None)
