@@ -1,4 +1,5 @@
-"""Training curves: adapter/metrics.jsonl rendered to a PNG (train loss, eval loss, lr)."""
+"""Training curves: adapter/metrics.jsonl rendered to a PNG (train loss, eval loss, lr; the reward
+margin for preference objectives)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
     if evals:
         loss_axis.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], "o--",
                        label="eval loss")
+    margins = [e for e in train if "reward_margin" in e]
+    if margins:  # preference objectives: how far the chosen answers' reward is above the rejected
+        loss_axis.plot([e["step"] for e in margins], [e["reward_margin"] for e in margins], color="tab:green",
+                       label="reward margin (chosen - rejected)")
     loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("loss")
+    loss_axis.set_ylabel("loss, margin" if margins else "loss")
     lr_axis = loss_axis.twinx()
     lr_axis.plot([e["step"] for e in train], [e.get("lr") or 0 for e in train], color="grey",
                  alpha=0.5, label="learning rate")

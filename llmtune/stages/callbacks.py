@@ -18,6 +18,11 @@ from llmtune.errors import Diverged
 from llmtune.stages import checkpoints, distributed
 from llmtune.stages.collate import PadCollator
 
+# What TRL's preference trainers log -> the names in metrics.jsonl (and the training curves)
+# (KTO logs no accuracy, and its KL estimate; it logs margins when a batch has good and bad answers)
+REWARD_METRICS = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
+                  "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy", "kl": "kl"}
+
 
 class TrainProgress(TrainerCallback):
     """One terminal line and one metrics.jsonl record per logging step: loss, lr, tokens/s, ETA."""
@@ -62,12 +67,16 @@ class TrainProgress(TrainerCallback):
             "trained_tokens_per_second": round(self.trained_tokens / elapsed, 1) if elapsed else None,
             "elapsed_s": round(elapsed, 2),
         }
+        # preference objectives: TRL's rewards of the chosen and rejected answers, margin, accuracy
+        entry.update({name: round(float(logs[key]), 5) for key, name in REWARD_METRICS.items() if key in logs})
         self.record(entry)
         done = step - self.start_step
         eta = elapsed / done * (total - step) if done else 0.0
         minutes, seconds = divmod(int(eta), 60)
+        rewards = "".join(f"  {label} {entry[key]:.3f}" for key, label in
+                          (("reward_margin", "margin"), ("reward_accuracy", "accuracy"), ("kl", "kl")) if key in entry)
         console.print(
-            f"  step {step}/{total}  loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
+            f"  step {step}/{total}  loss {entry['loss']:.4f}{rewards}  lr {entry['lr']:.2e}  "
             f"{entry['tokens_per_second'] or 0:.0f} tok/s  ETA {minutes}m{seconds:02d}s"
         )
 
@@ -77,10 +86,15 @@ class TrainProgress(TrainerCallback):
         if metrics and "eval_loss" in metrics and state.is_world_process_zero:
             loss = round(metrics["eval_loss"], 5)
             self.record({"step": state.global_step, "eval_loss": loss})
+            # perplexity means something for a language-model loss only (not DPO's)
+            perplexity = f" (perplexity {math.exp(loss):.2f})" if self.collator.__class__ is PadCollator else ""
+            rewards = "".join(f", {label} {metrics[key]:.3f}" for key, label in
+                              (("eval_rewards/margins", "margin"), ("eval_rewards/accuracies", "accuracy"))
+                              if key in metrics)
             if state.global_step == 0:
-                console.print(f"train: eval loss before training: {loss:.4f} (perplexity {math.exp(loss):.2f})")
+                console.print(f"train: eval loss before training: {loss:.4f}{perplexity}{rewards}")
             elif self.training:
-                console.print(f"  step {state.global_step}: eval loss {loss:.4f}")
+                console.print(f"  step {state.global_step}: eval loss {loss:.4f}{rewards}")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False

@@ -23,6 +23,7 @@ from datasets import load_from_disk
 from safetensors import safe_open
 
 from llmtune.console import console
+from llmtune.data.pairs import sequence_ids
 from llmtune.errors import InputError, VerificationError
 from llmtune.manifest import upstream_dir
 from llmtune.stages.collate import PadCollator
@@ -45,7 +46,7 @@ def check_rows(adapter_dir: Path, adapter_manifest: dict, count: int, tokens: in
         path = prepared / split
         if path.is_dir():
             data = load_from_disk(str(path))
-            rows += [r["input_ids"][:tokens] for r in data.select(range(min(count, len(data))))]
+            rows += [sequence_ids(r)[:tokens] for r in data.select(range(min(count, len(data))))]
         if len(rows) >= count:
             break
     if not rows:

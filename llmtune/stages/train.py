@@ -30,8 +30,8 @@ from llmtune.manifest import (
     upstream_ref,
 )
 from llmtune.plot import plot_metrics
-from llmtune.recipe import Recipe, section_sha256
-from llmtune.stages import checkpoints, distributed, trackers
+from llmtune.recipe import DATA_KIND, Recipe, section_sha256
+from llmtune.stages import checkpoints, distributed, objectives, trackers
 from llmtune.stages.callbacks import (
     EarlyStop,
     MarkCheckpoints,
@@ -99,13 +99,21 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
            if distributed.world_size() > 1 else "")
     )
 
+    objective = cfg.objective
+    _check_prepared_kind(prepared_dir, objective, command)
     train_set = load_from_disk(str(prepared_dir / "train"))
-    if cfg.group_by_length:
+    if objective == "kto":  # TRL's KTO reads its batches in order: shuffled once, by the seed
+        train_set = train_set.shuffle(seed=cfg.seed).flatten_indices()
+    elif cfg.group_by_length:
         # the sampler reads lengths from this column instead of decoding every row
-        train_set = train_set.add_column("length", pc.list_value_length(train_set.data.column("input_ids")).to_pylist())
+        train_set = train_set.add_column("length", pc.list_value_length(train_set.data.column("input_ids")).to_pylist()
+                                         if objective == "sft" else objectives.lengths(train_set))
     validation = load_from_disk(str(prepared_dir / "validation"))
-    validation = validation if len(validation) else None
-    collator = PadCollator(tokenizer.pad_token_id or 0)
+    validation = validation.remove_columns("sample") if len(validation) else None
+    if validation is not None and objective not in ("sft", "kto") and cfg.group_by_length:
+        validation = validation.add_column("length", objectives.lengths(validation))  # as the Trainer groups it
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collator = PadCollator(pad_id) if objective == "sft" else objectives.collator(objective, pad_id)
     progress = TrainProgress(partial / "metrics.jsonl", collator)
     stop = StopOnSignal()
     callbacks = [progress, stop, MarkCheckpoints(partial / checkpoints.CHECKPOINTS, cfg.keep_checkpoints),
@@ -113,11 +121,19 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
                  StopOnNonFinite(collator, precision, partial / checkpoints.CHECKPOINTS)]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStop(cfg.early_stopping_patience))
-    chunked = cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(model.config))
-    console.print(f"train: loss {'chunked (no full logits)' if chunked else 'standard'}")
+    if objective == "sft":
+        chunked = cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(model.config))
+        console.print(f"train: loss {'chunked (no full logits)' if chunked else 'standard'}")
+        trainer_class = ChunkedLossTrainer if chunked else GroupedTrainer
+    else:
+        trainer_class = objectives.trainer_class(objective)
+        reference = ("the base with the adapter disabled" if objective in ("dpo", "kto")
+                     else "none (the objective needs none)")
+        console.print(f"train: objective {objective} (TRL's {objectives.TRL_CLASSES[objective][1]}), "
+                      f"reference model: {reference}")
     with trackers.tracker_environment(cfg.report_to, run, recipe.name):
         trainer, result = _run_trainer(
-            ChunkedLossTrainer if chunked else GroupedTrainer, recipe, model, train_set, validation, collator,
+            trainer_class, recipe, model, train_set, validation, collator, tokenizer,
             callbacks, partial, device, precision, state, checkpoint, stop, strategy)
     if stop.stopped:
         if distributed.is_main():  # `llmtune launch` reads this to tell "interrupted" from a crash
@@ -131,7 +147,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     if recipe.distributed.strategy == "fsdp" and distributed.world_size() > 1:
         console.print(f"train: FSDP2 sharded {distributed.sharded_parameters(trainer.model_wrapped)} "
                       f"parameter tensors across {distributed.world_size()} processes")
-    eval_after = _evaluate(trainer, "after training")
+    eval_after, eval_rewards = _evaluate(trainer, "after training")
     # FSDP and ZeRO-3 shard the weights: every rank takes part in gathering them
     sharded = recipe.distributed.strategy != "ddp"
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
@@ -148,6 +164,8 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         "train_loss": round(result.training_loss, 5),
         "eval_loss_before": state.get("eval_loss_before"),
         "eval_loss": eval_after,
+        **eval_rewards,  # preference objectives: eval_reward_margin, eval_reward_accuracy
+        "objective": cfg.objective,
         "trainable_params": trainable,
         "total_params": total,
         # the compute dtype (and of the frozen weights): inference on this adapter uses it too
@@ -280,18 +298,27 @@ def lora_config(recipe: Recipe, model=None) -> LoraConfig:
     )
 
 
-def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, collator, callbacks,
-                 partial: Path, device: str, precision: str, state: dict, checkpoint, stop: StopOnSignal,
-                 strategy: dict):
+def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, collator, tokenizer,
+                 callbacks, partial: Path, device: str, precision: str, state: dict, checkpoint,
+                 stop: StopOnSignal, strategy: dict):
     """Build the Trainer and train (trackers' callbacks read their settings when it is built)."""
+    objective = recipe.train.objective
+    arguments = _training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, precision,
+                                    validation is not None, "eval_loss_before" not in state, strategy)
+    extra = {}
+    if objective != "sft":
+        arguments = objectives.config(objective, recipe, arguments)
+        extra["processing_class"] = tokenizer
+    else:
+        arguments = TrainingArguments(**arguments)
     trainer = trainer_class(
         model=model,
-        args=_training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, precision,
-                                 validation is not None, "eval_loss_before" not in state, strategy),
+        args=arguments,
         train_dataset=train_set,
         eval_dataset=validation,
         data_collator=collator,
         callbacks=callbacks,
+        **extra,
     )
     trainer.loraplus_lr_ratio = recipe.adapter.loraplus_lr_ratio  # the optimizer is made in train()
     trainer.remove_callback(PrinterCallback)
@@ -319,10 +346,12 @@ def check_optimizer(recipe: Recipe, device: str) -> None:
 
 
 def _training_arguments(recipe: Recipe, output_dir: Path, device: str, precision: str, has_eval: bool,
-                        eval_before: bool, strategy: dict) -> TrainingArguments:
+                        eval_before: bool, strategy: dict) -> dict:
+    """transformers' TrainingArguments for the recipe, as keyword arguments (TRL's configs take
+    the same, and the objective's own besides)."""
     cfg = recipe.train
     periodic_eval = has_eval and cfg.eval_every is not None
-    return TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -371,9 +400,26 @@ def _training_arguments(recipe: Recipe, output_dir: Path, device: str, precision
     )
 
 
-def _evaluate(trainer: Trainer, when: str) -> float | None:
+def _check_prepared_kind(prepared_dir: Path, objective: str, command: str) -> None:
+    """Refuse a prepared set of another kind than the objective trains on."""
+    kind = read_manifest(prepared_dir)["summary"].get("kind", "sft")
+    wanted = DATA_KIND[objective]
+    if kind != wanted:
+        raise InputError(f"{prepared_dir} holds {kind} data, but train.objective {objective} trains on {wanted} data",
+                         hint=f"prepare it again for this recipe: {command.replace('train', 'prepare', 1)} --force")
+
+
+def _evaluate(trainer: Trainer, when: str) -> tuple[float | None, dict]:
+    """The eval loss, and a preference objective's reward margin and accuracy on the validation set."""
     if trainer.eval_dataset is None:
-        return None
-    loss = round(trainer.evaluate()["eval_loss"], 5)
-    console.print(f"train: eval loss {when}: {loss:.4f} (perplexity {math.exp(loss):.2f})")
-    return loss
+        return None, {}
+    metrics = trainer.evaluate()
+    loss = round(metrics["eval_loss"], 5)
+    rewards = [f"{label} {metrics[key]:.3f}" for key, label in
+               (("eval_rewards/margins", "margin"), ("eval_rewards/accuracies", "accuracy")) if key in metrics]
+    if trainer.args.__class__ is not TrainingArguments:  # a preference objective's loss is no perplexity
+        console.print(f"train: eval loss {when}: {loss:.4f}" + "".join(f", {r}" for r in rewards))
+    else:
+        console.print(f"train: eval loss {when}: {loss:.4f} (perplexity {math.exp(loss):.2f})")
+    names = {"eval_rewards/margins": "eval_reward_margin", "eval_rewards/accuracies": "eval_reward_accuracy"}
+    return loss, {name: round(metrics[key], 5) for key, name in names.items() if key in metrics}
