@@ -207,13 +207,8 @@ def data_preview(
     rows = load_from_disk(str(stage_dir(run_path, "prepare") / split))
     tokenizer = load_tokenizer(resolve_section(loaded.model, weights=False))
     styled = console.is_terminal
-    for index in range(min(n, len(rows))):
-        row = rows[index]
-        trained = len(row["labels"]) - row["labels"].count(IGNORE)
-        console.rule(f"{split} row {index}: {len(row['input_ids'])} tokens, {trained} trained")
-        for tokens, is_trained, new_example in label_runs(
-            row["input_ids"], row["labels"], row.get("position_ids")
-        ):
+    def show(runs) -> None:
+        for tokens, is_trained, new_example in runs:
             if new_example:
                 console.print("\n── example", style="dim" if styled else None)
             text = tokenizer.decode(tokens)
@@ -222,6 +217,23 @@ def data_preview(
             else:
                 console.print(f"⟦{text}⟧" if is_trained else text, end="", markup=False)
         console.print()
+
+    for index in range(min(n, len(rows))):
+        row = rows[index]
+        if "prompt_ids" in row:  # a preference pair or a kto answer: the prompt, then each answer trained
+            answers = [(name, row[f"{name}_ids"]) for name in ("chosen", "rejected", "completion")
+                       if f"{name}_ids" in row]
+            label = "" if "label" not in row else f", {'good' if row['label'] else 'bad'} answer"
+            console.rule(f"{split} row {index}: prompt {len(row['prompt_ids'])} tokens, "
+                         + ", ".join(f"{name} {len(ids)} trained" for name, ids in answers) + label)
+            show([(row["prompt_ids"], False, False)])
+            for name, ids in answers:
+                console.print(f"── {name}:", style="dim" if styled else None)
+                show([(ids, True, False)])
+            continue
+        trained = len(row["labels"]) - row["labels"].count(IGNORE)
+        console.rule(f"{split} row {index}: {len(row['input_ids'])} tokens, {trained} trained")
+        show(label_runs(row["input_ids"], row["labels"], row.get("position_ids")))
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """eval: what the fine-tune changed. Base, adapter and merged model side by side on the held-out
-validation set and on `eval.sources`: loss and perplexity on the trained tokens; greedy
+validation set and on `eval.sources`: loss and perplexity on the trained tokens (for preference
+data: preference accuracy and margin of summed answer log-probabilities); greedy
 generations scored by exact match, contains, a regex-extracted answer, and how often they end
 with EOS before the length limit. Writes eval/report.json and eval/generations.jsonl."""
 
@@ -17,6 +18,7 @@ from llmtune.console import console
 from llmtune.data.chat import IGNORE
 from llmtune.data.special_text import encode_samples
 from llmtune.data.formats import to_sample
+from llmtune.data.pairs import encode_pairs
 from llmtune.data.sources import read_source
 from llmtune.errors import InputError, VerificationError
 from llmtune.manifest import (
@@ -35,6 +37,7 @@ from llmtune.metrics import contains, exact_match, regex_match
 from llmtune.recipe import Recipe, section_sha256
 from llmtune.stages.inference import (
     adapter_on_base,
+    answer_logps,
     generate,
     mean_token_loss,
     perplexity,
@@ -103,15 +106,20 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
             handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
     first = next(iter(report["sets"].values()))["models"]
     summary = {f"{label}_{key}": value for label, metrics in first.items()
-               for key, value in metrics.items() if key in ("loss", "exact_match", "regex_match")}
+               for key, value in metrics.items()
+               if key in ("loss", "exact_match", "regex_match", "preference_accuracy", "margin")}
     manifest = finish_stage(partial, out_dir, stage="eval", recipe_sha256=recipe_sha,
                             inputs=inputs, summary=summary)
     return Outcome(manifest, up_to_date=False)
 
 
 def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving) -> dict:
-    loss = mean_token_loss(model, rows, tokenizer.pad_token_id or 0, cfg.batch_size)
-    metrics = {"loss": _round(loss), "perplexity": _round(perplexity(loss))}
+    pad_id = tokenizer.pad_token_id or 0
+    if "input_ids" in rows[0]:
+        loss = mean_token_loss(model, rows, pad_id, cfg.batch_size)
+        metrics = {"loss": _round(loss), "perplexity": _round(perplexity(loss))}
+    else:
+        metrics = _preference_scores(model, rows, pad_id)
     pairs = [prompt_and_answer(row["sample"]) for row in rows]
     pairs = [p for p in pairs if p is not None]
     if not pairs:
@@ -137,16 +145,54 @@ def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving) -
     return metrics
 
 
+def _preference_scores(model, rows: list[dict], pad_id: int) -> dict:
+    """Preference pairs: the share where the model gives the chosen answer a higher summed
+    log-probability than the rejected one (answer tokens only), and the mean margin between the
+    two. kto rows: the mean log-probability of the good and of the bad answers, and their gap."""
+    if "chosen_ids" in rows[0]:
+        chosen = answer_logps(model, [(r["prompt_ids"], r["chosen_ids"]) for r in rows], pad_id)
+        rejected = answer_logps(model, [(r["prompt_ids"], r["rejected_ids"]) for r in rows], pad_id)
+        margins = [c - r for c, r in zip(chosen, rejected)]
+        return {"preference_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
+                "margin": _round(sum(margins) / len(margins)),
+                "chosen_logp": _round(sum(chosen) / len(chosen)),
+                "rejected_logp": _round(sum(rejected) / len(rejected))}
+    logps = answer_logps(model, [(r["prompt_ids"], r["completion_ids"]) for r in rows], pad_id)
+    good = [lp for lp, r in zip(logps, rows) if r["label"]]
+    bad = [lp for lp, r in zip(logps, rows) if not r["label"]]
+    metrics = {"desirable_logp": _round(sum(good) / len(good)) if good else None,
+               "undesirable_logp": _round(sum(bad) / len(bad)) if bad else None}
+    if good and bad:
+        metrics["margin"] = _round(metrics["desirable_logp"] - metrics["undesirable_logp"])
+    return metrics
+
+
+PREPARED_COLUMNS = ("input_ids", "labels", "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
+
+
 def _prepared_rows(path: Path, limit: int) -> list[dict]:
     if not path.is_dir():
         return []
     data = load_from_disk(str(path))
-    return [{"input_ids": r["input_ids"], "labels": r["labels"], "sample": json.loads(r["sample"])}
+    columns = [name for name in PREPARED_COLUMNS if name in data.column_names]
+    return [{**{name: r[name] for name in columns}, "sample": json.loads(r["sample"])}
             for r in data.select(range(min(limit, len(data))))]
 
 
 def _source_rows(source, recipe: Recipe, tokenizer, special_text: str) -> list[dict]:
     """An eval source rendered and masked exactly as training data; bad rows are skipped."""
+    if source.format in ("preference", "kto"):
+        return _source_pairs(source, recipe, tokenizer, special_text)
+    samples = _read_samples(source, recipe)
+    examples = encode_samples(tokenizer, samples, None, recipe.data.train_on, special_text)
+    limit = recipe.data.max_seq_len
+    return [{"input_ids": e.input_ids[:limit], "labels": e.labels[:limit], "sample": s}
+            for s, e in zip(samples, examples)
+            if e.labels[:limit].count(IGNORE) < len(e.labels[:limit])]
+
+
+def _read_samples(source, recipe: Recipe) -> list[dict]:
+    """Up to eval.max_samples samples of an eval source; bad rows are skipped and counted."""
     samples, skipped = [], 0
     for record in read_source(source):
         sample, reason = (None, record.error) if record.error else to_sample(
@@ -159,11 +205,20 @@ def _source_rows(source, recipe: Recipe, tokenizer, special_text: str) -> list[d
             break
     if skipped:
         console.print(f"eval: skipped {skipped} unusable rows in {source.path or source.hub}")
-    examples = encode_samples(tokenizer, samples, None, recipe.data.train_on, special_text)
-    limit = recipe.data.max_seq_len
-    return [{"input_ids": e.input_ids[:limit], "labels": e.labels[:limit], "sample": s}
-            for s, e in zip(samples, examples)
-            if e.labels[:limit].count(IGNORE) < len(e.labels[:limit])]
+    return samples
+
+
+def _source_pairs(source, recipe: Recipe, tokenizer, special_text: str) -> list[dict]:
+    """A preference or kto eval source as prepare writes such rows, pairs cut to max_seq_len."""
+    samples = _read_samples(source, recipe)
+    pairs = encode_pairs(tokenizer, None, special_text, samples)
+    rows = []
+    for sample, pair in zip(samples, pairs):
+        if pair is not None and pair.longest > recipe.data.max_seq_len:
+            pair = pair.limited(recipe.data.max_seq_len)
+        if pair is not None:
+            rows.append({**pair.columns(), "sample": sample})
+    return rows
 
 
 def _lm_eval(merged_dir: Path | None, cfg) -> dict:

@@ -145,12 +145,29 @@ def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -
     return total / count if count else None
 
 
+def answer_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
+    """The summed log-probability of each answer given its prompt, (prompt_ids, answer_ids) as
+    prepare wrote them: answer tokens only, as DPO scores them. One sequence at a time, through
+    mean_token_loss (chunked where it can be): eval scores a few dozen pairs."""
+    logps = []
+    for prompt, answer in sequences:
+        row = {"input_ids": [*prompt, *answer], "labels": [IGNORE] * len(prompt) + list(answer)}
+        loss = mean_token_loss(model, [row], pad_id, batch_size=1)
+        logps.append(-loss * len(answer))
+    return logps
+
+
 def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
 def prompt_and_answer(sample: dict) -> tuple[list[dict] | str, str] | None:
-    """The prompt up to the first assistant turn and that turn's text; None for text samples."""
+    """The prompt up to the first assistant turn and that turn's text; None for text samples.
+    For a preference pair, the chosen answer; for a kto row, a good answer (None for a bad one)."""
+    if "chosen" in sample:
+        return sample["prompt"], sample["chosen"]
+    if "label" in sample:
+        return (sample["prompt"], sample["completion"]) if sample["label"] else None
     if "prompt" in sample:
         return sample["prompt"], sample["completion"]
     if "messages" not in sample:

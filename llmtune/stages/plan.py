@@ -6,6 +6,7 @@ applied, so counts are exact. Memory is an estimate from those counts and the ba
 weights, adapter, gradients, AdamW state, activations kept for backward (per token and layer,
 plus attention probabilities, or only layer inputs with gradient checkpointing), and the logits
 (the whole batch for the standard loss, one chunk for the chunked loss), plus ~1 GB of runtime.
+Preference objectives train two sequences per pair (OBJECTIVE_COST) and run the reference forward.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ from llmtune.stages.train import lora_config
 RUNTIME_BYTES = 1.0e9  # Python, torch and library state, measured ~1 GB on CPU
 QUANTIZED_BYTES = {"none": None, "nf4": 0.53, "fp4": 0.53, "int8": 1.0}  # per weight, with constants
 ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Per example, by train.objective: sequences the trained model runs forward and backward (a
+# pair's chosen and rejected answers are one batch of two), sequences run forward only without
+# gradients (the reference with the adapter disabled; KTO's mismatched KL answers), and whether
+# the log-probabilities come without the batch's full logits (TRL's fused head in DPO and KTO).
+OBJECTIVE_COST = {"sft": (1, 0, None), "dpo": (2, 2, True), "orpo": (2, 0, False),
+                  "simpo": (2, 0, False), "kto": (1, 3, True)}
 
 
 def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
@@ -51,8 +58,12 @@ def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
     cfg = recipe.train
     per_step = cfg.batch_size * cfg.grad_accum * processes  # the global batch
     steps = cfg.max_steps or math.ceil(math.ceil(summary["train_examples"] / per_step) * cfg.epochs)
+    trained, forward_only, _ = OBJECTIVE_COST[cfg.objective]
     return {
         "model": ref.source,
+        "objective": cfg.objective,
+        "sequences_per_example": (f"{trained} trained" + (f" + {forward_only} forward only (reference"
+                                  + (", KL" if cfg.objective == "kto" else "") + ")" if forward_only else "")),
         "parameters": estimate["parameters"],
         "trainable_parameters": estimate["trainable_parameters"],
         "train_examples": summary["train_examples"],
@@ -82,7 +93,7 @@ def estimate_eval_memory(config, recipe: Recipe, precision: str, frozen: int) ->
     tokens = recipe.data.max_seq_len + cfg.max_new_tokens
     generation = cfg.batch_size * generation_bytes_per_row(config, tokens, act_bytes)
     loss = (cfg.batch_size * recipe.data.max_seq_len * config.hidden_size * act_bytes * 4
-            + _logits(config, recipe.train, recipe.data.max_seq_len, chunked_loss_supported(config)))
+            + _logits(config, recipe.train.batch_size, recipe.data.max_seq_len, chunked_loss_supported(config)))
     memory = {"weights": frozen * act_bytes, "generation or loss": max(generation, loss),
               "runtime": RUNTIME_BYTES}
     memory["total"] = sum(memory.values())
@@ -103,6 +114,10 @@ def estimate_memory(config, recipe: Recipe, precision: str) -> dict:
     states = optimizer_state_bytes(shapes)
     cfg = recipe.train
     act_bytes = ACTIVATION_BYTES[precision]
+    sequences, forward_only, fused = OBJECTIVE_COST[cfg.objective]
+    rows = cfg.batch_size * sequences  # trained sequences per micro-batch
+    chunked = fused if fused is not None else (
+        cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(config)))
     # frozen weights are loaded in the compute dtype (models.load_model); QLoRA's compute dtype
     # may be set apart (model.compute_dtype), and covers what is not quantized
     compute = recipe.model.compute_dtype
@@ -115,9 +130,8 @@ def estimate_memory(config, recipe: Recipe, precision: str) -> dict:
         "adapter": trainable * 4,
         "gradients": trainable * 4,
         "optimizer": states[cfg.optimizer],
-        "activations": _activations(config, cfg, recipe.data.max_seq_len, act_bytes),
-        "logits": _logits(config, cfg, recipe.data.max_seq_len,
-                          cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(config))),
+        "activations": _activations(config, cfg, recipe.data.max_seq_len, act_bytes, rows),
+        "logits": _logits(config, rows, recipe.data.max_seq_len, chunked),
         "runtime": RUNTIME_BYTES,
     }
     memory["total"] = sum(memory.values())
@@ -143,12 +157,14 @@ def optimizer_state_bytes(shapes: list[tuple[int, ...]]) -> dict[str, int]:
             "lion_8bit": int(eight_bit(1)), "adafactor": adafactor, "sgd": 0}
 
 
-def _activations(config, cfg, seq: int, act_bytes: int) -> float:
-    tokens = cfg.batch_size * seq
+def _activations(config, cfg, seq: int, act_bytes: int, batch: int) -> float:
+    """Kept for backward: forward-only passes (the reference) keep none, and free a layer's
+    working memory before the next, so they add no more than the one recomputed layer."""
+    tokens = batch * seq
     hidden, layers = config.hidden_size, config.num_hidden_layers
     inter = getattr(config, "intermediate_size", 4 * hidden)
     heads = config.num_attention_heads
-    one_layer = _layer(tokens, hidden, inter, heads, cfg.batch_size, seq, act_bytes)
+    one_layer = _layer(tokens, hidden, inter, heads, batch, seq, act_bytes)
     if cfg.gradient_checkpointing:  # layer inputs, plus one layer recomputed at a time
         return tokens * hidden * layers * act_bytes + one_layer
     return layers * one_layer
@@ -161,6 +177,6 @@ def _layer(tokens, hidden, inter, heads, batch, seq, act_bytes) -> float:
     return tokens * (16 * hidden + 4 * inter) * act_bytes + batch * heads * seq * seq * act_bytes
 
 
-def _logits(config, cfg, seq: int, chunked: bool) -> float:
-    rows = chunk_rows(config.vocab_size) if chunked else cfg.batch_size * seq
+def _logits(config, batch: int, seq: int, chunked: bool) -> float:
+    rows = chunk_rows(config.vocab_size) if chunked else batch * seq
     return 2 * rows * config.vocab_size * 4  # fp32 logits and their gradient
