@@ -38,7 +38,9 @@ def note_for(recipe) -> str | None:
     article = "an" if fits in (8, 80) else "a"
     where = f"fits {article} {fits} GB GPU" if fits else "more than one 80 GB GPU holds"
     # no ": " in the note: the description is a plain YAML scalar
-    return (f" Memory (llmtune plan, bf16, {recipe.train.batch_size} x {recipe.data.max_seq_len} "
+    # a preference pair is two sequences (plan counts both): say pairs, not sequences
+    unit = {"sft": "", "kto": " answers"}.get(recipe.train.objective, " pairs")
+    return (f" Memory (llmtune plan, bf16, {recipe.train.batch_size}{unit} x {recipe.data.max_seq_len} "
             f"tokens) ~{total:.1f} GB peak, {where}.")
 
 
