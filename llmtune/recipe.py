@@ -50,7 +50,7 @@ class ModelSection(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where bf16 is native (as precision: auto)
 
 
-DataFormat = Literal["chat", "sharegpt", "alpaca", "completion", "text", "preference", "kto"]
+DataFormat = Literal["chat", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "prompt"]
 
 
 class DataSource(Section):
@@ -59,7 +59,8 @@ class DataSource(Section):
     subset: str | None = None  # hub dataset configuration
     split: str = "train"  # hub dataset split
     # chat | sharegpt | alpaca | completion | text; preference ({prompt, chosen, rejected}, or two
-    # whole conversations {chosen, rejected}) and kto ({prompt, completion, label}) for train.objective
+    # whole conversations {chosen, rejected}) and kto ({prompt, completion, label}) for train.objective;
+    # prompt ({prompt, answer?, any other column}) for grpo
     format: DataFormat = "chat"
     fields: dict[str, str] = {}  # our field name -> the dataset's column, e.g. {prompt: question}
     separator: str = "\n"  # completion format: between prompt and completion
@@ -151,15 +152,34 @@ class AdapterSection(Section):
         return value
 
 
-Objective = Literal["sft", "dpo", "orpo", "simpo", "kto"]
+Objective = Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"]
 # The data format each objective trains on (a recipe mixing others is refused by validation).
 OBJECTIVE_FORMATS = {"sft": ("chat", "sharegpt", "alpaca", "completion", "text"),
                      "dpo": ("preference",), "orpo": ("preference",), "simpo": ("preference",),
-                     "kto": ("kto",)}
+                     "kto": ("kto",), "grpo": ("prompt",)}
+FORMAT_OBJECTIVES = {"preference": "dpo, orpo or simpo", "kto": "kto", "prompt": "grpo"}
 # What prepare makes of each objective's data: sft examples, preference pairs or kto answers
-DATA_KIND = {"sft": "sft", "dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "kto"}
+DATA_KIND = {"sft": "sft", "dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "kto",
+             "grpo": "prompt"}
 DpoLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                   "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+class GrpoSection(Section):
+    """train.objective grpo: TRL's GRPOTrainer settings; a key left out takes TRL's default."""
+
+    # completions sampled per prompt (TRL: 8); train.batch_size x grad_accum must be a multiple
+    num_generations: int | None = Field(default=None, ge=2)
+    max_completion_length: int | None = Field(default=None, gt=0)  # tokens per completion (TRL: 512)
+    temperature: float | None = Field(default=None, gt=0)  # sampling temperature (TRL: 1.0)
+    top_p: float | None = Field(default=None, gt=0, le=1)  # nucleus sampling (TRL: 1.0)
+    beta: float | None = Field(default=None, ge=0)  # KL weight against the base, adapter disabled (TRL: 0)
+    epsilon: float | None = Field(default=None, gt=0)  # clipping of the policy ratio (TRL: 0.2)
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] | None = None  # (TRL: dapo)
+    # transformers: generate with the model being trained | vllm: TRL's vLLM colocate mode (CUDA, vllm installed)
+    generation: Literal["transformers", "vllm"] = "transformers"
+    # a reward that raises on a completion: zero (reported, counted, that completion gets 0) | error (stop)
+    reward_errors: Literal["zero", "error"] = "zero"
 
 
 class TrainSection(Section):
@@ -168,6 +188,7 @@ class TrainSection(Section):
     objective: Objective = "sft"
     beta: float | None = Field(default=None, gt=0)  # dpo/orpo/simpo/kto strength; unset: TRL's default
     dpo_loss: DpoLoss = "sigmoid"  # dpo: TRL's loss_type (sigmoid = the DPO paper's; ipo, hinge, ...)
+    grpo: GrpoSection = GrpoSection()  # objective grpo: sampling and loss settings
     epochs: float = Field(default=1.0, gt=0)  # passes over the training data
     max_steps: int | None = Field(default=None, gt=0)  # overrides epochs when set
     batch_size: int = Field(default=8, gt=0)  # sequences per micro-batch
@@ -211,6 +232,10 @@ class TrainSection(Section):
                              "other answers of the micro-batch (TRL)")
         if self.objective != "dpo" and self.dpo_loss != "sigmoid":  # the default is dumped with every recipe
             raise ValueError(f"dpo_loss is for objective dpo, not {self.objective}")
+        generations = self.grpo.num_generations or 8  # TRL's default
+        if self.objective == "grpo" and (self.batch_size * self.grad_accum) % generations:
+            raise ValueError(f"objective grpo: batch_size x grad_accum ({self.batch_size} x {self.grad_accum}) counts "
+                             f"completions and must be a multiple of grpo.num_generations ({generations})")
         return self
 
 
@@ -295,6 +320,46 @@ class EvalSection(Section):
         return value
 
 
+class Reward(Section):
+    """One reward function of train.objective grpo (and of eval on prompt data); README, "Rewards"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # match: the answer_regex's last match in the completion equals the row's answer (after
+    # normalising) | format: the completion matches regex | json: the completion parses (and
+    # validates against schema) | length: a penalty past max_tokens | python: function in path
+    type: Literal["match", "format", "json", "length", "python"]
+    weight: float = 1.0  # this reward's weight in the sum GRPO normalises
+    answer_regex: str | None = None  # match: what to extract, e.g. GSM8K's '#### *(-?[0-9.,]+)'
+    regex: str | None = None  # format: the whole completion must match it, e.g. '<think>.*</think>\\s*<answer>.*</answer>'
+    # json: a JSON Schema file the completion must validate against (the recipe key is `schema`)
+    json_schema: str | None = Field(default=None, alias="schema")
+    max_tokens: int | None = Field(default=None, gt=0)  # length: completions longer than this are penalised
+    path: str | None = None  # python: a .py file; its code runs (docs/security.md)
+    function: str | None = None  # python: the function's name in that file
+    name: str | None = None  # shown in metrics and eval (default: the type, numbered if repeated)
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> Reward:
+        needs = {"match": ("answer_regex",), "format": ("regex",), "json": (), "length": ("max_tokens",),
+                 "python": ("path", "function")}
+        missing = [key for key in needs[self.type] if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"a {self.type} reward needs {' and '.join(missing)}")
+        used = {"answer_regex": "match", "regex": "format", "json_schema": "json", "max_tokens": "length",
+                "path": "python", "function": "python"}
+        stray = [key for key, kind in used.items() if getattr(self, key) is not None and kind != self.type]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} not used by a {self.type} reward")
+        for key in ("answer_regex", "regex"):
+            if getattr(self, key) is not None:
+                _check_regex(getattr(self, key), f"{key} is not a valid regular expression")
+        for key in ("json_schema", "path"):
+            if getattr(self, key) is not None and not Path(getattr(self, key)).is_file():
+                raise ValueError(f"{key.removeprefix('json_')}: file not found: {getattr(self, key)}")
+        return self
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # names the run directory
     description: str | None = None  # one line, shown by `llmtune recipe list`
@@ -308,11 +373,17 @@ class Recipe(Section):
     export: ExportSection = ExportSection()
     preview: PreviewSection = PreviewSection()
     eval: EvalSection = EvalSection()
+    rewards: list[Reward] = []  # train.objective grpo: the reward functions, summed by weight
 
     @model_validator(mode="after")
     def _data_fits_objective(self) -> Recipe:
         """Refused here, before anything loads: data of another kind than the objective trains on."""
         objective = self.train.objective
+        if objective == "grpo" and not self.rewards:
+            raise ValueError("train.objective grpo needs rewards: a list of reward functions, e.g. "
+                             "[{type: match, answer_regex: '#### *(-?[0-9.,]+)'}]")
+        if objective != "grpo" and self.rewards:
+            raise ValueError(f"rewards are for train.objective grpo; this recipe's objective is {objective}")
         wanted = OBJECTIVE_FORMATS[objective]
         sources = [("data.train", s) for s in self.data.train]
         sources += [("data.validation.sources", s) for s in self.data.validation.sources or []]
@@ -323,8 +394,7 @@ class Recipe(Section):
                     f"train.objective {objective} trains on format {' or '.join(wanted)}, but {where} has "
                     f"a source of format {source.format} ({source.path or source.hub}); set the source's "
                     f"format, or the objective that fits it"
-                    + (" (sft for chat data)" if objective != "sft" else
-                       f" ({'dpo, orpo or simpo' if source.format == 'preference' else 'kto'})"))
+                    + f" ({FORMAT_OBJECTIVES.get(source.format, 'sft')} for {source.format} data)")
         if objective != "sft" and self.data.packing:
             raise ValueError(f"data.packing is for objective sft; {objective} keeps each answer with its prompt")
         return self
@@ -339,6 +409,7 @@ FORMAT_FIELDS = {
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
     "kto": ("prompt", "completion", "label"),
+    "prompt": ("prompt", "answer"),
 }
 
 # Keys whose values are filesystem paths, as key paths with "*" for any list index.
@@ -346,6 +417,8 @@ _PATH_KEYS = [
     ("data", "train", "*", "path"),
     ("data", "validation", "sources", "*", "path"),
     ("eval", "sources", "*", "path"),
+    ("rewards", "*", "path"),
+    ("rewards", "*", "schema"),
 ]
 _SET_ORIGIN = "--set"
 

@@ -5,8 +5,9 @@ A sample is one of five shapes:
 - {"prompt": str, "completion": str}        from completion rows (no chat template);
 - {"text": str}                             from text rows (continued pretraining, all trained);
 - {"prompt": [messages], "chosen": str, "rejected": str}     from preference rows;
-- {"prompt": [messages], "completion": str, "label": bool}   from kto rows.
-The last two are rendered with the chat template, the answers as the assistant's next turn.
+- {"prompt": [messages], "completion": str, "label": bool}   from kto rows;
+- {"prompt": [messages], "answer": str | None, "extra": {...}}  from prompt rows (grpo).
+The last three are rendered with the chat template, the answers as the assistant's next turn.
 
 `fields` maps our field names to the row's own column names, e.g. {"prompt": "question"}.
 """
@@ -36,8 +37,8 @@ def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | 
             return None, f"empty field: '{column(name)}'"
         return value, None
 
-    if fmt in ("preference", "kto"):
-        sample, problem = _preference(row, fmt, column)
+    if fmt in ("preference", "kto", "prompt"):
+        sample, problem = _prompt_only(row, column) if fmt == "prompt" else _preference(row, fmt, column)
         if sample is not None and system_prompt and sample["prompt"][0]["role"] != "system":
             sample["prompt"] = [{"role": "system", "content": system_prompt}, *sample["prompt"]]
         return sample, problem
@@ -202,3 +203,24 @@ def _answer(value, column: str):
     if not value.strip():
         return None, f"empty answer: '{column}'"
     return value, None
+
+
+def _prompt_only(row: dict, column):
+    """A prompt row (grpo): the prompt, its reference answer if any, and every other column
+    (passed to reward functions)."""
+    prompt = row.get(column("prompt"))
+    if prompt is None:
+        return None, f"missing field: '{column('prompt')}'"
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            return None, f"empty field: '{column('prompt')}'"
+        prompt = [{"role": "user", "content": prompt}]
+    problem = _check_prompt(prompt, column("prompt"))
+    if problem:
+        return None, problem
+    answer = row.get(column("answer"))
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        return None, f"not a string: field '{column('answer')}' must be text or a number"
+    extra = {key: value for key, value in row.items() if key not in (column("prompt"), column("answer"))}
+    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+            "answer": None if answer is None else str(answer), "extra": extra}, None

@@ -1,4 +1,5 @@
-"""Preference pairs and marked answers (formats preference and kto) as token ids.
+"""Preference pairs and marked answers (formats preference and kto), and prompts (format prompt,
+for grpo), as token ids.
 
 Each answer is rendered as the assistant's next turn after the prompt, with the chat template,
 and masked exactly as SFT masks its last assistant turn (chat.py): the answer's ids are the
@@ -52,6 +53,42 @@ class Pair:
         cut = tuple(answer[:room] for answer in self.answers)
         return Pair(self.prompt_ids, cut, self.label, truncated=True,
                     answer_cut=any(len(a) > room for a in self.answers))
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """A grpo prompt: its ids (rendered with the generation prompt, as chat and generate encode a
+    prompt), the rendered text, its reference answer and its other columns (as JSON)."""
+
+    prompt_ids: list[int]
+    text: str
+    answer: str | None
+    extra: str
+    truncated: bool = False
+    answer_cut: bool = False
+    label = None
+    trained = 0
+
+    @property
+    def longest(self) -> int:
+        return len(self.prompt_ids)
+
+    tokens = longest
+
+    def columns(self) -> dict:
+        return {"prompt_ids": self.prompt_ids, "prompt": self.text, "answer": self.answer, "extra": self.extra}
+
+
+def encode_prompts(tokenizer, template: str | None, mode: str, samples: list[dict]) -> list[PromptRow]:
+    import json
+
+    from llmtune.data.chat import render
+    from llmtune.data.special_text import encode_prompt
+
+    return [PromptRow(encode_prompt(tokenizer, sample["prompt"], template, mode),
+                      render(tokenizer, sample["prompt"], True, template), sample["answer"],
+                      json.dumps(sample["extra"], ensure_ascii=False, default=str))
+            for sample in samples]
 
 
 def sequence_ids(row: dict) -> list[int]:

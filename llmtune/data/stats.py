@@ -7,7 +7,7 @@ from array import array
 from collections import Counter
 
 from llmtune.data.chat import IGNORE, Example
-from llmtune.data.pairs import Pair
+from llmtune.data.pairs import Pair, PromptRow
 
 
 def percentile(values, q: float) -> int:
@@ -26,19 +26,23 @@ class SplitStats:
         self.tokens = 0
         self.trained = 0
         self.labels = Counter()  # kto: good (True) and bad (False) answers
+        self.prompts = self.without_answer = 0  # grpo prompts, and those without a reference answer
         self.truncated = 0
         self.answers_cut = 0
 
-    def add(self, example: Example | Pair, times: int = 1) -> None:
-        """An SFT example, or a preference pair / kto answer: its length is its longest sequence,
-        its tokens those of every sequence it trains on."""
-        if isinstance(example, Pair):
+    def add(self, example: Example | Pair | PromptRow, times: int = 1) -> None:
+        """An SFT example, a preference pair / kto answer (its length is its longest sequence, its
+        tokens those of every sequence it trains on), or a grpo prompt."""
+        if isinstance(example, Example):
+            length = tokens = len(example.input_ids)
+            trained = length - example.labels.count(IGNORE)
+        else:  # a Pair or a PromptRow (data/pairs.py)
             length, tokens, trained = example.longest, example.tokens, example.trained
             if example.label is not None:
                 self.labels[example.label] += times
-        else:
-            length = tokens = len(example.input_ids)
-            trained = length - example.labels.count(IGNORE)
+            if isinstance(example, PromptRow):
+                self.without_answer += times * (example.answer is None)
+                self.prompts += times
         self.lengths.extend([length] * times)
         self.tokens += times * tokens
         self.trained += times * trained
@@ -60,4 +64,6 @@ class SplitStats:
         }
         if self.labels:
             result["desirable"], result["undesirable"] = self.labels[True], self.labels[False]
+        if self.prompts:
+            result["without_answer"] = self.without_answer
         return result

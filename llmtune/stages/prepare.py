@@ -23,7 +23,7 @@ from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.data import special_text
 from llmtune.data.chat import IGNORE, Example
-from llmtune.data.pairs import encode_pairs
+from llmtune.data.pairs import Pair, encode_pairs, encode_prompts
 from llmtune.data.rows import Row, RowStream
 from llmtune.data.sources import local_files, source_bytes
 from llmtune.data.templates import resolve_template
@@ -71,7 +71,7 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     tokenizer = models.load_tokenizer(ref)
     sources = [*data.train, *(data.validation.sources or [])]
     kind = data_kind(recipe)
-    conversational = any(s.format in ("chat", "sharegpt", "alpaca", "preference", "kto") for s in sources)
+    conversational = any(s.format in ("chat", "sharegpt", "alpaca", "preference", "kto", "prompt") for s in sources)
     template = resolve_template(data.template, tokenizer) if conversational else None
     if template:  # the template trained with travels on to the adapter and merged model
         (partial / "chat_template.jinja").write_text(template, encoding="utf-8")
@@ -80,7 +80,8 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     out = Outputs(partial, data, kind)
     progress = _Progress(source_bytes(sources))
     encoder = (functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text)
-               if kind == "sft" else functools.partial(encode_pairs, tokenizer, template, data.special_text))
+               if kind == "sft" else functools.partial(encode_prompts if kind == "prompt" else encode_pairs,
+                                                       tokenizer, template, data.special_text))
     limit = _limit if kind == "sft" else _limit_pairs
     # worker processes take smaller batches: the batches in flight hold about 2 x BATCH rows
     batch_rows = BATCH if data.num_proc <= 1 else max(256, BATCH // data.num_proc)
@@ -117,12 +118,15 @@ def print_stats(stats: dict) -> None:
         f"prepare: read {stats['rows_read']} = kept {stats['rows_kept']} + skipped {stats['rows_skipped']}"
         + "".join(f"\n  skipped, {reason}: {n}" for reason, n in stats["skipped_by_reason"].items())
     )
-    unit = {"preference": "pairs", "kto": "marked answers"}.get(stats.get("kind"), "examples")
+    unit = {"preference": "pairs", "kto": "marked answers", "prompt": "prompts"}.get(stats.get("kind"), "examples")
     if "desirable" in train:
         unit += f" ({train['desirable']} good, {train['undesirable']} bad)"
+    if "without_answer" in train:
+        unit += f" ({train['without_answer']} without an answer)"
+    trained = "" if stats.get("kind") == "prompt" else f"{100 * train['trained_share']:.1f}% trained; "
     console.print(
         f"  train {train['examples']} {unit}, {train['tokens']:,} tokens, "
-        f"{100 * train['trained_share']:.1f}% trained; length p50/p95/max "
+        f"{trained}length p50/p95/max "
         f"{train['length_p50']}/{train['length_p95']}/{train['length_max']}; "
         f"truncated {train['truncated'] + val['truncated']}; validation {val['examples']}"
     )
@@ -170,7 +174,7 @@ def _summary(stats: dict, out: Outputs, data: DataSection) -> dict:
     """The prepared manifest's summary: what plan, train and export read of the data."""
     train, validation = stats["train"], stats["validation"]
     summary = {
-        # what the data trains: sft examples, preference pairs or kto answers (train checks it)
+        # what the data trains: sft examples, preference pairs, kto answers or grpo prompts (train checks it)
         "kind": stats["kind"],
         "rows_read": stats["rows_read"],
         "rows_kept": stats["rows_kept"],
@@ -181,6 +185,9 @@ def _summary(stats: dict, out: Outputs, data: DataSection) -> dict:
         "trained_share": train["trained_share"],
         "truncated": train["truncated"] + validation["truncated"],
         "answers_cut": train["answers_cut"] + validation["answers_cut"],
+        # grpo: prompts with no reference answer (a match reward cannot score them)
+        **({"without_answer": train["without_answer"] + validation.get("without_answer", 0)}
+           if "without_answer" in train else {}),
         # chat, generate, eval and the preview tokenise prompts the same way
         "special_text": data.special_text,
     }
@@ -312,7 +319,7 @@ def _limit_pairs(rows: list[Row], pairs: list, data: DataSection, skipped: Count
             if data.overlong == "drop":
                 skipped["overlong"] += 1
                 continue
-            cut = pair.limited(data.max_seq_len)
+            cut = pair.limited(data.max_seq_len) if isinstance(pair, Pair) else None
             if cut is None:
                 skipped[PROMPT_TOO_LONG] += 1
                 continue
@@ -325,7 +332,7 @@ def _limit_pairs(rows: list[Row], pairs: list, data: DataSection, skipped: Count
 def data_kind(recipe: Recipe) -> str:
     """sft, preference or kto: what prepare writes, by the data's format (the recipe's schema
     has checked that the objective trains on it; prepare depends on the data section alone)."""
-    return {"preference": "preference", "kto": "kto"}.get(recipe.data.train[0].format, "sft")
+    return {"preference": "preference", "kto": "kto", "prompt": "prompt"}.get(recipe.data.train[0].format, "sft")
 
 
 def up_to_date(recipe: Recipe, run: Path) -> dict | None:

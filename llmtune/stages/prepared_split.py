@@ -19,7 +19,7 @@ from datasets.utils.py_utils import asdict  # save_to_disk's, which leaves out w
 
 from llmtune.data.chat import Example
 from llmtune.data.packing import pack
-from llmtune.data.pairs import Pair
+from llmtune.data.pairs import Pair, PromptRow
 from llmtune.data.rows import Row
 from llmtune.data.stats import SplitStats
 from llmtune.recipe import DataSection
@@ -33,10 +33,11 @@ PACK_BUCKET_TOKENS = 4_000_000
 TYPES = {"input_ids": List(Value("int32")), "labels": List(Value("int32")),
          "position_ids": List(Value("int32")), "where": Value("string"), "sample": Value("string"),
          "prompt_ids": List(Value("int32")), "chosen_ids": List(Value("int32")),
-         "rejected_ids": List(Value("int32")), "completion_ids": List(Value("int32")), "label": Value("bool")}
+         "rejected_ids": List(Value("int32")), "completion_ids": List(Value("int32")), "label": Value("bool"),
+         "prompt": Value("string"), "answer": Value("string"), "extra": Value("string")}
 # The columns of a split by the kind of data prepared (pairs.py for the last two).
 COLUMNS = {"sft": ("input_ids", "labels"), "preference": ("prompt_ids", "chosen_ids", "rejected_ids"),
-           "kto": ("prompt_ids", "completion_ids", "label")}
+           "kto": ("prompt_ids", "completion_ids", "label"), "prompt": ("prompt_ids", "prompt", "answer", "extra")}
 
 
 class SplitWriter:
@@ -79,12 +80,12 @@ class SplitWriter:
 
 
 class PairWriter:
-    """The train split of preference or kto data: pairs as they come (never packed)."""
+    """The train split of preference, kto or prompt data: rows as they come (never packed)."""
 
     def __init__(self, path: Path, kind: str):
         self.out = SplitWriter(path, (*COLUMNS[kind], "where"))
 
-    def add(self, where: str, pair: Pair) -> None:
+    def add(self, where: str, pair: Pair | PromptRow) -> None:
         self.out.add({**pair.columns(), "where": where})
 
     def close(self) -> None:
@@ -150,9 +151,9 @@ class Outputs:
         self.tokens = 0
         self.system_prompts: set = set()  # of the train conversations, while there is one at most
 
-    def add(self, row: Row, example: Example | Pair) -> None:
+    def add(self, row: Row, example: Example | Pair | PromptRow) -> None:
         self.kept += 1
-        self.tokens += example.tokens if isinstance(example, Pair) else len(example.input_ids)
+        self.tokens += len(example.input_ids) if isinstance(example, Example) else example.tokens
         if row.held_out:
             self._to_validation(row, example)
             if self.holding:
@@ -181,8 +182,8 @@ class Outputs:
         self.validation.close()
         return self.train.close()
 
-    def _to_validation(self, row: Row, example: Example | Pair) -> None:
-        columns = (example.columns() if isinstance(example, Pair)
+    def _to_validation(self, row: Row, example: Example | Pair | PromptRow) -> None:
+        columns = (example.columns() if isinstance(example, (Pair, PromptRow))
                    else {"input_ids": example.input_ids, "labels": example.labels})
         self.validation.add({**columns, "where": row.where, "sample": row.text})
         self.validation_stats.add(example)
