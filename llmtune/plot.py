@@ -1,5 +1,5 @@
 """Training curves: adapter/metrics.jsonl rendered to a PNG (train loss, eval loss, lr; the reward
-margin for preference objectives)."""
+margin for preference objectives, the mean reward for grpo)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,12 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
     if margins:  # preference objectives: how far the chosen answers' reward is above the rejected
         loss_axis.plot([e["step"] for e in margins], [e["reward_margin"] for e in margins], color="tab:green",
                        label="reward margin (chosen - rejected)")
+    rewards = [e for e in train if "reward_mean" in e]
+    if rewards:  # grpo: the mean reward of each step's completions
+        loss_axis.plot([e["step"] for e in rewards], [e["reward_mean"] for e in rewards], color="tab:purple",
+                       label="mean reward")
     loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("loss, margin" if margins else "loss")
+    loss_axis.set_ylabel("loss, margin" if margins else "loss, reward" if rewards else "loss")
     lr_axis = loss_axis.twinx()
     lr_axis.plot([e["step"] for e in train], [e.get("lr") or 0 for e in train], color="grey",
                  alpha=0.5, label="learning rate")

@@ -76,13 +76,15 @@ def verify_lock(recipe, recipe_file: Path) -> str | None:
 
 
 def data_files(recipe) -> list[Path]:
-    """Every local file the recipe's data and eval sources read."""
+    """Every local file the recipe's data and eval sources read, and its reward files."""
     from llmtune.data.sources import local_files
 
     sources = [*recipe.data.train, *(recipe.data.validation.sources or []), *recipe.eval.sources]
     files = [file for source in sources if source.path for file in local_files(source)]
     if Path(recipe.data.template).is_file():
         files.append(Path(recipe.data.template))
+    # grpo rewards: a python reward's code (it runs in training and eval) and a json reward's schema
+    files += [Path(file) for reward in recipe.rewards for file in (reward.path, reward.json_schema) if file]
     return list(dict.fromkeys(files))
 
 

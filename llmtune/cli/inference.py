@@ -33,9 +33,13 @@ def eval_(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force:
     for name, result in report["sets"].items():
         models_ = list(result["models"])
         table = Table(f"{name} ({result['examples']} examples)", *models_, title=None)
-        keys = list(dict.fromkeys(k for m in result["models"].values() for k in m))
+        # nested metrics (grpo's rewards per function) as one row each: rewards.match, ...
+        flat = {m: {f"{k}.{inner}" if isinstance(v, dict) else k: value
+                    for k, v in metrics.items() for inner, value in (v.items() if isinstance(v, dict) else [(k, v)])}
+                for m, metrics in result["models"].items()}
+        keys = list(dict.fromkeys(k for m in flat.values() for k in m))
         for key in keys:
-            table.add_row(key, *[_cell(result["models"][m].get(key)) for m in models_])
+            table.add_row(key, *[_cell(flat[m].get(key)) for m in models_])
         console.print(table)
     console.print(f"[bold]eval:[/] {state} -> {stage_dir(run_path, 'eval') / 'report.json'}", markup=True)
 

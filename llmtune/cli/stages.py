@@ -220,6 +220,13 @@ def data_preview(
 
     for index in range(min(n, len(rows))):
         row = rows[index]
+        if "answer" in row:  # a grpo prompt: what the model is asked, and what rewards compare with
+            console.rule(f"{split} row {index}: prompt {len(row['prompt_ids'])} tokens ({row['where']})")
+            show([(row["prompt_ids"], False, False)])
+            console.print(f"── reference answer: {row['answer']!r}", markup=False)
+            if row["extra"] not in ("{}", None):
+                console.print(f"── other columns (for python rewards): {row['extra']}", markup=False)
+            continue
         if "prompt_ids" in row:  # a preference pair or a kto answer: the prompt, then each answer trained
             answers = [(name, row[f"{name}_ids"]) for name in ("chosen", "rejected", "completion")
                        if f"{name}_ids" in row]

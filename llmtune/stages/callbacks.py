@@ -18,10 +18,29 @@ from llmtune.errors import Diverged
 from llmtune.stages import checkpoints, distributed
 from llmtune.stages.collate import PadCollator
 
-# What TRL's preference trainers log -> the names in metrics.jsonl (and the training curves)
-# (KTO logs no accuracy, and its KL estimate; it logs margins when a batch has good and bad answers)
-REWARD_METRICS = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
-                  "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy", "kl": "kl"}
+# What TRL's trainers log -> the names in metrics.jsonl (and the training curves): the preference
+# objectives' rewards of the chosen and rejected answers (KTO logs no accuracy, and a margin only
+# when a batch has good and bad answers), KL; GRPO's mean reward and per reward function,
+# completion length and the share of completions that ended (EOS) within max_completion_length.
+TRL_METRICS = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
+               "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy", "kl": "kl",
+               "reward": "reward_mean", "reward_std": "reward_std",
+               "completions/mean_length": "completion_length"}
+
+
+def trl_metrics(logs: dict) -> dict:
+    """The objective's own metrics in a Trainer log entry, under metrics.jsonl's names."""
+    entry = {name: round(float(logs[key]), 5) for key, name in TRL_METRICS.items() if key in logs}
+    for key, value in logs.items():
+        parts = key.split("/")
+        if parts[0] == "rewards" and len(parts) == 3:  # rewards/<function>/mean|std (GRPO)
+            entry[f"reward_{parts[1]}_{parts[2]}"] = round(float(value), 5)
+        elif parts[0] == "reward_errors":  # completions whose reward raised, counted as 0
+            entry[f"reward_errors_{parts[1]}"] = int(value)
+    if "completions/clipped_ratio" in logs:
+        entry["ended_with_eos"] = round(1 - float(logs["completions/clipped_ratio"]), 5)
+    return entry
+
 
 
 class TrainProgress(TrainerCallback):
@@ -67,14 +86,15 @@ class TrainProgress(TrainerCallback):
             "trained_tokens_per_second": round(self.trained_tokens / elapsed, 1) if elapsed else None,
             "elapsed_s": round(elapsed, 2),
         }
-        # preference objectives: TRL's rewards of the chosen and rejected answers, margin, accuracy
-        entry.update({name: round(float(logs[key]), 5) for key, name in REWARD_METRICS.items() if key in logs})
+        entry.update(trl_metrics(logs))
         self.record(entry)
         done = step - self.start_step
         eta = elapsed / done * (total - step) if done else 0.0
         minutes, seconds = divmod(int(eta), 60)
         rewards = "".join(f"  {label} {entry[key]:.3f}" for key, label in
-                          (("reward_margin", "margin"), ("reward_accuracy", "accuracy"), ("kl", "kl")) if key in entry)
+                          (("reward_margin", "margin"), ("reward_accuracy", "accuracy"), ("reward_mean", "reward"),
+                           ("kl", "kl"), ("completion_length", "length"), ("ended_with_eos", "ended"))
+                          if key in entry)
         console.print(
             f"  step {step}/{total}  loss {entry['loss']:.4f}{rewards}  lr {entry['lr']:.2e}  "
             f"{entry['tokens_per_second'] or 0:.0f} tok/s  ETA {minutes}m{seconds:02d}s"

@@ -18,7 +18,7 @@ from llmtune.console import console
 from llmtune.data.chat import IGNORE
 from llmtune.data.special_text import encode_samples
 from llmtune.data.formats import to_sample
-from llmtune.data.pairs import encode_pairs
+from llmtune.data.pairs import encode_pairs, encode_prompts
 from llmtune.data.sources import read_source
 from llmtune.errors import InputError, VerificationError
 from llmtune.manifest import (
@@ -35,6 +35,7 @@ from llmtune.manifest import (
 )
 from llmtune.metrics import contains, exact_match, regex_match
 from llmtune.recipe import Recipe, section_sha256
+from llmtune.rewards import build as reward_functions
 from llmtune.stages.inference import (
     adapter_on_base,
     answer_logps,
@@ -54,7 +55,7 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         inputs["merged"] = upstream_ref(merged_dir, out_dir)
     inputs["eval_files"] = {s.path: sha256_file(s.path) for s in recipe.eval.sources
                             if s.path and Path(s.path).is_file()}
-    recipe_sha = section_sha256(recipe, "eval", "data")
+    recipe_sha = section_sha256(recipe, "eval", "data", "rewards")
     if not force and is_up_to_date(out_dir, "eval", recipe_sha, inputs):
         return Outcome(read_manifest(out_dir), up_to_date=True)
 
@@ -72,6 +73,7 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         raise InputError("nothing to evaluate: the validation set is empty and eval.sources gives no rows",
                          hint="set data.validation.fraction or add eval.sources")
 
+    rewards = reward_functions(recipe.rewards) if recipe.rewards else []
     # One model in memory at a time: base and adapter are the same PEFT model (the adapter
     # disabled for the base), then it is dropped and the merged model loaded.
     precision = trained_precision(adapter_dir)
@@ -82,13 +84,13 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     for name, rows in eval_sets.items():
         console.print(f"eval: {name}: {len(rows)} examples")
         with tuned.disable_adapter():
-            results[name]["base"] = _score(tuned, tokenizer, rows, cfg, name, "base", generations, serving)
-        results[name]["adapter"] = _score(tuned, tokenizer, rows, cfg, name, "adapter", generations, serving)
+            results[name]["base"] = _score(tuned, tokenizer, rows, cfg, name, "base", generations, serving, rewards)
+        results[name]["adapter"] = _score(tuned, tokenizer, rows, cfg, name, "adapter", generations, serving, rewards)
     del tuned
     if "merged" in inputs:
         merged = models.load_model(merged_dir, precision).eval()
         for name, rows in eval_sets.items():
-            results[name]["merged"] = _score(merged, tokenizer, rows, cfg, name, "merged", generations, serving)
+            results[name]["merged"] = _score(merged, tokenizer, rows, cfg, name, "merged", generations, serving, rewards)
         del merged
     report = {"sets": {name: {"examples": len(rows), "models": results[name]} for name, rows in eval_sets.items()}}
     broken = [f"{model} on {name}" for name in results for model, metrics in results[name].items()
@@ -113,8 +115,10 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     return Outcome(manifest, up_to_date=False)
 
 
-def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving) -> dict:
+def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards) -> dict:
     pad_id = tokenizer.pad_token_id or 0
+    if "extra" in rows[0]:  # grpo prompts: the recipe's rewards on greedy completions
+        return _reward_scores(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards)
     if "input_ids" in rows[0]:
         loss = mean_token_loss(model, rows, pad_id, cfg.batch_size)
         metrics = {"loss": _round(loss), "perplexity": _round(perplexity(loss))}
@@ -167,7 +171,32 @@ def _preference_scores(model, rows: list[dict], pad_id: int) -> dict:
     return metrics
 
 
-PREPARED_COLUMNS = ("input_ids", "labels", "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label")
+def _reward_scores(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards) -> dict:
+    """Prompt data: each reward's mean over greedy completions (eval.max_samples prompts, up to
+    eval.max_new_tokens), the share of completions that got every reward's best, and the share
+    that ended with EOS. A reward that raises counts as 0 there, as in training."""
+    prompts = [as_prompt(row["sample"]["prompt"], serving) for row in rows]
+    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
+                       special_text=serving.special_text)
+    texts = [output.text for output in outputs]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    fields = [{"prompt": row["sample"]["prompt"], "answer": row["answer"], "extra": row["extra"],
+               "where": row.get("where", "?")} for row in rows]
+    scores = {function.name: function.score(texts, ids, fields) for function in rewards}
+    full = [all(scores[f.name][i] >= f.best for f in rewards) for i in range(len(texts))]
+    for i, (row, output) in enumerate(zip(rows, outputs)):
+        generations.append({"set": set_name, "model": label, "reference": row["answer"], "output": output.text,
+                            "rewards": {name: values[i] for name, values in scores.items()},
+                            "ended_with_eos": output.ended_with_eos})
+    return {"rewards": {name: round(sum(values) / len(values), 4) for name, values in scores.items()},
+            "full_reward": round(sum(full) / len(full), 4),
+            "ended_with_eos": round(sum(o.ended_with_eos for o in outputs) / len(outputs), 4),
+            "empty_answers": report_empty(outputs, f"eval: {set_name}, {label}"),
+            "generated": len(outputs)}
+
+
+PREPARED_COLUMNS = ("input_ids", "labels", "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label",
+                    "answer", "extra", "where")
 
 
 def _prepared_rows(path: Path, limit: int) -> list[dict]:
@@ -181,7 +210,7 @@ def _prepared_rows(path: Path, limit: int) -> list[dict]:
 
 def _source_rows(source, recipe: Recipe, tokenizer, special_text: str) -> list[dict]:
     """An eval source rendered and masked exactly as training data; bad rows are skipped."""
-    if source.format in ("preference", "kto"):
+    if source.format in ("preference", "kto", "prompt"):
         return _source_pairs(source, recipe, tokenizer, special_text)
     samples = _read_samples(source, recipe)
     examples = encode_samples(tokenizer, samples, None, recipe.data.train_on, special_text)
@@ -211,6 +240,9 @@ def _read_samples(source, recipe: Recipe) -> list[dict]:
 def _source_pairs(source, recipe: Recipe, tokenizer, special_text: str) -> list[dict]:
     """A preference or kto eval source as prepare writes such rows, pairs cut to max_seq_len."""
     samples = _read_samples(source, recipe)
+    if source.format == "prompt":
+        return [{**row.columns(), "sample": sample, "where": f"{source.path or source.hub}#{index + 1}"}
+                for index, (sample, row) in enumerate(zip(samples, encode_prompts(tokenizer, None, special_text, samples)))]
     pairs = encode_pairs(tokenizer, None, special_text, samples)
     rows = []
     for sample, pair in zip(samples, pairs):

@@ -9,7 +9,9 @@ trainers are handed token ids and their own tokenising step is skipped: `_prepar
 
 from __future__ import annotations
 
+from llmtune.console import console
 from llmtune.data.chat import IGNORE
+from llmtune.errors import InputError
 from llmtune.recipe import Recipe
 from llmtune.stages.sampling import GroupedTrainer
 
@@ -19,6 +21,7 @@ TRL_CLASSES = {
     "kto": ("trl", "KTOTrainer", "KTOConfig"),
     "orpo": ("trl.experimental.orpo", "ORPOTrainer", "ORPOConfig"),
     "simpo": ("trl.experimental.cpo", "CPOTrainer", "CPOConfig"),
+    "grpo": ("trl", "GRPOTrainer", "GRPOConfig"),
 }
 
 
@@ -39,7 +42,7 @@ def trainer_class(objective: str):
     """TRL's trainer for the objective, with llmtune's sampler, LoRA+ optimizer and loss checks
     (GroupedTrainer), taking the prepared pairs as they are."""
     trainer, _ = _trl(objective)
-    mixin = _PreparedTokens if objective in ("dpo", "kto") else _PreparedRows
+    mixin = {"dpo": _PreparedTokens, "kto": _PreparedTokens, "grpo": _PreparedPrompts}.get(objective, _PreparedRows)
     return type(f"Llmtune{trainer.__name__}", (mixin, GroupedTrainer, trainer), {})
 
 
@@ -58,14 +61,40 @@ def config(objective: str, recipe: Recipe, arguments: dict):
         own.update(max_length=None, precompute_ref_log_probs=False, train_sampling_strategy="sequential")
     elif objective == "orpo":
         own.update(max_length=recipe.data.max_seq_len)
+    elif objective == "grpo":
+        grpo = cfg.grpo
+        own = {key: value for key, value in grpo.model_dump().items()
+               if key in TRL_GRPO_KEYS and value is not None}  # left out: TRL's defaults
+        own.update(reward_weights=[reward.weight for reward in recipe.rewards], log_completions=False,
+                   train_sampling_strategy="random")  # TRL's sampler repeats each prompt num_generations times
+        if grpo.generation == "vllm":
+            _check_vllm()
+            own.update(use_vllm=True, vllm_mode="colocate")
     elif objective == "simpo":
         # SimPO is CPO's loss "simpo" without CPO's added NLL term (TRL's docs: cpo_alpha 0)
         own.update(loss_type="simpo", cpo_alpha=0.0, max_length=recipe.data.max_seq_len)
     return config_class(**{**arguments, **own})
 
 
+TRL_GRPO_KEYS = ("num_generations", "max_completion_length", "temperature", "top_p", "beta", "epsilon", "loss_type")
+
+
+def _check_vllm() -> None:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        raise InputError("train.grpo.generation: vllm needs a CUDA GPU and the vllm package "
+                         f"({'not installed' if importlib.util.find_spec('vllm') is None else 'no GPU here'})",
+                         hint="pip install vllm on a GPU machine, or use generation: transformers (the default)")
+
+
 def collator(objective: str, pad_id: int):
-    """The objective's TRL collator, wrapped to count tokens and remember the rows of a step."""
+    """The objective's TRL collator, wrapped to count tokens and remember the rows of a step
+    (GRPO batches its own prompts: its counts come from its completions, see _PreparedPrompts)."""
+    if objective == "grpo":
+        return CountingCollator(None)
     if objective == "dpo":
         from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -102,6 +131,8 @@ class CountingCollator:
         self.step_rows: list[str] = []
 
     def __call__(self, rows: list[dict]) -> dict:
+        if self.inner is None:  # GRPO: no batches of ours
+            raise RuntimeError("GRPO batches its prompts itself")
         batch = self.inner([self.to_rows(row) for row in rows] if self.to_rows else rows)
         if self.counting:
             self.step_rows += [row["where"] for row in rows if "where" in row]
@@ -137,6 +168,53 @@ class _PreparedTokens:
             dataset = dataset.map(add_kl_completion_ids, batched=True,
                                   batch_size=args.per_device_train_batch_size, desc=None)
         return dataset
+
+
+class _PreparedPrompts:
+    """GRPO: the prompts as prepare tokenised them (with the chat template and the generation
+    prompt, as chat and generate do), not tokenised again; token counts and the rows of each
+    step for the progress line and the non-finite checks."""
+
+    counts: CountingCollator | None = None
+
+    def _generate_and_score_completions(self, inputs):
+        self._prepared_prompt_ids = [list(row["prompt_ids"]) for row in inputs]
+        output = super()._generate_and_score_completions(inputs)
+        if self.counts is not None and self.model.training:
+            self.counts.step_rows += [row["where"] for row in inputs[::max(1, self.num_generations)]]
+            prompt, completion = int(output["prompt_mask"].sum()), int(output["completion_mask"].sum())
+            self.counts.tokens += prompt + completion
+            self.counts.trained_tokens += completion
+        return output
+
+    def _tokenize_prompts(self, prompts):
+        return self._prepared_prompt_ids, None, {}
+
+
+def reward_functions(recipe: Recipe) -> list:
+    """The recipe's rewards as TRL reward functions (named, one value per completion)."""
+    from llmtune.rewards import build
+
+    return [_for_trl(function) for function in build(recipe.rewards, recipe.train.grpo.reward_errors == "error")]
+
+
+def _for_trl(function):
+    shown = 3  # errors printed per reward; all are counted
+
+    def reward(prompts, completions, completion_ids, **columns):
+        rows = [{"prompt": prompt, "answer": answer, "extra": extra, "where": where}
+                for prompt, answer, extra, where in zip(prompts, columns["answer"], columns["extra"], columns["where"])]
+        before = function.errors
+        values = function.score(completions, completion_ids, rows)
+        errors = function.errors - before
+        for message in function.messages[before:shown]:
+            console.print(f"[yellow]train: {message} (counted as 0)[/yellow]")
+        if errors and "log_metric" in columns:
+            columns["log_metric"](f"reward_errors/{function.name}", errors)
+        return values
+
+    reward.__name__ = function.name
+    return reward
 
 
 class _PreparedRows:

@@ -35,7 +35,15 @@ ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # gradients (the reference with the adapter disabled; KTO's mismatched KL answers), and whether
 # the log-probabilities come without the batch's full logits (TRL's fused head in DPO and KTO).
 OBJECTIVE_COST = {"sft": (1, 0, None), "dpo": (2, 2, True), "orpo": (2, 0, False),
-                  "simpo": (2, 0, False), "kto": (1, 3, True)}
+                  "simpo": (2, 0, False), "kto": (1, 3, True), "grpo": (1, 1, True)}
+
+
+def sequence_length(recipe: Recipe) -> int:
+    """Tokens per training sequence: max_seq_len, and for grpo the prompt (max_seq_len at most)
+    and its sampled completion (grpo.max_completion_length, TRL's 512 when unset)."""
+    if recipe.train.objective == "grpo":
+        return recipe.data.max_seq_len + (recipe.train.grpo.max_completion_length or 512)
+    return recipe.data.max_seq_len
 
 
 def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
@@ -63,14 +71,15 @@ def plan(recipe: Recipe, run: Path, processes: int = 1) -> dict:
         "model": ref.source,
         "objective": cfg.objective,
         "sequences_per_example": (f"{trained} trained" + (f" + {forward_only} forward only (reference"
-                                  + (", KL" if cfg.objective == "kto" else "") + ")" if forward_only else "")),
+                                  + (", KL" if cfg.objective == "kto" else "") + ")" if forward_only else "")
+                                  + (", each a prompt and a sampled completion" if cfg.objective == "grpo" else "")),
         "parameters": estimate["parameters"],
         "trainable_parameters": estimate["trainable_parameters"],
         "train_examples": summary["train_examples"],
         "tokens_per_epoch": summary["train_tokens"],
         "tokens_counted_from": counted,
         "steps": steps,
-        "micro_batch": f"{cfg.batch_size} x {recipe.data.max_seq_len} tokens",
+        "micro_batch": f"{cfg.batch_size} x {sequence_length(recipe)} tokens",
         "processes": processes,
         "global_batch": per_step,
         "precision": precision,
@@ -130,8 +139,8 @@ def estimate_memory(config, recipe: Recipe, precision: str) -> dict:
         "adapter": trainable * 4,
         "gradients": trainable * 4,
         "optimizer": states[cfg.optimizer],
-        "activations": _activations(config, cfg, recipe.data.max_seq_len, act_bytes, rows),
-        "logits": _logits(config, rows, recipe.data.max_seq_len, chunked),
+        "activations": _activations(config, cfg, sequence_length(recipe), act_bytes, rows),
+        "logits": _logits(config, rows, sequence_length(recipe), chunked),
         "runtime": RUNTIME_BYTES,
     }
     memory["total"] = sum(memory.values())

@@ -75,6 +75,9 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         "prepared data": inputs["prepared"]["manifest_sha256"],
         "base model weights": ref.fingerprint,
     }
+    _check_prepared_kind(prepared_dir, recipe.train.objective, command)  # before anything is written
+    if recipe.train.objective == "grpo":
+        _check_answers(recipe, prepared_dir)
     partial, state, checkpoint = distributed.share_from_main(
         lambda: _open_partial(out_dir, resume and not force, depends_on, command))
 
@@ -100,16 +103,17 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     )
 
     objective = cfg.objective
-    _check_prepared_kind(prepared_dir, objective, command)
     train_set = load_from_disk(str(prepared_dir / "train"))
     if objective == "kto":  # TRL's KTO reads its batches in order: shuffled once, by the seed
         train_set = train_set.shuffle(seed=cfg.seed).flatten_indices()
-    elif cfg.group_by_length:
+    elif cfg.group_by_length and objective != "grpo":
         # the sampler reads lengths from this column instead of decoding every row
         train_set = train_set.add_column("length", pc.list_value_length(train_set.data.column("input_ids")).to_pylist()
                                          if objective == "sft" else objectives.lengths(train_set))
     validation = load_from_disk(str(prepared_dir / "validation"))
-    validation = validation.remove_columns("sample") if len(validation) else None
+    # GRPO's evaluation would sample completions for every validation prompt at each eval: the
+    # rewards on held-out prompts are `llmtune eval`'s
+    validation = validation.remove_columns("sample") if len(validation) and objective != "grpo" else None
     if validation is not None and objective not in ("sft", "kto") and cfg.group_by_length:
         validation = validation.add_column("length", objectives.lengths(validation))  # as the Trainer groups it
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -127,8 +131,9 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         trainer_class = ChunkedLossTrainer if chunked else GroupedTrainer
     else:
         trainer_class = objectives.trainer_class(objective)
-        reference = ("the base with the adapter disabled" if objective in ("dpo", "kto")
-                     else "none (the objective needs none)")
+        with_reference = objective in ("dpo", "kto") or (objective == "grpo" and cfg.grpo.beta)
+        reference = ("the base with the adapter disabled" if with_reference
+                     else "none (grpo.beta is 0)" if objective == "grpo" else "none (the objective needs none)")
         console.print(f"train: objective {objective} (TRL's {objectives.TRL_CLASSES[objective][1]}), "
                       f"reference model: {reference}")
     with trackers.tracker_environment(cfg.report_to, run, recipe.name):
@@ -220,7 +225,8 @@ def _adapter_model(recipe: Recipe, ref, precision: str):
                              device=None if sharded else "local")
     # With a cache, transformers does not read packed position ids as sequence boundaries, and
     # packed examples would attend to each other; training never uses the cache anyway.
-    base.config.use_cache = False
+    # (GRPO generates its completions: there the cache is what makes generation fast.)
+    base.config.use_cache = recipe.train.objective == "grpo"
     if quantize != "none":
         _keep_4bit_weights_trainable(base)
     # QLoRA needs nothing more: the Trainer enables gradient checkpointing (non-reentrant, so
@@ -235,7 +241,8 @@ def _adapter_model(recipe: Recipe, ref, precision: str):
     # Where a PEFT loader looks for the base: the hub id, or the local folder we trained on.
     model.peft_config["default"].base_model_name_or_path = (
         ref.source if ref.kind == "hub" else str(ref.local_dir))
-    if precision in ("bf16", "fp16"):
+    if precision in ("bf16", "fp16") and recipe.train.objective != "grpo":
+        # (GRPO generates outside autocast: there peft's cast is what makes the dtypes meet.)
         # The Trainer runs every forward under autocast (accelerate wraps it), where a matmul
         # takes mixed dtypes; peft's cast of each LoRA input to the adapter's fp32 then only
         # makes fp32 copies of the activations. Off: SmolLM2 on 64 GSM8K chats peaked at
@@ -305,7 +312,9 @@ def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, co
     objective = recipe.train.objective
     arguments = _training_arguments(recipe, partial / checkpoints.CHECKPOINTS, device, precision,
                                     validation is not None, "eval_loss_before" not in state, strategy)
-    extra = {}
+    extra = {"data_collator": collator}
+    if objective == "grpo":  # GRPO batches its prompts itself, and scores them with the rewards
+        extra = {"reward_funcs": objectives.reward_functions(recipe)}
     if objective != "sft":
         arguments = objectives.config(objective, recipe, arguments)
         extra["processing_class"] = tokenizer
@@ -316,10 +325,11 @@ def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, co
         args=arguments,
         train_dataset=train_set,
         eval_dataset=validation,
-        data_collator=collator,
         callbacks=callbacks,
         **extra,
     )
+    if objective == "grpo":
+        trainer.counts = collator
     trainer.loraplus_lr_ratio = recipe.adapter.loraplus_lr_ratio  # the optimizer is made in train()
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -407,6 +417,18 @@ def _check_prepared_kind(prepared_dir: Path, objective: str, command: str) -> No
     if kind != wanted:
         raise InputError(f"{prepared_dir} holds {kind} data, but train.objective {objective} trains on {wanted} data",
                          hint=f"prepare it again for this recipe: {command.replace('train', 'prepare', 1)} --force")
+
+
+def _check_answers(recipe: Recipe, prepared_dir: Path) -> None:
+    """Refuse, before the model loads, rewards that compare with an answer on prompts without one."""
+    from llmtune.rewards import needs_answer
+
+    missing = read_manifest(prepared_dir)["summary"].get("without_answer", 0)
+    comparing = needs_answer(recipe.rewards)
+    if missing and comparing:
+        raise InputError(f"{missing} prompts in {prepared_dir} have no answer, and the reward(s) "
+                         f"{', '.join(comparing)} compare the completion with the row's answer",
+                         hint="give every row an answer (data fields: {answer: COLUMN}), or drop the match reward")
 
 
 def _evaluate(trainer: Trainer, when: str) -> tuple[float | None, dict]:
