@@ -26,7 +26,7 @@ def note_for(recipe) -> str | None:
     from transformers import AutoConfig
 
     from llmtune.architectures import KNOWN_MODELS
-    from llmtune.stages.plan import estimate_memory
+    from llmtune.stages.plan import estimate_memory, sequence_length
 
     known = KNOWN_MODELS.get(recipe.model.path)
     if known is None:
@@ -39,8 +39,8 @@ def note_for(recipe) -> str | None:
     where = f"fits {article} {fits} GB GPU" if fits else "more than one 80 GB GPU holds"
     # no ": " in the note: the description is a plain YAML scalar
     # a preference pair is two sequences (plan counts both): say pairs, not sequences
-    unit = {"sft": "", "kto": " answers"}.get(recipe.train.objective, " pairs")
-    return (f" Memory (llmtune plan, bf16, {recipe.train.batch_size}{unit} x {recipe.data.max_seq_len} "
+    unit = {"sft": "", "kto": " answers", "grpo": " completions"}.get(recipe.train.objective, " pairs")
+    return (f" Memory (llmtune plan, bf16, {recipe.train.batch_size}{unit} x {sequence_length(recipe)} "
             f"tokens) ~{total:.1f} GB peak, {where}.")
 
 
