@@ -178,7 +178,7 @@ def test_eval_scores_each_reward_per_model(tiny_model, tmp_path):
         assert 0 <= metrics["full_reward"] <= 1 and metrics["generated"] >= 1
 
 
-RESUMABLE = {"max_steps": 12, "save_every": 4, "keep_checkpoints": 2}
+RESUMABLE = {"max_steps": 8, "save_every": 4, "keep_checkpoints": 2}
 
 
 def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_adapter(tiny_model, tmp_path):

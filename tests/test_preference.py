@@ -233,7 +233,7 @@ def test_dpo_raises_the_preference_accuracy_in_eval(tiny_model, tmp_path):
     assert plan["objective"] == "dpo" and plan["sequences_per_example"].startswith("2 trained + 2 forward only")
 
 
-RESUMABLE = {"max_steps": 60, "batch_size": 2, "save_every": 10, "keep_checkpoints": 2, "lr": 1e-3}
+RESUMABLE = {"max_steps": 40, "batch_size": 2, "save_every": 10, "keep_checkpoints": 2, "lr": 1e-3}
 
 
 def _adapter(run):
@@ -271,7 +271,7 @@ def _started(folder, recipe, step: int) -> subprocess.Popen:
 def test_dpo_resumes_to_the_uninterrupted_adapter(dpo_uninterrupted, tiny_model, tmp_path, how):
     recipe = write_preference_recipe(tmp_path, tiny_model, train=RESUMABLE)
     assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
-    process = _started(tmp_path, recipe, 20)
+    process = _started(tmp_path, recipe, 10)
     process.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     if how == "sigterm":
@@ -284,7 +284,7 @@ def test_dpo_resumes_to_the_uninterrupted_adapter(dpo_uninterrupted, tiny_model,
     steps = [json.loads(line)["step"] for line in
              (tmp_path / "runs" / "tiny" / "adapter" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
-    assert steps == list(range(1, 61))  # every step logged once, none twice after the resume
+    assert steps == list(range(1, 41))  # every step logged once, none twice after the resume
 
 
 def test_dpo_on_two_processes_equals_one_with_the_same_global_batch(tiny_model, tmp_path):
