@@ -158,7 +158,7 @@ OBJECTIVE_FORMATS = {"sft": ("chat", "sharegpt", "alpaca", "completion", "text")
                      "dpo": ("preference",), "orpo": ("preference",), "simpo": ("preference",),
                      "kto": ("kto",), "grpo": ("prompt",)}
 FORMAT_OBJECTIVES = {"preference": "dpo, orpo or simpo", "kto": "kto", "prompt": "grpo"}
-# What prepare makes of each objective's data: sft examples, preference pairs or kto answers
+# What prepare makes of each objective's data: sft examples, preference pairs, kto answers or grpo prompts
 DATA_KIND = {"sft": "sft", "dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "kto",
              "grpo": "prompt"}
 DpoLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -321,7 +321,7 @@ class EvalSection(Section):
 
 
 class Reward(Section):
-    """One reward function of train.objective grpo (and of eval on prompt data); README, "Rewards"."""
+    """One reward function of train.objective grpo (and of eval on prompt data); README, GRPO."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

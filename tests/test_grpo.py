@@ -203,9 +203,17 @@ def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_adapter(tiny_mod
             process.wait(timeout=30)
             result = llmtune("train", recipe, "--resume", "auto", cwd=folder)
             assert "resuming from" in result.stdout
-        else:
-            result = llmtune("train", recipe, cwd=folder)
-        assert result.returncode == 0, result.stderr
+            assert result.returncode == 0, result.stderr
+        else:  # in this process: one process start less
+            train(load_recipe(recipe), folder / "runs" / "tiny")
         adapters.append(load_file(str(folder / "runs" / "tiny" / "adapter" / "adapter_model.safetensors")))
     whole, resumed = adapters
     assert max(float((whole[k] - resumed[k]).abs().max()) for k in whole) <= 1e-5
+
+
+def test_vllm_generation_is_refused_with_a_reason_where_it_cannot_run(tiny_model, tmp_path):
+    from llmtune.stages import objectives
+
+    recipe = load_recipe(write_grpo_recipe(tmp_path, tiny_model), ["train.grpo.generation=vllm"])
+    with pytest.raises(InputError, match="train.grpo.generation: vllm needs a CUDA GPU and the vllm package"):
+        objectives.config("grpo", recipe, {"output_dir": str(tmp_path / "out"), "use_cpu": True})

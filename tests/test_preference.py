@@ -228,9 +228,10 @@ def test_dpo_raises_the_preference_accuracy_in_eval(tiny_model, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "── chosen:" in shown.stdout and "── rejected:" in shown.stdout
     assert "⟦" in shown.stdout and "<|im_end|>⟧" in shown.stdout
-    planned = llmtune("plan", recipe, "--json", cwd=tmp_path)
-    plan = json.loads(planned.stdout)
-    assert plan["objective"] == "dpo" and plan["sequences_per_example"].startswith("2 trained + 2 forward only")
+    from llmtune.stages.plan import plan
+
+    planned = plan(load_recipe(recipe), tmp_path / "runs" / "tiny")
+    assert planned["objective"] == "dpo" and planned["sequences_per_example"].startswith("2 trained + 2 forward only")
 
 
 RESUMABLE = {"max_steps": 40, "batch_size": 2, "save_every": 10, "keep_checkpoints": 2, "lr": 1e-3}
@@ -255,8 +256,8 @@ def dpo_uninterrupted(tiny_model, tmp_path_factory):
     return _adapter(folder / "runs" / "tiny")
 
 
-def _started(folder, recipe, step: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "llmtune", "train", str(recipe)], cwd=folder,
+def _started(folder, recipe, step: int, *extra: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "llmtune", "train", str(recipe), *extra], cwd=folder,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     mark = folder / "runs" / "tiny" / "adapter.partial" / "checkpoints" / f"checkpoint-{step}" / checkpoints.MARK
     deadline = time.monotonic() + 180
@@ -267,16 +268,20 @@ def _started(folder, recipe, step: int) -> subprocess.Popen:
     return process
 
 
-@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
-def test_dpo_resumes_to_the_uninterrupted_adapter(dpo_uninterrupted, tiny_model, tmp_path, how):
+def test_dpo_killed_then_stopped_resumes_to_the_uninterrupted_adapter(dpo_uninterrupted, tiny_model, tmp_path):
+    """SIGKILL after checkpoint 10, resume; SIGTERM after checkpoint 20 (exit 75, saved where it
+    stopped), resume again: the adapter of the uninterrupted run, every step logged once."""
     recipe = write_preference_recipe(tmp_path, tiny_model, train=RESUMABLE)
     assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
-    process = _started(tmp_path, recipe, 10)
-    process.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    if how == "sigterm":
-        assert process.returncode == 75, err
-        assert "interrupted at step" in err
+    killed = _started(tmp_path, recipe, 10)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=120)
+    stopped = _started(tmp_path, recipe, 20, "--resume", "auto")
+    stopped.send_signal(signal.SIGTERM)
+    out, err = stopped.communicate(timeout=120)
+    assert "resuming from" in out
+    assert stopped.returncode == 75, err
+    assert "interrupted at step" in err
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
@@ -284,7 +289,7 @@ def test_dpo_resumes_to_the_uninterrupted_adapter(dpo_uninterrupted, tiny_model,
     steps = [json.loads(line)["step"] for line in
              (tmp_path / "runs" / "tiny" / "adapter" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
-    assert steps == list(range(1, 41))  # every step logged once, none twice after the resume
+    assert steps == list(range(1, 41))  # every step logged once, none twice after the resumes
 
 
 def test_dpo_on_two_processes_equals_one_with_the_same_global_batch(tiny_model, tmp_path):

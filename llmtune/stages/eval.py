@@ -180,7 +180,8 @@ def _reward_scores(model, tokenizer, rows, cfg, set_name, label, generations, se
                        special_text=serving.special_text)
     texts = [output.text for output in outputs]
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    fields = [{"prompt": row["sample"]["prompt"], "answer": row["answer"], "extra": row["extra"],
+    # as in training: the prompt as rendered with the chat template (what the model was given)
+    fields = [{"prompt": row["prompt"], "answer": row["answer"], "extra": row["extra"],
                "where": row.get("where", "?")} for row in rows]
     scores = {function.name: function.score(texts, ids, fields) for function in rewards}
     full = [all(scores[f.name][i] >= f.best for f in rewards) for i in range(len(texts))]
@@ -196,7 +197,7 @@ def _reward_scores(model, tokenizer, rows, cfg, set_name, label, generations, se
 
 
 PREPARED_COLUMNS = ("input_ids", "labels", "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label",
-                    "answer", "extra", "where")
+                    "prompt", "answer", "extra", "where")
 
 
 def _prepared_rows(path: Path, limit: int) -> list[dict]:
