@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import gsm8k_train, measure  # noqa: E402
+from benchutil import child_result, gsm8k_train  # noqa: E402
 
 LR = 5e-5
 BETA = 0.1
@@ -176,9 +176,7 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):
         results = {}
         for name in ("llmtune", "trl"):
-            done = measure([sys.executable, __file__, *passed, "--child", name], Path.cwd(), env)
-            line = next(line for line in done.output.splitlines() if line.startswith("RESULT "))
-            r = {**json.loads(line.removeprefix("RESULT ")), "wall": done.seconds, "rss": done.peak_rss_gb}
+            r = child_result([sys.executable, __file__, *passed, "--child", name], env)
             r["speed"] = r["tokens"] / r["seconds"]
             results[name] = r
             print(f"| {round_} | {name} | {r['precision']} | {r['wall']:.1f} s | {r['seconds']:.1f} | "

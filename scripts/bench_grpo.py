@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import measure  # noqa: E402
+from benchutil import child_result  # noqa: E402
 
 PROMPTS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "grpo-quickstart.jsonl"
 LR = 2e-4
@@ -161,9 +161,7 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):
         results = {}
         for name in ("llmtune", "trl"):
-            done = measure([sys.executable, __file__, *passed, "--child", name], Path.cwd(), env)
-            line = next(line for line in done.output.splitlines() if line.startswith("RESULT "))
-            r = {**json.loads(line.removeprefix("RESULT ")), "wall": done.seconds, "rss": done.peak_rss_gb}
+            r = child_result([sys.executable, __file__, *passed, "--child", name], env)
             r["speed"] = completions / r["seconds"]
             results[name] = r
             print(f"| {round_} | {name} | {r['precision']} | {r['wall']:.1f} s | {r['seconds']:.1f} | "

@@ -61,6 +61,16 @@ def measure(command: list[str], cwd: Path, env: dict | None = None) -> Measured:
     return Measured(seconds, int(peak) * 1024 / 1e9, gpu.peak_gb, output)
 
 
+def child_result(command: list[str], env: dict | None = None) -> dict:
+    """Run a benchmark's child process (measured); its `RESULT {json}` line, with its wall time
+    (`wall`) and peak RSS in GB (`rss`)."""
+    import json
+
+    done = measure(command, Path.cwd(), env)
+    line = next(line for line in done.output.splitlines() if line.startswith("RESULT "))
+    return {**json.loads(line.removeprefix("RESULT ")), "wall": done.seconds, "rss": done.peak_rss_gb}
+
+
 class _GpuMemory:
     """Samples the memory in use on every GPU (NVML, every 20 ms) while a process runs; its peak
     above the level before it started. None without nvidia-ml-py or a GPU."""

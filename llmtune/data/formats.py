@@ -135,14 +135,10 @@ def _preference(row: dict, fmt: str, column):
         return None, f"missing field: '{column('prompt')}'"
     else:
         values = {name: row[column(name)] for name in answers}
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            return None, f"empty field: '{column('prompt')}'"
-        prompt = [{"role": "user", "content": prompt}]
-    problem = _check_prompt(prompt, column("prompt"))
+    prompt, problem = _prompt_messages(prompt, column("prompt"))
     if problem:
         return None, problem
-    sample = {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt]}
+    sample = {"prompt": prompt}
     for name, value in values.items():
         text, problem = _answer(value, column(name))
         if problem:
@@ -179,6 +175,18 @@ def _split_conversations(chosen, rejected, column):
     return chosen[:shared], None
 
 
+def _prompt_messages(prompt, column: str):
+    """A prompt (a string, or messages ending with the user's) as messages, or why it is not one."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            return None, f"empty field: '{column}'"
+        prompt = [{"role": "user", "content": prompt}]
+    problem = _check_prompt(prompt, column)
+    if problem:
+        return None, problem
+    return [{"role": m["role"], "content": m["content"]} for m in prompt], None
+
+
 def _check_prompt(prompt, column: str) -> str | None:
     if not isinstance(prompt, list) or not prompt:
         return f"malformed prompt: '{column}' must be a string or a non-empty list of messages"
@@ -211,16 +219,11 @@ def _prompt_only(row: dict, column):
     prompt = row.get(column("prompt"))
     if prompt is None:
         return None, f"missing field: '{column('prompt')}'"
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            return None, f"empty field: '{column('prompt')}'"
-        prompt = [{"role": "user", "content": prompt}]
-    problem = _check_prompt(prompt, column("prompt"))
+    prompt, problem = _prompt_messages(prompt, column("prompt"))
     if problem:
         return None, problem
     answer = row.get(column("answer"))
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
         return None, f"not a string: field '{column('answer')}' must be text or a number"
     extra = {key: value for key, value in row.items() if key not in (column("prompt"), column("answer"))}
-    return {"prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
-            "answer": None if answer is None else str(answer), "extra": extra}, None
+    return {"prompt": prompt, "answer": None if answer is None else str(answer), "extra": extra}, None
