@@ -140,11 +140,18 @@ def test_prompts_are_prepared_with_the_generation_prompt_and_counted(tiny_model,
     assert json.loads(first["extra"]) == {"id": 0}
 
 
-def test_grpo_trains_and_logs_rewards_kl_length_and_eos(tiny_model, tmp_path):
-    recipe = load_recipe(write_grpo_recipe(tmp_path, tiny_model))
+def test_grpo_trains_and_logs_rewards_kl_length_and_eos(tiny_model, tmp_path, capsys):
+    flaky = tmp_path / "flaky.py"  # raises on every other call: reported, counted, scored 0
+    flaky.write_text("calls = []\ndef score(completion, **row):\n    calls.append(1)\n"
+                     "    if len(calls) % 2:\n        raise RuntimeError('flaky')\n    return 1.0\n")
+    recipe = load_recipe(write_grpo_recipe(tmp_path, tiny_model, rewards_=[
+        {"type": "match", "answer_regex": "(-?[0-9]+)"}, {"type": "length", "max_tokens": 3, "weight": 0.5},
+        {"type": "python", "path": str(flaky), "function": "score", "name": "flaky"}]))
     run = tmp_path / "runs" / "tiny"
     prepare(recipe, run)
     summary = train(recipe, run).manifest["summary"]
+    out = capsys.readouterr().out
+    assert "reward flaky raised on the completion for " in out and "train.jsonl:" in out and "RuntimeError: flaky" in out
     assert summary["steps"] == 3 and summary["objective"] == "grpo"
     steps = [json.loads(line) for line in (run / "adapter" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 3
@@ -152,6 +159,7 @@ def test_grpo_trains_and_logs_rewards_kl_length_and_eos(tiny_model, tmp_path):
         assert {"reward_mean", "reward_std", "reward_match_mean", "reward_match_std", "reward_length_mean",
                 "kl", "completion_length", "ended_with_eos"} <= entry.keys()
         assert entry["tokens_seen"] > 0
+        assert entry["reward_errors_flaky"] > 0 and entry["reward_flaky_mean"] == 0.5  # half raised
     assert (run / "training_curves.png").is_file()
 
 

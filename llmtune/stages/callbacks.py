@@ -35,8 +35,9 @@ def trl_metrics(logs: dict) -> dict:
         parts = key.split("/")
         if parts[0] == "rewards" and len(parts) == 3:  # rewards/<function>/mean|std (GRPO)
             entry[f"reward_{parts[1]}_{parts[2]}"] = round(float(value), 5)
-        elif parts[0] == "reward_errors":  # completions whose reward raised, counted as 0
-            entry[f"reward_errors_{parts[1]}"] = int(value)
+        elif parts[0] == "reward_errors":
+            # completions whose reward raised (each counted as 0): per generation batch, as TRL averages it
+            entry[f"reward_errors_{parts[1]}"] = round(float(value), 3)
     if "completions/clipped_ratio" in logs:
         entry["ended_with_eos"] = round(1 - float(logs["completions/clipped_ratio"]), 5)
     return entry
