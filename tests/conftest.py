@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,36 @@ def write_recipe(folder: Path, base: str | Path, rows: int = 40, **sections) -> 
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+def start_training_until(folder: Path, recipe: Path, step: int, *extra: str,
+                         timeout: float = 180) -> subprocess.Popen:
+    """Start `llmtune train RECIPE EXTRA...` in `folder` (run "tiny") and return once its
+    checkpoint-`step` is marked good, for tests that interrupt it there."""
+    from llmtune.stages import checkpoints
+
+    process = subprocess.Popen([sys.executable, "-m", "llmtune", "train", str(recipe), *extra], cwd=folder,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mark = folder / "runs" / "tiny" / "adapter.partial" / "checkpoints" / f"checkpoint-{step}" / checkpoints.MARK
+    deadline = time.monotonic() + timeout
+    while not mark.exists():
+        assert process.poll() is None, "training ended before the checkpoint: " + process.stderr.read()
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    return process
+
+
+def adapter_weights(run: Path) -> dict:
+    """The trained adapter's tensors of a run directory."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    """The largest absolute difference between two adapters' tensors (same names)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def stage_manifest(run: Path, folder: str) -> dict:

@@ -6,19 +6,14 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 
-from conftest import llmtune, write_jsonl
+from conftest import adapter_weights, llmtune, max_difference, start_training_until, write_jsonl
 from llmtune import rewards
 from llmtune.errors import InputError
 from llmtune.recipe import Reward, load_recipe
-from llmtune.stages import checkpoints
 from llmtune.stages.prepare import prepare
 from llmtune.stages.train import train
 
@@ -199,14 +194,7 @@ def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_adapter(tiny_mod
         recipe = write_grpo_recipe(folder, tiny_model, **RESUMABLE)
         assert llmtune("prepare", recipe, cwd=folder).returncode == 0
         if kill:
-            process = subprocess.Popen([sys.executable, "-m", "llmtune", "train", str(recipe)], cwd=folder,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            mark = folder / "runs" / "tiny" / "adapter.partial" / "checkpoints" / "checkpoint-4" / checkpoints.MARK
-            deadline = time.monotonic() + 240
-            while not mark.exists():
-                assert process.poll() is None, process.stderr.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            process = start_training_until(folder, recipe, 4, timeout=240)
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
             result = llmtune("train", recipe, "--resume", "auto", cwd=folder)
@@ -214,9 +202,8 @@ def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_adapter(tiny_mod
             assert result.returncode == 0, result.stderr
         else:  # in this process: one process start less
             train(load_recipe(recipe), folder / "runs" / "tiny")
-        adapters.append(load_file(str(folder / "runs" / "tiny" / "adapter" / "adapter_model.safetensors")))
-    whole, resumed = adapters
-    assert max(float((whole[k] - resumed[k]).abs().max()) for k in whole) <= 1e-5
+        adapters.append(adapter_weights(folder / "runs" / "tiny"))
+    assert max_difference(*adapters) <= 1e-5
 
 
 def test_vllm_generation_is_refused_with_a_reason_where_it_cannot_run(tiny_model, tmp_path):

@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
 from datasets import load_from_disk
-from safetensors.torch import load_file
 
-from conftest import llmtune, write_jsonl
+from conftest import adapter_weights, llmtune, max_difference, start_training_until, write_jsonl
 from llmtune.data.chat import encode_sample
 from llmtune.data.formats import to_sample
 from llmtune.recipe import load_recipe
-from llmtune.stages import checkpoints
 from llmtune.stages.prepare import prepare
 from llmtune.stages.train import train
 
@@ -237,15 +232,6 @@ def test_dpo_raises_the_preference_accuracy_in_eval(tiny_model, tmp_path):
 RESUMABLE = {"max_steps": 40, "batch_size": 2, "save_every": 10, "keep_checkpoints": 2, "lr": 1e-3}
 
 
-def _adapter(run):
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_difference(a, b) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 @pytest.fixture(scope="module")
 def dpo_uninterrupted(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("dpo-uninterrupted")
@@ -253,30 +239,18 @@ def dpo_uninterrupted(tiny_model, tmp_path_factory):
     assert llmtune("prepare", recipe, cwd=folder).returncode == 0
     result = llmtune("train", recipe, cwd=folder)
     assert result.returncode == 0, result.stderr
-    return _adapter(folder / "runs" / "tiny")
+    return adapter_weights(folder / "runs" / "tiny")
 
 
-def _started(folder, recipe, step: int, *extra: str) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "llmtune", "train", str(recipe), *extra], cwd=folder,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    mark = folder / "runs" / "tiny" / "adapter.partial" / "checkpoints" / f"checkpoint-{step}" / checkpoints.MARK
-    deadline = time.monotonic() + 180
-    while not mark.exists():
-        assert process.poll() is None, "training ended before the checkpoint: " + process.stderr.read()
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.02)
-    return process
-
-
-def test_dpo_killed_then_stopped_resumes_to_the_uninterrupted_adapter(dpo_uninterrupted, tiny_model, tmp_path):
+def test_dpo_killed_then_stopped_resumes_to_the_uninterruptedadapter_weights(dpo_uninterrupted, tiny_model, tmp_path):
     """SIGKILL after checkpoint 10, resume; SIGTERM after checkpoint 20 (exit 75, saved where it
     stopped), resume again: the adapter of the uninterrupted run, every step logged once."""
     recipe = write_preference_recipe(tmp_path, tiny_model, train=RESUMABLE)
     assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
-    killed = _started(tmp_path, recipe, 10)
+    killed = start_training_until(tmp_path, recipe, 10)
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=120)
-    stopped = _started(tmp_path, recipe, 20, "--resume", "auto")
+    stopped = start_training_until(tmp_path, recipe, 20, "--resume", "auto")
     stopped.send_signal(signal.SIGTERM)
     out, err = stopped.communicate(timeout=120)
     assert "resuming from" in out
@@ -285,7 +259,7 @@ def test_dpo_killed_then_stopped_resumes_to_the_uninterrupted_adapter(dpo_uninte
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    assert _max_difference(_adapter(tmp_path / "runs" / "tiny"), dpo_uninterrupted) <= 1e-5
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), dpo_uninterrupted) <= 1e-5
     steps = [json.loads(line)["step"] for line in
              (tmp_path / "runs" / "tiny" / "adapter" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
@@ -302,6 +276,6 @@ def test_dpo_on_two_processes_equals_one_with_the_same_global_batch(tiny_model, 
         assert llmtune("prepare", recipe, cwd=folder).returncode == 0
         result = llmtune(command[0], recipe, *command[1:], cwd=folder)
         assert result.returncode == 0, result.stderr
-        adapters.append(_adapter(folder / "runs" / "tiny"))
+        adapters.append(adapter_weights(folder / "runs" / "tiny"))
     assert "2 processes (ddp)" in result.stdout
-    assert _max_difference(*adapters) <= 1e-5
+    assert max_difference(*adapters) <= 1e-5

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from safetensors.torch import load_file
 
-from conftest import llmtune, write_recipe
+from conftest import adapter_weights, llmtune, max_difference, start_training_until, write_recipe
 from llmtune.recipe import load_recipe
 from llmtune.stages import checkpoints
 from llmtune.stages.prepare import prepare
@@ -68,15 +64,6 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(tiny_model, tmp_path):
     assert all(torch.equal(plain[name], after_eval[name]) for name in plain)
 
 
-def _adapter(run):
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_difference(a, b) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
 RESUMABLE = {"max_steps": 160, "batch_size": 1, "save_every": 20, "keep_checkpoints": 2, "lr": 1e-3}
 
 
@@ -88,20 +75,7 @@ def uninterrupted(tiny_model, tmp_path_factory):
     assert llmtune("prepare", recipe, cwd=folder).returncode == 0
     result = llmtune("train", recipe, cwd=folder)
     assert result.returncode == 0, result.stderr
-    return _adapter(folder / "runs" / "tiny")
-
-
-def _start_and_wait(folder, recipe, step: int) -> subprocess.Popen:
-    """Start training and return once checkpoint-`step` is marked good."""
-    process = subprocess.Popen([sys.executable, "-m", "llmtune", "train", str(recipe)], cwd=folder,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    mark = folder / "runs" / "tiny" / "adapter.partial" / "checkpoints" / f"checkpoint-{step}" / checkpoints.MARK
-    deadline = time.monotonic() + 180
-    while not mark.exists():
-        assert process.poll() is None, "training ended before the checkpoint: " + process.stderr.read()
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.02)
-    return process
+    return adapter_weights(folder / "runs" / "tiny")
 
 
 def _fresh(tiny_model, tmp_path):
@@ -114,7 +88,7 @@ def _fresh(tiny_model, tmp_path):
 def _killed_after(tiny_model, tmp_path, step: int):
     """A fresh run SIGKILLed once checkpoint-`step` is marked: (recipe, checkpoints folder)."""
     recipe = _fresh(tiny_model, tmp_path)
-    process = _start_and_wait(tmp_path, recipe, step)
+    process = start_training_until(tmp_path, recipe, step)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     return recipe, tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints"
@@ -126,7 +100,7 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model, tmp
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    assert _max_difference(_adapter(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
 
 
 def test_corrupt_checkpoint_is_skipped_and_rotation_keeps_a_good_one(uninterrupted, tiny_model, tmp_path):
@@ -142,14 +116,14 @@ def test_corrupt_checkpoint_is_skipped_and_rotation_keeps_a_good_one(uninterrupt
     assert checkpoints.newest_good(root) in (good[1:] or [None])
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert _max_difference(_adapter(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
     final = checkpoints.checkpoints(tmp_path / "runs" / "tiny" / "adapter" / checkpoints.CHECKPOINTS)
     assert len(final) == 2 and all(checkpoints.is_good(c) for c in final)  # no corrupt leftovers
 
 
 def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tiny_model, tmp_path):
     recipe = _fresh(tiny_model, tmp_path)
-    process = _start_and_wait(tmp_path, recipe, 20)
+    process = start_training_until(tmp_path, recipe, 20)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 75, err
@@ -162,7 +136,7 @@ def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tiny_model, tmp_path)
     assert changed.returncode == 2 and "cannot resume: train section changed" in changed.stderr
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert _max_difference(_adapter(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
 
 
 def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
@@ -289,7 +263,7 @@ def test_an_8bit_optimizer_checkpoints_and_resumes_exactly(tiny_model, tmp_path)
     killed = tmp_path / "killed"
     recipe = write_recipe(killed, tiny_model, rows=40, adapter=adapter, train=settings, preview={"count": 0})
     assert llmtune("prepare", recipe, cwd=killed).returncode == 0
-    process = _start_and_wait(killed, recipe, 40)
+    process = start_training_until(killed, recipe, 40)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     optimizer_state = killed / "runs" / "tiny" / "adapter.partial" / "checkpoints" / "checkpoint-40" / "optimizer.pt"
@@ -302,7 +276,7 @@ def test_an_8bit_optimizer_checkpoints_and_resumes_exactly(tiny_model, tmp_path)
     assert any(value.dtype == torch.uint8 for value in moments)  # 8-bit moments, not fp32
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=killed)
     assert resumed.returncode == 0, resumed.stderr
-    assert _max_difference(_adapter(killed / "runs" / "tiny"), _adapter(whole / "runs" / "tiny")) <= 1e-5
+    assert max_difference(adapter_weights(killed / "runs" / "tiny"), adapter_weights(whole / "runs" / "tiny")) <= 1e-5
 
 
 @pytest.mark.parametrize("sets", [
@@ -320,7 +294,7 @@ def test_training_options_train(tiny_model, tmp_path, sets):
     assert summary["eval_loss"] < summary["eval_loss_before"]
     config = __import__("json").loads((run / "adapter" / "adapter_config.json").read_text())
     if "adapter.layers_to_transform=[1]" in sets:
-        weights = _adapter(run)
+        weights = adapter_weights(run)
         assert all(".layers.1." in name for name in weights)
         assert weights["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape[0] == 8
         assert config["rank_pattern"] == {"q_proj": 8} and config["alpha_pattern"] == {"q_proj": 4}
