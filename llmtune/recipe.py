@@ -111,9 +111,14 @@ class DataSection(Section):
     validation: ValidationSplit = ValidationSplit()  # held out by fraction, or separate sources
     max_seq_len: int = Field(default=512, ge=16)  # tokens per training sequence
     seed: int = 0  # validation split, mixing and packing order seed
-    template: str = "auto"  # auto (the tokenizer's) | chatml | llama-3 | mistral | alpaca | a .jinja file
+    # auto (the tokenizer's) | chatml | chatml-tools | llama-3 | llama-3.1 | mistral | alpaca | a .jinja file
+    template: str = "auto"
     system_prompt: str | None = None  # added to conversations that have no system message
-    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens are trained
+    # which tokens are trained; a message's own `train: true|false` overrides it for that turn
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    # assistant reasoning (reasoning_content, thinking, or a leading <think> block): trained with
+    # the answer, kept in context but not trained (mask), or removed (drop)
+    reasoning: Literal["train", "mask", "drop"] = "train"
     overlong: Literal["truncate", "drop", "error"] = "truncate"  # examples over max_seq_len (counted)
     bad_rows: Literal["error", "skip"] = "error"  # error stops at file:line; skip counts them
     # Text of a control token (e.g. "<|eot_id|>") inside content: plain tokenises it as ordinary

@@ -124,7 +124,7 @@ def main() -> None:
         times: dict[str, float] = {}
         if args.phases:
             time_steps(times)
-        texts = [render_sample(to_sample(r, args.format, fields, separator="\n")[0], tokenizer)[0] for r in rows]
+        texts = [render_sample(to_sample(r, args.format, fields, separator="\n")[0], tokenizer)[0][0] for r in rows]
 
         # The sides take turns, so a slow spell of this shared machine hits both alike; best of N.
         raw_best = paused_best = prep_best = float("inf")

@@ -19,7 +19,8 @@ from llmtune.recipe import load_recipe
 from llmtune.stages.prepare import prepare
 
 # What ends an assistant turn in each built-in template (the tiny tokenizer's EOS is <|im_end|>)
-TURN_END = {"chatml": "<|im_end|>", "llama-3": "<|eot_id|>", "mistral": "<|im_end|>", "alpaca": "<|im_end|>"}
+TURN_END = {"chatml": "<|im_end|>", "chatml-tools": "<|im_end|>", "llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>",
+            "mistral": "<|im_end|>", "alpaca": "<|im_end|>"}
 
 
 @pytest.mark.parametrize("name", sorted(BUILT_IN))
@@ -83,7 +84,7 @@ def test_text_format_trains_everything_and_all_trains_the_prompt(tokenizer):
 
 def test_system_prompt_is_added_when_missing(tokenizer):
     sample, _ = to_sample(ROWS["chat"][0], "chat", {}, system_prompt="You are terse.")
-    text, _ = render_sample(sample, tokenizer)
+    [(text, _)] = render_sample(sample, tokenizer)
     assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>")
 
 

@@ -15,6 +15,9 @@ from llmtune.console import console
 from llmtune.errors import LlmtuneError
 
 
+ToolsOpt = Annotated[Path | None, typer.Option(
+    "--tools", help="JSON file: a list of function definitions (OpenAI style) the model may call; "
+    "calls it makes are shown as structured tool calls.")]
 TemplateOpt = Annotated[str | None, typer.Option(
     help="Chat template to serve with: trained (the run's), auto (the model folder's own), a built-in "
     "name or a .jinja file. Default: the trained one; a folder whose own template differs is refused.")]
@@ -57,9 +60,12 @@ def generate(
     raw: Annotated[bool, typer.Option(
         "--raw", help="Send {\"prompt\": ...} text as it is, not as a user turn in the chat template.")] = False,
     template: TemplateOpt = None,
+    tools: ToolsOpt = None,
 ):
     """Answer every prompt of a JSONL file (greedy), for scripts. On a run trained on chat data a
-    {"prompt": ...} row is a user turn, rendered with the training template and system prompt."""
+    {"prompt": ...} row is a user turn, rendered with the training template and system prompt.
+    A row's "tools" (or --tools for every row) are the functions it may call; the calls an
+    answer makes are written as "tool_calls": [{"name", "arguments"}]."""
     import dataclasses
 
     from llmtune.data.formats import check_messages
@@ -72,7 +78,10 @@ def generate(
     serving = serving_defaults(target, adapter)
     if system is not None:
         serving = dataclasses.replace(serving, system_prompt=system or None)
-    rows, prompts = [], []
+    from llmtune.data.tools import calls_in_text
+
+    default_tools = _read_tools(tools)
+    rows, prompts, row_tools = [], [], []
     for number, line in enumerate(input.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -90,22 +99,30 @@ def generate(
             raise LlmtuneError(f'{input}:{number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
         rows.append(row)
         prompts.append(prompt)
+        row_tools.append(_tools_of(row, f"{input}:{number}") or default_tools)
     model, tokenizer = load_tuned(target, adapter)
     use_template(tokenizer, serving, template, target)
     if not tokenizer.chat_template:
         serving = dataclasses.replace(serving, chat=False)
     _say_serving(serving, "generate", raw)
     prompts = [as_prompt(prompt, serving, raw) for prompt in prompts]
+    if any(row_tools):
+        _require_tools(tokenizer)
     results = run_generation(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
-                             special_text=serving.special_text)
+                             special_text=serving.special_text, tools=row_tools)
     report_empty(results, "generate")
     tmp = output.with_name(output.name + ".partial")
+    calling = 0
     with open(tmp, "w", encoding="utf-8") as handle:
-        for row, result in zip(rows, results):
-            handle.write(json.dumps({**row, "output": result.text,
-                                     "ended_with_eos": result.ended_with_eos}, ensure_ascii=False) + "\n")
+        for row, result, offered in zip(rows, results, row_tools):
+            entry = {**row, "output": result.text, "ended_with_eos": result.ended_with_eos}
+            if offered:
+                entry["content"], entry["tool_calls"] = calls_in_text(result.text)
+                calling += bool(entry["tool_calls"])
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
     os.replace(tmp, output)
-    console.print(f"generate: {len(results)} answers -> {output}")
+    console.print(f"generate: {len(results)} answers -> {output}"
+                  + (f" ({calling} with tool calls)" if any(row_tools) else ""))
 
 
 @app.command()
@@ -116,8 +133,10 @@ def chat(
         help="System prompt to start with (default: the one every training conversation had).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
     template: TemplateOpt = None,
+    tools: ToolsOpt = None,
 ):
-    """Chat with the model, streamed. Commands: /reset, /system TEXT, /exit (or end of input)."""
+    """Chat with the model, streamed. Commands: /reset, /system TEXT, /tool RESULT (answer the
+    model's tool call, with --tools), /exit (or end of input)."""
     import torch
     from transformers import TextStreamer
 
@@ -132,6 +151,13 @@ def chat(
     use_template(tokenizer, serving, template, target)
     if not tokenizer.chat_template:
         raise LlmtuneError(f"{target}: the tokenizer has no chat template to chat with")
+    from llmtune.data.tools import calls_in_text
+
+    offered = _read_tools(tools)
+    if offered:
+        _require_tools(tokenizer)
+        console.print(f"chat: the model may call {', '.join(t['function']['name'] for t in offered)}; "
+                      "answer a call with /tool RESULT")
     if system is None and serving.system_prompt:
         system = serving.system_prompt
         console.print(f"chat: system prompt from training (every training conversation had it; "
@@ -154,12 +180,18 @@ def chat(
             system = rest or None
             console.print(f"(system prompt {'set' if system else 'cleared'})")
             continue
-        if not line.strip():
+        if command == "/tool":
+            if not (history and history[-1].get("tool_calls") or history and history[-1]["role"] == "tool"):
+                console.print("(/tool answers a tool call: the model has made none)")
+                continue
+            history.append({"role": "tool", "content": rest, "name": _last_call(history)})
+        elif not line.strip():
             continue
-        history.append({"role": "user", "content": line})
+        else:
+            history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         try:
-            ids = encode_prompt(tokenizer, messages, None, serving.special_text)
+            ids = encode_prompt(tokenizer, messages, None, serving.special_text, offered)
         except LlmtuneError as exc:  # data.special_text: error refuses control-token text
             console.print(f"({exc.message})", markup=False)
             history.pop()
@@ -171,8 +203,54 @@ def chat(
                                 pad_token_id=tokenizer.pad_token_id,
                                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
         answer = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        history.append({"role": "assistant", "content": answer.strip()})
+        content, calls = calls_in_text(answer.strip()) if offered else (answer.strip(), [])
+        for call in calls:
+            console.print(f"tool call: {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}",
+                          markup=False)
+        history.append({"role": "assistant", "content": content,
+                        **({"tool_calls": [{"type": "function", "function": c} for c in calls]} if calls else {})})
     console.print("bye")
+
+
+def _read_tools(path: Path | None) -> list | None:
+    """The function definitions of a --tools file, or None."""
+    if path is None:
+        return None
+    from llmtune.data.tools import parse_tools
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LlmtuneError(f"--tools {path}: cannot read it as JSON ({exc})") from None
+    tools, problem = parse_tools(value, str(path))
+    if problem:
+        raise LlmtuneError(f"--tools {path}: {problem}")
+    return tools
+
+
+def _tools_of(row: dict, where: str) -> list | None:
+    if not isinstance(row, dict) or not row.get("tools"):
+        return None
+    from llmtune.data.tools import parse_tools
+
+    tools, problem = parse_tools(row["tools"], "tools")
+    if problem:
+        raise LlmtuneError(f"{where}: {problem}")
+    return tools
+
+
+def _require_tools(tokenizer) -> None:
+    """Refuse a template that would not show the model its tools."""
+    from llmtune.data.templates import require
+
+    require(tokenizer, None, ("tool definitions", "tool calls", "tool results"))
+
+
+def _last_call(history: list[dict]) -> str | None:
+    for message in reversed(history):
+        if message.get("tool_calls"):
+            return message["tool_calls"][-1]["function"]["name"]
+    return None
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """Dataset formats: turn one row into a sample, or say why it cannot be one.
 
-A sample is one of five shapes:
-- {"messages": [{"role", "content"}, ...]}  from chat, sharegpt and alpaca rows;
+A sample is one of these shapes:
+- {"messages": [{"role", "content"}, ...], "tools"?: [...]}  from chat, sharegpt and alpaca rows
+  (messages may carry tool calls, tool results and reasoning: data/tools.py);
 - {"prompt": str, "completion": str}        from completion rows (no chat template);
 - {"text": str}                             from text rows (continued pretraining, all trained);
 - {"prompt": [messages], "chosen": str, "rejected": str}     from preference rows;
@@ -14,9 +15,13 @@ The last three are rendered with the chat template, the answers as the assistant
 
 from __future__ import annotations
 
-ROLES = ("system", "user", "assistant")
+from llmtune.data.tools import check_tool_results, from_sharegpt_function_call, parse_tool_calls, parse_tools, \
+    split_reasoning
+
+ROLES = ("system", "user", "assistant", "tool")
+# LLaMA-Factory's function_call turn is the assistant's tool call, observation its result
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
+                  "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
 def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | None = None,
@@ -67,35 +72,93 @@ def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | 
         messages = row.get(column("messages"))
         if messages is None:
             return None, f"missing field: '{column('messages')}'"
-    problem = check_messages(messages)
+    messages, problem = normalize_messages(messages)
+    if problem:
+        return None, problem
+    tools, problem = parse_tools(row.get(column("tools")), column("tools")) if row.get(column("tools")) else (None, None)
     if problem:
         return None, problem
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}, None
+    return ({"messages": messages, "tools": tools} if tools else {"messages": messages}), None
 
 
 def check_messages(messages) -> str | None:
     """Why a conversation cannot be trained on, or None when it is fine."""
+    return normalize_messages(messages)[1]
+
+
+def normalize_messages(messages) -> tuple[list[dict] | None, str | None]:
+    """(messages in one shape, None) or (None, why the conversation cannot be trained on).
+    A plain message becomes {role, content}; tool calls, results, reasoning and a `train` flag
+    are kept in the shape data/tools.py describes."""
     if not isinstance(messages, list) or not messages:
-        return "malformed conversation: expected a non-empty list of messages"
+        return None, "malformed conversation: expected a non-empty list of messages"
+    normalized = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            return f"malformed conversation: message {index} is not an object with role and content"
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            return f"unknown role: message {index} has {role!r} (expected one of {', '.join(ROLES)})"
-        if not isinstance(content, str):
-            return f"not a string: message {index} 'content'"
-        if role == "system" and index != 0:
-            return f"roles out of order: message {index} is a system message; it may only come first"
-        if role == "assistant" and not content.strip():
-            return f"empty assistant turn: message {index}"
-    turns = [m["role"] for m in messages if m["role"] != "system"]
-    if "assistant" not in turns:
+            return None, f"malformed conversation: message {index} is not an object with role and content"
+        message, problem = _message(message, index)
+        if problem:
+            return None, problem
+        normalized.append(message)
+    problem = _check_order(normalized) or check_tool_results(normalized)
+    return (None, problem) if problem else (normalized, None)
+
+
+def _message(message: dict, index: int) -> tuple[dict | None, str | None]:
+    role, content = message.get("role"), message.get("content")
+    where = f"message {index}"
+    if role not in ROLES:
+        return None, f"unknown role: {where} has {role!r} (expected one of {', '.join(ROLES)})"
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if content is None and calls:
+        content = ""
+    if not isinstance(content, str):
+        return None, f"not a string: {where} 'content'"
+    out = {"role": role, "content": content}
+    if role == "assistant":
+        reasoning, content, problem = split_reasoning(message, where)
+        if problem:
+            return None, problem
+        out["content"] = content
+        if calls:
+            out["tool_calls"], problem = parse_tool_calls(calls, where)
+            if problem:
+                return None, problem
+        if reasoning is not None:
+            out["reasoning_content"] = reasoning
+        if not content.strip() and not calls:
+            return None, f"empty assistant turn: {where}"
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if message.get(key) is not None:
+                out[key] = str(message[key])
+    if message.get("train") is not None:
+        if role != "assistant" or not isinstance(message["train"], bool):
+            return None, (f"malformed train flag: {where} ('train' is true or false, on assistant "
+                          "messages only: other turns are never trained)")
+        out["train"] = message["train"]
+    if role == "system" and index != 0:
+        return None, f"roles out of order: {where} is a system message; it may only come first"
+    return out, None
+
+
+# which role may follow which; a tool result only after an assistant turn with tool calls
+_FOLLOWS = {"user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
+
+
+def _check_order(messages: list[dict]) -> str | None:
+    turns = [(index, m) for index, m in enumerate(messages) if m["role"] != "system"]
+    if not any(m["role"] == "assistant" for _, m in turns):
         return "no assistant turn: nothing to learn from"
-    if turns[0] != "user" or any(a == b for a, b in zip(turns, turns[1:])):
+    if turns[0][1]["role"] != "user":
         return "roles out of order: user and assistant turns must alternate, starting with user"
+    for (_, previous), (index, message) in zip(turns, turns[1:]):
+        if message["role"] == "tool" and not (previous.get("tool_calls") or previous["role"] == "tool"):
+            return f"tool result without a call: message {index} follows no assistant tool call"
+        if message["role"] not in _FOLLOWS[previous["role"]]:
+            return "roles out of order: user and assistant turns must alternate, starting with user"
     return None
 
 
@@ -111,7 +174,13 @@ def _from_sharegpt(conversation, column: str):
         if role is None:
             known = ", ".join(SHAREGPT_ROLES)
             return None, f"unknown role: {column}[{index}] has {turn['from']!r} (expected one of {known})"
-        messages.append({"role": role, "content": turn["value"]})
+        if turn["from"] == "function_call":
+            calls, problem = from_sharegpt_function_call(turn["value"], f"{column}[{index}]")
+            if problem:
+                return None, problem
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        else:
+            messages.append({"role": role, "content": turn["value"]})
     return messages, None
 
 

@@ -107,7 +107,8 @@ def encode_pairs(tokenizer, template: str | None, mode: str, samples: list[dict]
     """Each sample's Pair, or None where the template renders no answer to train on."""
     conversations = [{"messages": [*sample["prompt"], {"role": "assistant", "content": sample[name]}]}
                      for sample in samples for name in answer_names(sample)]
-    examples = iter(encode_samples(tokenizer, conversations, template, "last_assistant", mode))
+    # one assistant turn, the last: always one rendering
+    examples = iter(pieces[-1] for pieces in encode_samples(tokenizer, conversations, template, "last_assistant", mode))
     pairs = []
     for sample in samples:
         pairs.append(_pair([next(examples) for _ in answer_names(sample)], sample.get("label")))

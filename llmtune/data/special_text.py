@@ -23,7 +23,7 @@ import bisect
 import functools
 import re
 
-from llmtune.data.chat import IGNORE, Example, Span, encode, render_samples
+from llmtune.data.chat import Example, Span, encode, labelled, render_samples
 
 PLACEHOLDER = 0xF0000  # Supplementary Private Use Area-A: placeholder k stands for token k
 
@@ -43,7 +43,8 @@ def contents(sample: dict) -> list[str]:
     """The user's own text in a sample: message contents, prompt and completion, or text (and a
     preference or kto sample's prompt messages and answers)."""
     if "messages" in sample:
-        return [m["content"] for m in sample["messages"] if isinstance(m.get("content"), str)]
+        return [m[key] for m in sample["messages"] for key in ("content", "reasoning_content")
+                if isinstance(m.get(key), str)]
     if isinstance(sample.get("prompt"), list):
         return [*contents({"messages": sample["prompt"]}),
                 *(sample[key] for key in ("chosen", "rejected", "completion") if key in sample)]
@@ -82,7 +83,7 @@ def hide(sample: dict, tokens: tuple[str, ...]) -> dict:
 
     if "messages" in sample:
         return {**sample, "messages": [
-            {**m, "content": masked(m["content"])} if isinstance(m.get("content"), str) else m
+            {**m, **{key: masked(m[key]) for key in ("content", "reasoning_content") if isinstance(m.get(key), str)}}
             for m in sample["messages"]]}
     return {key: masked(value) if key in ("prompt", "completion", "text") else value
             for key, value in sample.items()}
@@ -136,16 +137,14 @@ def encode_as_text(tokenizer, hidden_text: str, spans: list[Span], tokens: tuple
         add_text(position, len(hidden_text))
     finally:
         backend.encode_special_tokens = previous
-    labels = [IGNORE] * len(ids)
-    for start, end in spans:  # tokens overlapping the span, as chat.encode finds them
-        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
-        labels[first:last] = ids[first:last]
-    return Example(ids, labels)
+    ranges = [(bisect.bisect_right(ends, start), bisect.bisect_left(starts, end))  # as chat.encode finds them
+              for start, end, _ in spans]
+    return labelled(ids, ranges, spans)
 
 
-def encode_prompt(tokenizer, prompt, template: str | None, mode: str) -> list[int]:
-    """Token ids of a prompt (a conversation, rendered with the generation prompt added, or a
-    raw text) under `mode`, as prepare tokenised the training data."""
+def encode_prompt(tokenizer, prompt, template: str | None, mode: str, tools: list | None = None) -> list[int]:
+    """Token ids of a prompt (a conversation, rendered with the generation prompt added and the
+    `tools` it may call, or a raw text) under `mode`, as prepare tokenised the training data."""
     from llmtune.data.chat import render
     from llmtune.errors import InputError
 
@@ -157,24 +156,24 @@ def encode_prompt(tokenizer, prompt, template: str | None, mode: str) -> list[in
                          hint="the model was trained with data.special_text: error; remove that text")
     if hits:
         sample = hide(sample, controls)
-    text = sample["prompt"] if "prompt" in sample else render(tokenizer, sample["messages"], True, template)
+    text = sample["prompt"] if "prompt" in sample else render(tokenizer, sample["messages"], True, template, tools)
     if not hits:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return encode_as_text(tokenizer, text, [], controls).input_ids
 
 
 def encode_samples(tokenizer, samples: list[dict], template: str | None, train_on: str,
-                   mode: str) -> list[Example]:
-    """Rendered and tokenised samples (chat.encode); under `plain`, those whose content holds
-    control-token text are tokenised with that text as ordinary text (`error` refused such
-    rows when they were read)."""
+                   mode: str, reasoning: str = "train") -> list[list[Example]]:
+    """Each sample rendered and tokenised (chat.encode) into its examples: one, or one per
+    rendering for a template that renders earlier turns differently (chat.assistant_spans).
+    Under `plain`, samples whose content holds control-token text are tokenised with that text
+    as ordinary text (`error` refused such rows when they were read)."""
     controls = control_tokens(tokenizer) if mode == "plain" else ()
     holding = found_in_samples(samples, controls)
-    if not holding:
-        return encode(tokenizer, render_samples(samples, tokenizer, template, train_on))
-    plain = [index in holding for index in range(len(samples))]
-    samples = [hide(s, controls) if p else s for s, p in zip(samples, plain)]
-    rendered = render_samples(samples, tokenizer, template, train_on)
-    examples = iter(encode(tokenizer, [r for r, p in zip(rendered, plain) if not p]))
-    return [encode_as_text(tokenizer, text, spans, controls) if p else next(examples)
-            for (text, spans), p in zip(rendered, plain)]
+    samples = [hide(s, controls) if index in holding else s for index, s in enumerate(samples)]
+    rendered = render_samples(samples, tokenizer, template, train_on, reasoning)
+    flat = [piece for index, pieces in enumerate(rendered) if index not in holding for piece in pieces]
+    examples = iter(encode(tokenizer, flat))
+    return [[encode_as_text(tokenizer, text, spans, controls) for text, spans in pieces] if index in holding
+            else [next(examples) for _ in pieces]
+            for index, pieces in enumerate(rendered)]

@@ -29,6 +29,8 @@ class SplitStats:
         self.prompts = self.without_answer = 0  # grpo prompts, and those without a reference answer
         self.truncated = 0
         self.answers_cut = 0
+        self.parts = Counter()  # trained tokens by part: answer, tool_call, reasoning
+        self.conversations = Counter()  # with tools, tool calls, tool results, reasoning turns
 
     def add(self, example: Example | Pair | PromptRow, times: int = 1) -> None:
         """An SFT example, a preference pair / kto answer (its length is its longest sequence, its
@@ -36,6 +38,8 @@ class SplitStats:
         if isinstance(example, Example):
             length = tokens = len(example.input_ids)
             trained = length - example.labels.count(IGNORE)
+            if example.parts:
+                self.parts.update({part: times * n for part, n in example.parts.items()})
         else:  # a Pair or a PromptRow (data/pairs.py)
             length, tokens, trained = example.longest, example.tokens, example.trained
             if example.label is not None:
@@ -48,6 +52,17 @@ class SplitStats:
         self.trained += times * trained
         self.truncated += times * example.truncated
         self.answers_cut += times * example.answer_cut
+
+    def add_sample(self, sample: dict, times: int = 1) -> None:
+        """Count what a kept conversation holds: tool definitions, calls, results, reasoning."""
+        messages = sample.get("messages")
+        if not messages:
+            return
+        calls = sum(len(m.get("tool_calls") or ()) for m in messages)
+        counts = {"with_tools": bool(sample.get("tools")), "with_tool_calls": bool(calls), "tool_calls": calls,
+                  "tool_results": sum(m["role"] == "tool" for m in messages),
+                  "reasoning_turns": sum(bool(m.get("reasoning_content")) for m in messages)}
+        self.conversations.update({key: times * int(n) for key, n in counts.items() if n})
 
     def result(self) -> dict[str, float | int]:
         lengths, tokens = self.lengths, self.tokens
@@ -66,4 +81,11 @@ class SplitStats:
             result["desirable"], result["undesirable"] = self.labels[True], self.labels[False]
         if self.prompts:
             result["without_answer"] = self.without_answer
+        if self.conversations:
+            result["conversations"] = {key: self.conversations[key] for key in
+                                       ("with_tools", "with_tool_calls", "tool_calls", "tool_results", "reasoning_turns")}
+        if self.parts.keys() - {"answer"}:
+            result["trained_by_part"] = {part: {"tokens": self.parts[part],
+                                                "share": round(self.parts[part] / max(self.trained, 1), 4)}
+                                         for part in ("answer", "tool_call", "reasoning")}
         return result

@@ -18,6 +18,7 @@ from llmtune.console import console
 from llmtune.data.chat import IGNORE
 from llmtune.data.special_text import encode_samples
 from llmtune.data.formats import to_sample
+from llmtune.data.tools import calls_in_text, same_call
 from llmtune.data.pairs import encode_pairs, encode_prompts
 from llmtune.data.sources import read_source
 from llmtune.errors import InputError, VerificationError
@@ -109,7 +110,8 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     first = next(iter(report["sets"].values()))["models"]
     summary = {f"{label}_{key}": value for label, metrics in first.items()
                for key, value in metrics.items()
-               if key in ("loss", "exact_match", "regex_match", "preference_accuracy", "margin")}
+               if key in ("loss", "exact_match", "regex_match", "preference_accuracy", "margin",
+                          "tool_call_accuracy")}
     manifest = finish_stage(partial, out_dir, stage="eval", recipe_sha256=recipe_sha,
                             inputs=inputs, summary=summary)
     return Outcome(manifest, up_to_date=False)
@@ -124,7 +126,11 @@ def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, r
         metrics = {"loss": _round(loss), "perplexity": _round(perplexity(loss))}
     else:
         metrics = _preference_scores(model, rows, pad_id)
-    pairs = [prompt_and_answer(row["sample"]) for row in rows]
+    samples = [row["sample"] for row in rows if row["sample"]]
+    with_calls = [sample for sample in samples if has_tool_calls(sample)]
+    if with_calls:
+        metrics.update(_tool_call_scores(model, tokenizer, with_calls, cfg, set_name, label, generations, serving))
+    pairs = [prompt_and_answer(sample) for sample in samples if not has_tool_calls(sample)]
     pairs = [p for p in pairs if p is not None]
     if not pairs:
         return metrics
@@ -147,6 +153,35 @@ def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, r
     metrics.update({key: round(value / len(outputs), 4) for key, value in counts.items()})
     metrics["generated"] = len(outputs)
     return metrics
+
+
+def has_tool_calls(sample: dict) -> bool:
+    return any(m.get("tool_calls") for m in sample.get("messages", ()))
+
+
+def _tool_call_scores(model, tokenizer, samples, cfg, set_name, label, generations, serving) -> dict:
+    """Tool data: each assistant turn that calls tools is generated (greedy) from the
+    conversation before it and its tool definitions; it matches when it makes the reference's
+    calls, in order, with the same names and arguments (compared as JSON values)."""
+    turns = [(sample["messages"][:index], sample.get("tools"), message["tool_calls"])
+             for sample in samples for index, message in enumerate(sample["messages"])
+             if message["role"] == "assistant" and message.get("tool_calls")]
+    prompts = [as_prompt(prompt, serving) for prompt, _, _ in turns]
+    outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
+                       special_text=serving.special_text, tools=[tools for _, tools, _ in turns])
+    counts = Counter()
+    for (prompt, _, reference), output in zip(turns, outputs):
+        _, calls = calls_in_text(output.text)
+        names = [call["function"]["name"] for call in reference]
+        scores = {"tool_call_match": len(calls) == len(reference) and all(map(same_call, calls, reference)),
+                  "tool_name_match": [call["name"] for call in calls] == names}
+        counts.update({key: int(value) for key, value in scores.items()})
+        generations.append({"set": set_name, "model": label, "prompt": prompt[-1]["content"],
+                            "reference": [call["function"] for call in reference], "output": output.text,
+                            "tool_calls": calls, **scores})
+    return {"tool_call_accuracy": round(counts["tool_call_match"] / len(turns), 4),
+            "tool_name_accuracy": round(counts["tool_name_match"] / len(turns), 4),
+            "tool_call_turns": len(turns)}
 
 
 def _preference_scores(model, rows: list[dict], pad_id: int) -> dict:
@@ -205,7 +240,8 @@ def _prepared_rows(path: Path, limit: int) -> list[dict]:
         return []
     data = load_from_disk(str(path))
     columns = [name for name in PREPARED_COLUMNS if name in data.column_names]
-    return [{**{name: r[name] for name in columns}, "sample": json.loads(r["sample"])}
+    # "sample" is "" for a row's later examples (chat.assistant_spans): they are scored for loss only
+    return [{**{name: r[name] for name in columns}, "sample": json.loads(r["sample"]) if r["sample"] else None}
             for r in data.select(range(min(limit, len(data))))]
 
 
@@ -214,10 +250,10 @@ def _source_rows(source, recipe: Recipe, tokenizer, special_text: str) -> list[d
     if source.format in ("preference", "kto", "prompt"):
         return _source_pairs(source, recipe, tokenizer, special_text)
     samples = _read_samples(source, recipe)
-    examples = encode_samples(tokenizer, samples, None, recipe.data.train_on, special_text)
+    pieces = encode_samples(tokenizer, samples, None, recipe.data.train_on, special_text, recipe.data.reasoning)
     limit = recipe.data.max_seq_len
     return [{"input_ids": e.input_ids[:limit], "labels": e.labels[:limit], "sample": s}
-            for s, e in zip(samples, examples)
+            for s, examples in zip(samples, pieces) for e in examples
             if e.labels[:limit].count(IGNORE) < len(e.labels[:limit])]
 
 

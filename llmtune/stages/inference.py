@@ -25,12 +25,14 @@ class Generation:
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | None = None,
-             batch_size: int = 16, special_text: str = "plain") -> list[Generation]:
+             batch_size: int = 16, special_text: str = "plain", tools: list | None = None) -> list[Generation]:
     """Greedy answers, in left-padded batches, stopping at any EOS id. A prompt is a
-    conversation, rendered with the chat template, or a plain completion prompt, used as is;
-    control-token text in it is handled as `special_text` says (as prepare did)."""
+    conversation, rendered with the chat template (and `tools[i]`, the tool definitions it may
+    call), or a plain completion prompt, used as is; control-token text in it is handled as
+    `special_text` says (as prepare did)."""
     eos_ids = models.eos_token_ids(tokenizer, model.config)
-    encoded = [encode_prompt(tokenizer, p, template, special_text) for p in prompts]
+    tools = tools or [None] * len(prompts)
+    encoded = [encode_prompt(tokenizer, p, template, special_text, t) for p, t in zip(prompts, tools)]
     if encoded:
         batch_size = fitting_batch_size(model, batch_size, max(map(len, encoded)) + max_new_tokens)
     results = []

@@ -79,7 +79,7 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     rows = RowStream(data, special_text.control_tokens(tokenizer))
     out = Outputs(partial, data, kind)
     progress = _Progress(source_bytes(sources))
-    encoder = (functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text)
+    encoder = (functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text, data.reasoning)
                if kind == "sft" else functools.partial(encode_prompts if kind == "prompt" else encode_pairs,
                                                        tokenizer, template, data.special_text))
     limit = _limit if kind == "sft" else _limit_pairs
@@ -87,8 +87,8 @@ def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     batch_rows = BATCH if data.num_proc <= 1 else max(256, BATCH // data.num_proc)
     with contextlib.closing(_encoded(rows.batches(batch_rows), encoder, data.num_proc)) as encoded:
         for batch, examples in encoded:
-            for row, example in limit(batch, examples, data, rows.skipped):
-                out.add(row, example)
+            for row, example, first in limit(batch, examples, data, rows.skipped):
+                out.add(row, example, first)
             progress.update(rows.read, rows.bytes_read, out.tokens)
     packing = out.close()
     console.print(f"prepare: {rows.read} rows read from {len(sources)} source(s)")
@@ -130,6 +130,15 @@ def print_stats(stats: dict) -> None:
         f"{train['length_p50']}/{train['length_p95']}/{train['length_max']}; "
         f"truncated {train['truncated'] + val['truncated']}; validation {val['examples']}"
     )
+    if "conversations" in train:
+        held = train["conversations"]
+        line = (f"  tools and reasoning (train): {held['with_tools']} conversations with tool definitions, "
+                f"{held['tool_calls']} tool calls, {held['tool_results']} tool results, "
+                f"{held['reasoning_turns']} reasoning turns (data.reasoning {stats.get('reasoning', 'train')})")
+        if "trained_by_part" in train:
+            line += "; trained tokens: " + ", ".join(
+                f"{part.replace('_', ' ')} {100 * value['share']:.1f}%" for part, value in train["trained_by_part"].items())
+        console.print(line)
     cut = train["answers_cut"] + val["answers_cut"]
     if cut and cut / max(stats["rows_kept"], 1) > ANSWERS_CUT_WARNING:
         console.print(
@@ -160,6 +169,7 @@ def _stats(rows: RowStream, out: Outputs, data: DataSection, packing: dict | Non
         "stopped_at_max_samples": data.max_samples if rows.stopped_at_max_samples else None,
         "max_seq_len": data.max_seq_len,
         "overlong": data.overlong,
+        "reasoning": data.reasoning,
         "special_text": {"handled_as": data.special_text, "rows": rows.special["rows"],
                          "occurrences": rows.special["occurrences"]},
         "train": out.train_stats.result(),
@@ -263,34 +273,64 @@ def _encode_in_worker(samples: list[dict]) -> list[Example]:
     return _worker_encoder(samples)
 
 
-def _encode_batch(tokenizer, template, train_on, mode: str, samples: list[dict]) -> list[Example]:
-    return special_text.encode_samples(tokenizer, samples, template, train_on, mode)
+def _encode_batch(tokenizer, template, train_on, mode: str, reasoning: str,
+                  samples: list[dict]) -> list[list[Example]]:
+    return special_text.encode_samples(tokenizer, samples, template, train_on, mode, reasoning)
 
 
-def _limit(rows: list[Row], examples: list[Example], data: DataSection, skipped: Counter):
-    """Apply data.overlong; drop examples left with nothing to train. Returns (row, example)."""
+def _limit(rows: list[Row], pieces: list[list[Example]], data: DataSection, skipped: Counter):
+    """Apply data.overlong; drop examples left with nothing to train. Returns (row, example,
+    first example of its row): a row is kept when one of its examples is (a template that renders
+    earlier turns differently gives a row one example per rendering, chat.assistant_spans), and
+    otherwise counted as skipped once, for the reason its last example had."""
     kept, overlong = [], []
-    for row, example in zip(rows, examples):
-        if example.labels.count(IGNORE) == len(example.labels):
-            # e.g. a conversation without an assistant turn, or a template that renders none
-            skipped[NOTHING_TO_TRAIN] += 1
-            continue
-        if len(example.input_ids) > data.max_seq_len:
-            if data.overlong == "error":
-                overlong.append((row.where, len(example.input_ids)))
-                continue
-            if data.overlong == "drop":
-                skipped["overlong"] += 1
-                continue
-            cut = any(label != IGNORE for label in example.labels[data.max_seq_len:])
-            example = Example(example.input_ids[: data.max_seq_len],
-                              example.labels[: data.max_seq_len], truncated=True, answer_cut=cut)
-            if example.labels.count(IGNORE) == len(example.labels):  # only a cut can leave none
-                skipped[CUT_AWAY] += 1
-                continue
-        kept.append((row, example))
+    for row, examples in zip(rows, pieces):
+        taken, reason = [], None
+        for example in examples:
+            example, reason = _limit_one(example, data)
+            if reason == "error":
+                overlong.append((row.where, example))
+            elif example is not None:
+                taken.append(example)
+        if taken:
+            kept += [(row, example, index == 0) for index, example in enumerate(taken)]
+        elif reason != "error":
+            skipped[reason] += 1
     _refuse_overlong(overlong, rows, data)
     return kept
+
+
+def _limit_one(example: Example, data: DataSection) -> tuple:
+    """(example as kept, None), (None, why it is skipped), or (its length, "error")."""
+    if example.labels.count(IGNORE) == len(example.labels):
+        # e.g. a conversation without an assistant turn, or a template that renders none
+        return None, NOTHING_TO_TRAIN
+    if len(example.input_ids) <= data.max_seq_len:
+        return example, None
+    if data.overlong == "error":
+        return len(example.input_ids), "error"
+    if data.overlong == "drop":
+        return None, "overlong"
+    cut = any(label != IGNORE for label in example.labels[data.max_seq_len:])
+    example = Example(example.input_ids[: data.max_seq_len], example.labels[: data.max_seq_len],
+                      truncated=True, answer_cut=cut, parts=_parts_within(example, data.max_seq_len))
+    if example.labels.count(IGNORE) == len(example.labels):  # only a cut can leave none
+        return None, CUT_AWAY
+    return example, None
+
+
+def _parts_within(example: Example, limit: int) -> dict | None:
+    """Trained tokens by part of a truncated example: the cut tokens taken from the parts met
+    last first (exact for one turn; an estimate where a long conversation alternates parts)."""
+    if not example.parts:
+        return example.parts
+    cut = sum(label != IGNORE for label in example.labels[limit:])
+    parts = dict(example.parts)
+    for name in reversed(list(parts)):
+        taken = min(cut, parts[name])
+        parts[name] -= taken
+        cut -= taken
+    return parts
 
 
 def _refuse_overlong(overlong: list[tuple[str, int]], rows: list[Row], data: DataSection) -> None:
@@ -324,7 +364,7 @@ def _limit_pairs(rows: list[Row], pairs: list, data: DataSection, skipped: Count
                 skipped[PROMPT_TOO_LONG] += 1
                 continue
             pair = cut
-        kept.append((row, pair))
+        kept.append((row, pair, True))
     _refuse_overlong(overlong, rows, data)
     return kept
 

@@ -146,52 +146,59 @@ class Outputs:
         self.validation = SplitWriter(partial / "validation", (*COLUMNS[kind], "where", "sample"))
         self.train_stats, self.validation_stats = SplitStats(), SplitStats()
         self.holding = data.validation.sources is None and data.validation.effective_fraction > 0
-        self.held: tuple[Row, Example] | None = None
+        self.held: list[tuple] = []  # the held row's examples, as (row, example, first)
         self.kept = 0
         self.tokens = 0
         self.system_prompts: set = set()  # of the train conversations, while there is one at most
 
-    def add(self, row: Row, example: Example | Pair | PromptRow) -> None:
-        self.kept += 1
+    def add(self, row: Row, example: Example | Pair | PromptRow, first: bool = True) -> None:
+        """A kept example of `row`; `first` is false for a row's further examples (one per
+        rendering, chat.assistant_spans), which count as examples but not as rows."""
+        self.kept += first
         self.tokens += len(example.input_ids) if isinstance(example, Example) else example.tokens
         if row.held_out:
-            self._to_validation(row, example)
+            self._to_validation(row, example, first)
             if self.holding:
                 self._release()
         elif not self.holding:
-            self._to_train(row, example)
-        elif self.held is None or row.draw < self.held[0].draw:
+            self._to_train(row, example, first)
+        elif self.held and row is self.held[0][0]:  # another example of the held row
+            self.held.append((row, example, first))
+        elif not self.held or row.draw < self.held[0][0].draw:
             self._release()
-            self.held = (row, example)
+            self.held = [(row, example, first)]
         else:
-            self._to_train(row, example)
+            self._to_train(row, example, first)
 
     def _release(self) -> None:
-        if self.held is not None:
-            self._to_train(*self.held)
-        self.held = None
+        for held in self.held:
+            self._to_train(*held)
+        self.held = []
         self.holding = self.holding and not self.validation.rows
 
     def close(self) -> dict | None:
         """Finish both splits; packing's figures, if the train split is packed."""
-        if self.held is not None:
-            if self.train_stats.lengths:  # another train row is there: hold this one out
-                self._to_validation(*self.held)
-            else:
-                self._to_train(*self.held)
+        to_validation = bool(self.train_stats.lengths)  # another train row is there: hold this one out
+        for held in self.held:
+            (self._to_validation if to_validation else self._to_train)(*held)
         self.validation.close()
         return self.train.close()
 
-    def _to_validation(self, row: Row, example: Example | Pair | PromptRow) -> None:
+    def _to_validation(self, row: Row, example: Example | Pair | PromptRow, first: bool = True) -> None:
         columns = (example.columns() if isinstance(example, (Pair, PromptRow))
                    else {"input_ids": example.input_ids, "labels": example.labels})
-        self.validation.add({**columns, "where": row.where, "sample": row.text})
+        # a row's sample once, with its first example: eval and preview generate once per row
+        self.validation.add({**columns, "where": row.where, "sample": row.text if first else ""})
         self.validation_stats.add(example)
+        if first:
+            self.validation_stats.add_sample(row.sample)
 
-    def _to_train(self, row: Row, example: Example) -> None:
+    def _to_train(self, row: Row, example: Example, first: bool = True) -> None:
         for _ in range(row.copies):
             self.train.add(row.where, example)
         self.train_stats.add(example, row.copies)
+        if first:
+            self.train_stats.add_sample(row.sample, row.copies)
         if row.copies and len(self.system_prompts) < 2:
             prompt = row.sample.get("prompt")  # preference and kto prompts are messages too
             messages = row.sample.get("messages") or (prompt if isinstance(prompt, list) else [{}])

@@ -34,7 +34,7 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
 
     prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
     held_out = load_from_disk(str(prepared / "validation"))
-    pairs = [prompt_and_answer(json.loads(s)) for s in held_out["sample"]]
+    pairs = [prompt_and_answer(json.loads(s)) for s in held_out["sample"] if s]  # "": a row's later example
     pairs = [p for p in pairs if p is not None][: cfg.count]
     if not pairs:
         console.print("preview: no held-out prompts (empty validation set, or text data)")
