@@ -264,6 +264,9 @@ def _check_prompt(prompt, column: str) -> str | None:
         return problem.replace("malformed conversation", "malformed prompt")
     if prompt[-1]["role"] != "user":
         return f"malformed prompt: '{column}' must end with a user message (the answers are the reply)"
+    if any(m.get("role") == "tool" or m.get("tool_calls") for m in prompt):
+        # they would be rendered without their calls: refused rather than silently cut
+        return f"malformed prompt: '{column}' holds tool calls, which preference, kto and prompt data do not carry yet"
     return None
 
 

@@ -218,6 +218,11 @@ def _carries(tokenizer, template: str | None, feature: str) -> bool:
         return False
 
 
+def carried(tokenizer, template: str | None) -> list[str]:
+    """The features of _PROBES that `template` (the tokenizer's own when None) renders."""
+    return [feature for feature in _PROBES if _carries(tokenizer, template, feature)]
+
+
 def describe(tokenizer, template: str | None) -> str:
     """A template named for an error message."""
     for name, source in BUILT_IN.items():

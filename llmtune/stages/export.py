@@ -68,7 +68,7 @@ def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) 
         if "ollama" in formats:
             # the system prompt every training conversation had, as chat and generate use it
             _export_ollama(merged_dir, serving_defaults(merged_dir).system_prompt,
-                           gguf_file, partial / "ollama")
+                           gguf_file, partial / "ollama", summary)
             console.print(f"export: ollama -> {out_dir / 'ollama' / 'Modelfile'}")
         if "gguf" not in formats:  # the file lives on in ollama/ only
             shutil.rmtree(gguf_file.parent)
@@ -119,7 +119,9 @@ def _export_gguf(recipe: Recipe, merged_dir: Path, merged_manifest: dict, partia
     summary["gguf_check"] = figures
     console.print(f"export: gguf check in llama.cpp: next-token agreement {figures['top1_agreement']:.1%} "
                   f"over {figures['positions']} positions, tokenization {figures['tokenization_matches']}, "
-                  f"chat template {'matches' if figures['chat_template_matches'] else 'DIFFERS'}")
+                  f"chat template {'matches' if figures['chat_template_matches'] else 'DIFFERS'}"
+                  + ("" if "chat_template_tools_matches" not in figures else
+                     f", with tools {'matches' if figures['chat_template_tools_matches'] else 'DIFFERS (llama-cpp-python)'}"))
     from llmtune.stages.gguf_verify import failures
 
     problems = failures(figures, quant)
@@ -168,7 +170,9 @@ def _k_quantize(source: Path, target: Path, quant: str) -> None:
         raise RuntimeError(f"llama.cpp could not quantize {source.name} to {quant} (code {code})")
 
 
-def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path, folder: Path) -> None:
+def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path, folder: Path,
+                   summary: dict) -> None:
+    from llmtune.data.templates import carried
     from llmtune.stages.ollama import write_modelfile
 
     folder.mkdir()
@@ -177,6 +181,18 @@ def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path,
     eos_ids = models.eos_token_ids(tokenizer, models.load_config(merged_dir))
     eos_texts = [tokenizer.convert_ids_to_tokens(token_id) for token_id in eos_ids]
     write_modelfile(folder, gguf_file.name, tokenizer, tokenizer.chat_template, eos_texts, system_prompt)
+    # The Go TEMPLATE llmtune writes renders plain turns only; say so where the model was trained
+    # to use tools or reasoning (Ollama's .Tools templates are not written: not yet checked
+    # against a real Ollama).
+    lacking = carried(tokenizer, None)
+    if lacking:
+        summary["ollama_template_lacks"] = lacking
+        console.print(f"[yellow]export: the Ollama TEMPLATE renders plain turns only, not "
+                      f"{', '.join(lacking)}: use the GGUF's own chat template (llama.cpp) for those[/]",
+                      markup=True)
+        with open(folder / "Modelfile", "a", encoding="utf-8") as handle:
+            handle.write(f"# Not rendered by this TEMPLATE, though the model was trained with them: "
+                         f"{', '.join(lacking)}\n")
 
 
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_out", "output", "tok_embeddings")

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmtune.data.chat import render
+from llmtune.data.templates import carried
 from llmtune.errors import InputError
 
 # Top-1 agreement a GGUF must reach, by type. f16 and q8_0 are the issue's bars. The others sit
@@ -30,6 +32,14 @@ from llmtune.errors import InputError
 MIN_AGREEMENT = {"f32": 0.99, "f16": 0.99, "bf16": 0.99, "q8_0": 0.95, "q6_k": 0.95,
                  "q5_0": 0.85, "q5_k_m": 0.80, "q5_k_s": 0.80, "q4_0": 0.75, "q4_k_m": 0.85,
                  "q4_k_s": 0.80, "q3_k_m": 0.75, "q3_k_s": 0.70, "q2_k": 0.60}
+TOOLS_PROBE = {  # a tool call and its result, for templates that carry tools
+    "tools": [{"type": "function", "function": {"name": "add", "description": "Add two numbers.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}],
+    "messages": [{"role": "user", "content": "What is 2 + 3?"},
+                 {"role": "assistant", "content": "", "tool_calls": [
+                     {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+                 {"role": "tool", "content": "5", "name": "add"}],
+}
 TEMPLATE_PROBE = [
     {"role": "system", "content": "You answer in one line."},
     {"role": "user", "content": "What is 2 + 3?"},
@@ -84,7 +94,7 @@ def _figures(llm, model, tokenizer, rows: list[list[int]]) -> dict:
         for text in texts
     )
     template = llm.metadata.get("tokenizer.chat_template")
-    return {
+    figures = {
         "top1_agreement": round(agree / total, 4),
         "positions": total,  # distinct contexts compared
         "non_finite_positions": non_finite,  # positions with a NaN or infinite logit, either side
@@ -92,6 +102,12 @@ def _figures(llm, model, tokenizer, rows: list[list[int]]) -> dict:
         "chat_template_matches": template is not None and _render_llama_cpp(llm, template)
         == tokenizer.apply_chat_template(TEMPLATE_PROBE, tokenize=False, add_generation_prompt=True),
     }
+    if template is not None and "tool calls" in carried(tokenizer, None):
+        # reported, not failed on: llama-cpp-python's Jinja environment is its own (its tojson
+        # sorts keys), and llama.cpp's server renders with another engine again
+        figures["chat_template_tools_matches"] = _render_llama_cpp(llm, template, TOOLS_PROBE) == render(
+            tokenizer, TOOLS_PROBE["messages"], True, None, TOOLS_PROBE["tools"])
+    return figures
 
 
 def _top1(model, rows: list[list[int]], batch_size: int = 4) -> tuple[list[np.ndarray], int]:
@@ -116,7 +132,7 @@ def _top1(model, rows: list[list[int]], batch_size: int = 4) -> tuple[list[np.nd
     return result, non_finite
 
 
-def _render_llama_cpp(llm, template: str) -> str:
+def _render_llama_cpp(llm, template: str, probe: dict | None = None) -> str:
     """The probe as llama-cpp-python's chat handler renders it from the file's own metadata."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -125,7 +141,8 @@ def _render_llama_cpp(llm, template: str) -> str:
 
     formatter = Jinja2ChatFormatter(template, eos_token=text(llm.token_eos()),
                                     bos_token=text(llm.token_bos()), add_generation_prompt=True)
-    return formatter(messages=TEMPLATE_PROBE).prompt
+    probe = probe or {"messages": TEMPLATE_PROBE}
+    return formatter(**probe).prompt
 
 
 def failures(figures: dict, quant: str) -> list[str]:
