@@ -246,8 +246,73 @@ def test_prepare_counts_tools_and_reasoning_and_preview_highlights_them(tmp_path
     assert "<tool_response>\n{\"temp\": 18}\n</tool_response>" in preview.stdout  # shown, not trained
     assert "⟦<tool_response>" not in preview.stdout and "⟦{\"temp\"" not in preview.stdout
 
-    recipe["data"]["bad_rows"] = "error"
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    result = llmtune("prepare", "recipe.yaml", "--force", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "tools.jsonl:21: tool result without a call" in result.stderr
+    from llmtune.recipe import load_recipe
+    from llmtune.stages.prepare import prepare
+
+    with pytest.raises(InputError, match=r"tools.jsonl:21: tool result without a call: message 1"):
+        prepare(load_recipe(tmp_path / "recipe.yaml", ["data.bad_rows=error"]), tmp_path / "runs" / "tools", force=True)
+
+
+def test_eval_scores_tool_calls_and_generate_returns_them(tmp_path, tiny_model):
+    """eval: tool_call_accuracy per model on the validation tool calls; generate --tools: each
+    answer's calls as structured output (the tiny model's calls are noise: the shape is tested
+    here, the rise from base to tuned by the tool quickstart in the README)."""
+    import yaml
+
+    from llmtune.recipe import load_recipe
+    from llmtune.stages.eval import evaluate
+    from llmtune.stages.prepare import prepare
+    from llmtune.stages.train import train
+
+    write_jsonl(tmp_path / "data" / "tools.jsonl", tool_rows(24))
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({
+        "name": "tools", "output_dir": "runs", "model": {"path": str(tiny_model)},
+        "data": {"train": [{"path": "data/tools.jsonl", "format": "chat"}], "template": "chatml-tools",
+                 "validation": {"fraction": 0.15}, "max_seq_len": 1024},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 2, "batch_size": 4, "lr": 1.0e-3, "precision": "fp32"},
+        "eval": {"max_samples": 4, "max_new_tokens": 8}}))
+    recipe, run = load_recipe(recipe_file), tmp_path / "runs" / "tools"
+    prepare(recipe, run)
+    train(recipe, run)
+    evaluate(recipe, run)
+    report = json.loads((run / "eval" / "report.json").read_text())
+    for model in ("base", "adapter"):
+        metrics = report["sets"]["validation"]["models"][model]
+        assert metrics["tool_call_turns"] >= 1
+        assert 0 <= metrics["tool_call_accuracy"] <= metrics["tool_name_accuracy"] <= 1
+        assert "exact_match" not in metrics  # tool turns are scored by their calls, not their text
+    generations = [json.loads(line) for line in (run / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert all("tool_calls" in g and "tool_call_match" in g for g in generations)
+
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER["function"]]))
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Weather in Oslo?"},
+                                             {"messages": [{"role": "user", "content": "Hi"}], "tools": []}])
+    result = llmtune("generate", run, "--input", "prompts.jsonl", "--output", "out.jsonl",
+                     "--tools", "tools.json", "--max-new-tokens", "8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "with tool calls" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert all(isinstance(row["tool_calls"], list) and "content" in row for row in rows)
+    (tmp_path / "bad.json").write_text('{"name": 3}')
+    result = llmtune("generate", run, "--input", "prompts.jsonl", "--output", "out.jsonl",
+                     "--tools", "bad.json", cwd=tmp_path)
+    assert result.returncode != 0 and "--tools bad.json: malformed tools" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["chatml-tools", "llama-3.1"])
+def test_llama_cpp_renders_the_built_in_tool_templates_as_transformers_does(name):
+    """What export's GGUF check compares (chat_template_tools_matches), without a GGUF: the
+    template as llama-cpp-python's chat formatter renders a tool call and its result."""
+    pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from llmtune.data.templates import carried
+    from llmtune.stages.gguf_verify import TOOLS_PROBE
+
+    tokenizer = tokenizer_with(BUILT_IN[name], llama=name == "llama-3.1")
+    assert carried(tokenizer, None) == ["tool definitions", "tool calls", "tool results", "reasoning"]
+    formatter = Jinja2ChatFormatter(BUILT_IN[name], eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token,
+                                    add_generation_prompt=True)
+    assert formatter(**TOOLS_PROBE).prompt == render(tokenizer, TOOLS_PROBE["messages"], True, None, TOOLS_PROBE["tools"])

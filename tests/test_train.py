@@ -196,19 +196,24 @@ def test_plan_counts_parameters_and_steps_before_training(tiny_model, tmp_path):
                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert (plan["trainable_parameters"], plan["parameters"]) == real.get_nb_trainable_parameters()
     assert plan["train_examples"] == 36 and plan["steps"] == 3 * 5  # ceil(36 / 8) per epoch
-    two = json_module.loads(llmtune("plan", recipe, "--json", "--nproc", "2", cwd=tmp_path).stdout)
+    # the rest in-process: the CLI's output is what is tested above
+    from llmtune.recipe import load_recipe
+    from llmtune.stages.plan import plan as make_plan
+    from llmtune.stages.prepare import prepare
+
+    loaded, run = load_recipe(recipe), tmp_path / "runs" / "tiny"
+    two = make_plan(loaded, run, processes=2)
     assert two["global_batch"] == 16 and two["steps"] == 3 * 3  # ceil(36 / 16) per epoch
     memory = plan["memory_bytes"]
     assert memory["optimizer"] == 2 * memory["adapter"] and memory["total"] == sum(
         v for k, v in memory.items() if k != "total")
     assert not (tmp_path / "runs").exists()  # plan writes nothing: no run directory at all
     assert "counting tokens by preparing the data in a temporary folder" in result.stderr
-    assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
-    again = json_module.loads(llmtune("plan", recipe, "--json", cwd=tmp_path).stdout)
+    prepare(loaded, run)
+    again = make_plan(loaded, run)
     assert again["tokens_counted_from"] == "prepared data (up to date)"
     assert again["tokens_per_epoch"] == plan["tokens_per_epoch"]
-    nf4 = llmtune("plan", recipe, "--json", "--set", "model.quantize=nf4", cwd=tmp_path)
-    nf4_plan = json_module.loads(nf4.stdout)
+    nf4_plan = make_plan(load_recipe(recipe, ["model.quantize=nf4"]), run)
     assert nf4_plan["memory_bytes"]["weights"] < memory["weights"] / 2
 
 
