@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -295,6 +297,13 @@ def test_eval_scores_tool_calls_and_generate_returns_them(tmp_path, tiny_model):
     assert "with tool calls" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert all(isinstance(row["tool_calls"], list) and "content" in row for row in rows)
+    session = subprocess.run([sys.executable, "-m", "llmtune", "chat", str(run), "--tools", "tools.json",
+                              "--max-new-tokens", "6"], cwd=tmp_path, input="Weather in Oslo?\n/tool 18\n/exit\n",
+                             capture_output=True, text=True, timeout=300)
+    assert session.returncode == 0, session.stderr
+    assert "the model may call get_weather; answer a call with /tool RESULT" in session.stdout
+    # the tiny model calls nothing: /tool says so (a call would be printed as "tool call: NAME {...}")
+    assert "tool call: " in session.stdout or "(/tool answers a tool call: the model has made none)" in session.stdout
     (tmp_path / "bad.json").write_text('{"name": 3}')
     result = llmtune("generate", run, "--input", "prompts.jsonl", "--output", "out.jsonl",
                      "--tools", "bad.json", cwd=tmp_path)
@@ -316,3 +325,37 @@ def test_llama_cpp_renders_the_built_in_tool_templates_as_transformers_does(name
     formatter = Jinja2ChatFormatter(BUILT_IN[name], eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token,
                                     add_generation_prompt=True)
     assert formatter(**TOOLS_PROBE).prompt == render(tokenizer, TOOLS_PROBE["messages"], True, None, TOOLS_PROBE["tools"])
+
+
+def test_a_reasoning_answer_is_split_from_its_reasoning():
+    from llmtune.data.tools import answer_of
+
+    assert answer_of("<think>\n2+3=5\n</think>\n\n5") == ("2+3=5", "5")
+    assert answer_of("2+3=5\n</think>\n\n5") == ("2+3=5", "5")  # the generation prompt opened the block
+    assert answer_of("<think>never closed") == (None, "<think>never closed")
+    assert answer_of("5") == (None, "5")
+
+
+def test_a_conversation_the_template_refuses_is_skipped_or_named(tmp_path):
+    """Meta's Llama 3.1 template raises on two tool calls in one turn: the row is counted as
+    refused under bad_rows: skip, and named by file:line under bad_rows: error."""
+    import yaml
+
+    from llmtune.recipe import load_recipe
+    from llmtune.stages.prepare import prepare
+    from llmtune.testing import build_llama3_model
+
+    model = build_llama3_model(tmp_path / "llama")
+    two_calls = tool_row()
+    two_calls["messages"][1]["tool_calls"].append({**CALL, "id": "call_2"})
+    write_jsonl(tmp_path / "data.jsonl", [tool_row(), two_calls, *tool_rows(6)])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "name": "refused", "model": {"path": str(model)},
+        "data": {"train": [{"path": "data.jsonl", "format": "chat"}], "max_seq_len": 2048, "bad_rows": "skip",
+                 "reasoning": "drop",  # Meta's template has no reasoning (refused otherwise)
+                 "template": str(TEMPLATES / "llama-3.1.jinja"), "validation": {"fraction": 0.0}}}))
+    prepare(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "run")
+    stats = json.loads((tmp_path / "run" / "prepared" / "stats.json").read_text())
+    assert stats["skipped_by_reason"] == {"refused by the chat template": 1} and stats["rows_kept"] == 7
+    with pytest.raises(InputError, match=r"data.jsonl:2: refused by the chat template: This model only supports single"):
+        prepare(load_recipe(tmp_path / "recipe.yaml", ["data.bad_rows=error"]), tmp_path / "run", force=True)

@@ -78,7 +78,7 @@ def generate(
     serving = serving_defaults(target, adapter)
     if system is not None:
         serving = dataclasses.replace(serving, system_prompt=system or None)
-    from llmtune.data.tools import calls_in_text
+    from llmtune.data.tools import answer_of, calls_in_text
 
     default_tools = _read_tools(tools)
     rows, prompts, row_tools = [], [], []
@@ -116,8 +116,11 @@ def generate(
     with open(tmp, "w", encoding="utf-8") as handle:
         for row, result, offered in zip(rows, results, row_tools):
             entry = {**row, "output": result.text, "ended_with_eos": result.ended_with_eos}
+            reasoning, answer = answer_of(result.text)
+            if reasoning is not None:  # a reasoning model's <think> block, apart from its answer
+                entry["reasoning"], entry["content"] = reasoning, answer
             if offered:
-                entry["content"], entry["tool_calls"] = calls_in_text(result.text)
+                entry["content"], entry["tool_calls"] = calls_in_text(answer)
                 calling += bool(entry["tool_calls"])
             handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
     os.replace(tmp, output)
@@ -151,7 +154,7 @@ def chat(
     use_template(tokenizer, serving, template, target)
     if not tokenizer.chat_template:
         raise LlmtuneError(f"{target}: the tokenizer has no chat template to chat with")
-    from llmtune.data.tools import calls_in_text
+    from llmtune.data.tools import answer_of, calls_in_text
 
     offered = _read_tools(tools)
     if offered:
@@ -203,11 +206,14 @@ def chat(
                                 pad_token_id=tokenizer.pad_token_id,
                                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
         answer = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        content, calls = calls_in_text(answer.strip()) if offered else (answer.strip(), [])
+        # the turn as the template renders it back: reasoning, answer and tool calls apart
+        reasoning, content = answer_of(answer.strip())
+        content, calls = calls_in_text(content) if offered else (content, [])
         for call in calls:
             console.print(f"tool call: {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}",
                           markup=False)
         history.append({"role": "assistant", "content": content,
+                        **({"reasoning_content": reasoning} if reasoning else {}),
                         **({"tool_calls": [{"type": "function", "function": c} for c in calls]} if calls else {})})
     console.print("bye")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from llmtune.data.chat import IGNORE, Example
 from llmtune.data.special_text import encode_samples
+from llmtune.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,18 @@ def encode_pairs(tokenizer, template: str | None, mode: str, samples: list[dict]
     conversations = [{"messages": [*sample["prompt"], {"role": "assistant", "content": sample[name]}]}
                      for sample in samples for name in answer_names(sample)]
     # one assistant turn, the last: always one rendering
-    examples = iter(pieces[-1] for pieces in encode_samples(tokenizer, conversations, template, "last_assistant", mode))
+    examples = iter(_last(pieces) for pieces in encode_samples(tokenizer, conversations, template, "last_assistant", mode))
     pairs = []
     for sample in samples:
         pairs.append(_pair([next(examples) for _ in answer_names(sample)], sample.get("label")))
     return pairs
+
+
+def _last(pieces: list[Example]) -> Example:
+    if not pieces:  # special_text.Refused
+        raise InputError(f"the chat template refused a conversation: {getattr(pieces, 'reason', '?')}",
+                         hint="use a template that accepts it (data.template)")
+    return pieces[-1]
 
 
 def _pair(examples: list[Example], label: bool | None) -> Pair | None:

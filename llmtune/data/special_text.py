@@ -171,9 +171,37 @@ def encode_samples(tokenizer, samples: list[dict], template: str | None, train_o
     controls = control_tokens(tokenizer) if mode == "plain" else ()
     holding = found_in_samples(samples, controls)
     samples = [hide(s, controls) if index in holding else s for index, s in enumerate(samples)]
-    rendered = render_samples(samples, tokenizer, template, train_on, reasoning)
+    rendered = _rendered(samples, tokenizer, template, train_on, reasoning)
     flat = [piece for index, pieces in enumerate(rendered) if index not in holding for piece in pieces]
     examples = iter(encode(tokenizer, flat))
-    return [[encode_as_text(tokenizer, text, spans, controls) for text, spans in pieces] if index in holding
+    return [pieces if isinstance(pieces, Refused)
+            else [encode_as_text(tokenizer, text, spans, controls) for text, spans in pieces] if index in holding
             else [next(examples) for _ in pieces]
             for index, pieces in enumerate(rendered)]
+
+
+class Refused(list):
+    """No examples: the chat template raised on this conversation (Llama 3.1's refuses two tool
+    calls in one turn, say); `reason` is its message. prepare skips or stops on it, by row."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
+
+
+def _rendered(samples, tokenizer, template, train_on, reasoning) -> list:
+    """render_samples, or, when the template raises, each sample alone: those it raises on are
+    Refused."""
+    from jinja2 import TemplateError
+
+    try:
+        return render_samples(samples, tokenizer, template, train_on, reasoning)
+    except TemplateError:
+        pass
+    rendered = []
+    for sample in samples:
+        try:
+            rendered += render_samples([sample], tokenizer, template, train_on, reasoning)
+        except TemplateError as exc:
+            rendered.append(Refused(str(exc)))
+    return rendered

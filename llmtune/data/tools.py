@@ -86,6 +86,17 @@ def split_reasoning(message: dict, where: str):
     return (reasoning if reasoning.strip() else None), stripped[close + len(THINK_CLOSE):].lstrip("\n"), None
 
 
+def answer_of(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a generated text: a leading <think>...</think> block split off
+    (also a bare "...</think>" where the generation prompt opened the block itself). The answer
+    is what eval compares with the reference."""
+    if THINK_CLOSE in text and THINK_OPEN not in text:
+        reasoning, _, answer = text.partition(THINK_CLOSE)
+        return reasoning.strip("\n") or None, answer.lstrip("\n")
+    reasoning, answer, problem = split_reasoning({"content": text}, "the answer")
+    return (None, text) if problem else (reasoning, answer)
+
+
 def check_tool_results(messages: list[dict]) -> str | None:
     """Why the tool messages of a conversation do not fit its calls, or None: each follows an
     assistant message with tool calls (or another result), and names a call it made."""

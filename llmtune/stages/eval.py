@@ -18,7 +18,7 @@ from llmtune.console import console
 from llmtune.data.chat import IGNORE
 from llmtune.data.special_text import encode_samples
 from llmtune.data.formats import to_sample
-from llmtune.data.tools import calls_in_text, same_call
+from llmtune.data.tools import answer_of, calls_in_text, same_call
 from llmtune.data.pairs import encode_pairs, encode_prompts
 from llmtune.data.sources import read_source
 from llmtune.errors import InputError, VerificationError
@@ -141,11 +141,12 @@ def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, r
     metrics["empty_answers"] = report_empty(outputs, f"eval: {set_name}, {label}")
     counts = Counter()
     for prompt, reference, output in zip(prompts, references, outputs):
-        scores = {"exact_match": exact_match(output.text, reference),
-                  "contains": contains(output.text, reference),
+        answer = answer_of(output.text)[1]  # a reasoning model's answer follows its reasoning
+        scores = {"exact_match": exact_match(answer, reference),
+                  "contains": contains(answer, reference),
                   "ended_with_eos": output.ended_with_eos}
         if cfg.answer_regex:
-            scores["regex_match"] = regex_match(output.text, reference, cfg.answer_regex)
+            scores["regex_match"] = regex_match(answer, reference, cfg.answer_regex)
         counts.update({k: int(v) for k, v in scores.items()})
         generations.append({"set": set_name, "model": label, "reference": reference,
                             "output": output.text, **scores,
@@ -171,7 +172,7 @@ def _tool_call_scores(model, tokenizer, samples, cfg, set_name, label, generatio
                        special_text=serving.special_text, tools=[tools for _, tools, _ in turns])
     counts = Counter()
     for (prompt, _, reference), output in zip(turns, outputs):
-        _, calls = calls_in_text(output.text)
+        _, calls = calls_in_text(answer_of(output.text)[1])
         names = [call["function"]["name"] for call in reference]
         scores = {"tool_call_match": len(calls) == len(reference) and all(map(same_call, calls, reference)),
                   "tool_name_match": [call["name"] for call in calls] == names}

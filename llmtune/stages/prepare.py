@@ -37,7 +37,8 @@ PROGRESS_SECONDS = 10.0  # a long prepare prints a progress line this often
 # Rows that would train nothing are skipped, each under its own reason, never kept all masked.
 NOTHING_TO_TRAIN = "no trained tokens (no assistant turn rendered)"
 CUT_AWAY = "trained tokens all beyond max_seq_len"
-PROMPT_TOO_LONG = "prompt longer than max_seq_len"  # a pair's answers would have no room
+PROMPT_TOO_LONG = "prompt longer than max_seq_len"
+TEMPLATE_REFUSED = "refused by the chat template"  # a pair's answers would have no room
 ANSWERS_CUT_WARNING = 0.01  # share of kept rows with a truncated answer that prepare warns about
 
 
@@ -285,6 +286,13 @@ def _limit(rows: list[Row], pieces: list[list[Example]], data: DataSection, skip
     otherwise counted as skipped once, for the reason its last example had."""
     kept, overlong = [], []
     for row, examples in zip(rows, pieces):
+        if isinstance(examples, special_text.Refused):  # the chat template raised on it
+            if data.bad_rows == "error":
+                raise InputError(f"{row.where}: {TEMPLATE_REFUSED}: {examples.reason}",
+                                 hint="fix or remove that row, use a template that accepts it, "
+                                 "or set data.bad_rows: skip")
+            skipped[TEMPLATE_REFUSED] += 1
+            continue
         taken, reason = [], None
         for example in examples:
             example, reason = _limit_one(example, data)

@@ -13,6 +13,7 @@ from datasets import load_from_disk
 
 from llmtune import model_sources, models
 from llmtune.console import console
+from llmtune.data.tools import answer_of
 from llmtune.manifest import manifest_sha256, require_stage, stage_dir, upstream_dir
 from llmtune.recipe import Recipe
 from llmtune.stages.inference import adapter_on_base, generate, prompt_and_answer, trained_precision
@@ -60,8 +61,8 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
             "reference": reference,
             "base": b,
             "tuned": t,
-            "base_exact": b.strip() == reference.strip(),
-            "tuned_exact": t.strip() == reference.strip(),
+            "base_exact": answer_of(b)[1].strip() == reference.strip(),
+            "tuned_exact": answer_of(t)[1].strip() == reference.strip(),
         }
         for prompt, reference, b, t in zip(prompts, references, untuned, tuned)
     ]
