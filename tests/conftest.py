@@ -45,9 +45,9 @@ AWKWARD = [
 
 def encode_both_ways(tokenizer, samples, monkeypatch):
     """encode() as prepare runs it, and with the tokenizer's own offsets only."""
-    from llmtune.data import chat
+    from llmtune.data import chat, turns
 
-    rendered = [piece for s in samples for piece in chat.render_sample(s, tokenizer)]
+    rendered = [piece for s in samples for piece in turns.render_sample(s, tokenizer)]
     fast = chat.encode(tokenizer, rendered)
     with monkeypatch.context() as patch:
         patch.setattr(chat, "_token_byte_lengths", lambda backend: None)

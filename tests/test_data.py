@@ -94,14 +94,14 @@ def test_byte_level_masks_equal_the_tokenizers_offsets(tokenizer, monkeypatch):
 def test_a_sample_whose_tokens_do_not_add_up_falls_back_to_offsets(monkeypatch):
     from tokenizers import AddedToken
 
-    from llmtune.data import chat
+    from llmtune.data import chat, turns
     from llmtune.testing import build_tiny_tokenizer
 
     # An added token that swallows the spaces before it: its tokens cover fewer bytes than the text.
     tokenizer = build_tiny_tokenizer()
     tokenizer.backend_tokenizer.add_tokens([AddedToken("<sep>", lstrip=True)])
     samples = [{"prompt": "left   <sep> right", "completion": " done"}, {"prompt": "plain", "completion": " ok"}]
-    rendered = [piece for s in samples for piece in chat.render_sample(s, tokenizer)]
+    rendered = [piece for s in samples for piece in turns.render_sample(s, tokenizer)]
     ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast([t for t, _ in rendered], add_special_tokens=False)]
     ranges = chat._byte_level_ranges(chat._token_byte_lengths(tokenizer.backend_tokenizer), ids, rendered)
     assert ranges[0] is None and ranges[1] is not None

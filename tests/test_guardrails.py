@@ -148,7 +148,8 @@ INJECTED = [{"messages": [{"role": "user", "content": "What does <|im_end|> do i
 @pytest.mark.parametrize("mode", ["plain", "keep"])
 def test_control_token_text_in_content_is_text_unless_keep(tiny_model, tmp_path, mode, tokenizer):
     from conftest import chat_rows
-    from llmtune.data.chat import IGNORE, render
+    from llmtune.data.chat import IGNORE
+    from llmtune.data.turns import render
     from llmtune.data.special_text import encode_prompt
 
     stats = _prepare_rows(tmp_path, tiny_model, INJECTED + chat_rows(3), f"data.special_text={mode}")
@@ -189,13 +190,13 @@ def test_control_token_text_on_a_llama3_tokenizer_matches_the_tokenizer_without_
     tokenizer = build_llama3_tokenizer(corpus=["the end of a turn is near, said the id"] * 50, vocab_size=400)
     content = "the end of a turn is <|eot_id|>"
     sample = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]}
-    example = encode_samples(tokenizer, [sample], None, "assistant", "plain")[0]
+    [[example]] = encode_samples(tokenizer, [sample], None, "assistant", "plain")
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert example.input_ids.count(eot) == 2
     as_text = tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     ids = example.input_ids
     assert any(ids[i:i + len(as_text)] == as_text for i in range(len(ids)))
-    kept = encode_samples(tokenizer, [sample], None, "assistant", "keep")[0]
+    [[kept]] = encode_samples(tokenizer, [sample], None, "assistant", "keep")
     assert kept.input_ids.count(eot) == 3
 
 

@@ -113,9 +113,14 @@ def test_merge_refuses_a_different_base(tiny_model, tmp_path):
     from llmtune.testing import build_tiny_model
 
     base = build_tiny_model(tmp_path / "base", seed=0)
+    from llmtune.recipe import load_recipe
+    from llmtune.stages.prepare import prepare
+    from llmtune.stages.train import train
+
     recipe = write_recipe(tmp_path, base, rows=12, train={"max_steps": 2}, preview={"count": 0})
-    assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
-    assert llmtune("train", recipe, cwd=tmp_path).returncode == 0
+    loaded, run = load_recipe(recipe), tmp_path / "runs" / "tiny"
+    prepare(loaded, run)  # in-process: the CLI is tested on the merge
+    train(loaded, run)
     build_tiny_model(base, seed=1)  # same place, different weights
     merge = llmtune("merge", recipe, cwd=tmp_path)
     assert merge.returncode == 2

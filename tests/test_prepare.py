@@ -10,7 +10,8 @@ import pytest
 from datasets import load_from_disk
 
 from conftest import AWKWARD, CONVERSATION, chat_rows, llmtune, write_jsonl, write_recipe
-from llmtune.data.chat import IGNORE, Example, encode_sample, render, render_sample, trained_segments
+from llmtune.data.chat import IGNORE, Example, encode_sample, trained_segments
+from llmtune.data.turns import render, render_sample
 from llmtune.data.formats import to_sample
 from llmtune.data.packing import pack
 from llmtune.data.templates import BUILT_IN
@@ -36,8 +37,8 @@ def test_every_built_in_template_trains_exactly_the_assistant_turns(tokenizer, n
 def test_a_batch_renders_as_each_sample_alone(tokenizer, name, monkeypatch):
     """prepare renders a batch's conversations in one Jinja call (render_samples); the texts and
     spans equal render_sample's, and a text holding the batch separator falls back to single calls."""
-    from llmtune.data import chat
-    from llmtune.data.chat import SEPARATOR, render_samples
+    from llmtune.data import turns
+    from llmtune.data.turns import SEPARATOR, render_samples
 
     template = BUILT_IN.get(name)
     samples = [*AWKWARD, {"messages": CONVERSATION}, *[{"messages": [
@@ -47,7 +48,7 @@ def test_a_batch_renders_as_each_sample_alone(tokenizer, name, monkeypatch):
         assert render_samples(samples, tokenizer, template, train_on) == [
             render_sample(s, tokenizer, template, train_on) for s in samples]
     single_calls = []
-    monkeypatch.setattr(chat, "render", lambda *a, **k: single_calls.append(1) or render(*a, **k))
+    monkeypatch.setattr(turns, "render", lambda *a, **k: single_calls.append(1) or render(*a, **k))
     render_samples(samples, tokenizer, template)
     assert len(single_calls) == 2  # only the checks of the first and last rendering
     odd = [*samples, {"messages": [{"role": "user", "content": f"a{SEPARATOR}b"},

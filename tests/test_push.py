@@ -81,28 +81,35 @@ def test_push_of_the_adapter_alone_to_a_branch(finished_run, tmp_path):
     assert "model.safetensors" not in files and "library_name: peft" in files["README.md"].decode()
 
 
-def test_push_refuses_a_changed_output_an_unfinished_stage_and_a_missing_token(finished_run, tmp_path):
+def test_push_refuses_a_changed_output_an_unfinished_stage_and_a_missing_token(finished_run, tmp_path, monkeypatch):
     folder, _ = finished_run
     env = {"HF_HOME": str(tmp_path / "hf")}
     with Hub() as hub:
         missing = _llmtune(["push", "runs/tiny", "--repo", "me/x"], folder, env, hub)
         assert missing.returncode == 2 and "no Hugging Face token" in missing.stderr
-        gguf = _llmtune(["push", "runs/tiny", "--repo", "me/x", "--what", "gguf"], folder, {**env, "HF_TOKEN": TOKEN}, hub)
-        assert gguf.returncode == 2 and "no GGUF file" in gguf.stderr
-        config = folder / "runs" / "tiny" / "merged" / "config.json"
-        original = config.read_text()
-        config.write_text(original.replace("{", "{ ", 1))
-        try:
-            changed = _llmtune(["push", "runs/tiny", "--repo", "me/x"], folder, {**env, "HF_TOKEN": TOKEN}, hub)
-        finally:
-            config.write_text(original)
-        assert changed.returncode == 3 and "outputs changed since the stage finished" in changed.stderr
         assert not hub.repos  # nothing was created
+    # the other refusals in-process (the CLI's exit codes: 2 for InputError, 3 for VerificationError)
+    from llmtune.errors import InputError, VerificationError
+    from llmtune.stages.push import push
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    run = folder / "runs" / "tiny"
+    with pytest.raises(InputError, match="no GGUF file"):
+        push(run, "me/x", "gguf")
+    config = run / "merged" / "config.json"
+    original = config.read_text()
+    config.write_text(original.replace("{", "{ ", 1))
+    try:
+        with pytest.raises(VerificationError, match="outputs changed since the stage finished"):
+            push(run, "me/x")
+    finally:
+        config.write_text(original)
     unfinished = tmp_path / "runs" / "empty"
     unfinished.mkdir(parents=True)
     (unfinished / "recipe.yaml").write_text("name: empty\n")
-    result = _llmtune(["push", str(unfinished), "--repo", "me/x"], tmp_path, {**env, "HF_TOKEN": TOKEN})
-    assert result.returncode == 2 and "the merge stage is not finished" in result.stderr
+    with pytest.raises(InputError, match="the merge stage is not finished"):
+        push(unfinished, "me/x")
 
 
 def test_export_hub_pushes_at_the_end_of_run(finished_run, tmp_path):

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import llmtune, write_jsonl
-from llmtune.data.chat import IGNORE, encode_pieces, encode_sample, render, trained_segments
+from llmtune.data.chat import IGNORE, encode_pieces, encode_sample, trained_segments
 from llmtune.data.formats import to_sample
 from llmtune.data.templates import BUILT_IN
 from llmtune.data.tools import calls_in_text
+from llmtune.data.turns import render
 from llmtune.errors import InputError
 from llmtune.testing import build_llama3_tokenizer, build_tiny_tokenizer
 

@@ -83,7 +83,7 @@ class PromptRow:
 def encode_prompts(tokenizer, template: str | None, mode: str, samples: list[dict]) -> list[PromptRow]:
     import json
 
-    from llmtune.data.chat import render
+    from llmtune.data.turns import render
     from llmtune.data.special_text import encode_prompt
 
     return [PromptRow(encode_prompt(tokenizer, sample["prompt"], template, mode),

@@ -23,7 +23,8 @@ import bisect
 import functools
 import re
 
-from llmtune.data.chat import Example, Span, encode, labelled, render_samples
+from llmtune.data.chat import Example, encode, labelled
+from llmtune.data.turns import Span, render_samples
 
 PLACEHOLDER = 0xF0000  # Supplementary Private Use Area-A: placeholder k stands for token k
 
@@ -145,7 +146,7 @@ def encode_as_text(tokenizer, hidden_text: str, spans: list[Span], tokens: tuple
 def encode_prompt(tokenizer, prompt, template: str | None, mode: str, tools: list | None = None) -> list[int]:
     """Token ids of a prompt (a conversation, rendered with the generation prompt added and the
     `tools` it may call, or a raw text) under `mode`, as prepare tokenised the training data."""
-    from llmtune.data.chat import render
+    from llmtune.data.turns import render
     from llmtune.errors import InputError
 
     sample = {"messages": list(prompt)} if not isinstance(prompt, str) else {"prompt": prompt}
@@ -165,7 +166,7 @@ def encode_prompt(tokenizer, prompt, template: str | None, mode: str, tools: lis
 def encode_samples(tokenizer, samples: list[dict], template: str | None, train_on: str,
                    mode: str, reasoning: str = "train") -> list[list[Example]]:
     """Each sample rendered and tokenised (chat.encode) into its examples: one, or one per
-    rendering for a template that renders earlier turns differently (chat.assistant_spans).
+    rendering for a template that renders earlier turns differently (turns.assistant_spans).
     Under `plain`, samples whose content holds control-token text are tokenised with that text
     as ordinary text (`error` refused such rows when they were read)."""
     controls = control_tokens(tokenizer) if mode == "plain" else ()

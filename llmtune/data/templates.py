@@ -142,7 +142,7 @@ def resolve_template(choice: str, tokenizer) -> str:
 def turn_end_token(tokenizer, template: str | None = None) -> str | None:
     """The special token that ends an assistant turn in `template` (the tokenizer's own when
     None): what generation must stop at. None when the turn ends in no special token."""
-    from llmtune.data.chat import render
+    from llmtune.data.turns import render
 
     marker = "\U000f0000llmtune\U000f0000"  # private-use characters: in no template's output
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
@@ -209,7 +209,7 @@ def require(tokenizer, template: str | None, features: tuple[str, ...]) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _carries(tokenizer, template: str | None, feature: str) -> bool:
-    from llmtune.data.chat import render
+    from llmtune.data.turns import render
 
     messages, tools = _PROBES[feature]
     try:

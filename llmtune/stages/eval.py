@@ -241,7 +241,7 @@ def _prepared_rows(path: Path, limit: int) -> list[dict]:
         return []
     data = load_from_disk(str(path))
     columns = [name for name in PREPARED_COLUMNS if name in data.column_names]
-    # "sample" is "" for a row's later examples (chat.assistant_spans): they are scored for loss only
+    # "sample" is "" for a row's later examples (turns.assistant_spans): they are scored for loss only
     return [{**{name: r[name] for name in columns}, "sample": json.loads(r["sample"]) if r["sample"] else None}
             for r in data.select(range(min(limit, len(data))))]
 

@@ -184,7 +184,8 @@ def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path,
     # The Go TEMPLATE llmtune writes renders plain turns only; say so where the model was trained
     # to use tools or reasoning (Ollama's .Tools templates are not written: not yet checked
     # against a real Ollama).
-    lacking = carried(tokenizer, None)
+    # (a tool result alone proves nothing: plain ChatML renders it as one more role)
+    lacking = [feature for feature in carried(tokenizer, None) if feature != "tool results"]
     if lacking:
         summary["ollama_template_lacks"] = lacking
         console.print(f"[yellow]export: the Ollama TEMPLATE renders plain turns only, not "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmtune.data.chat import render
+from llmtune.data.turns import render
 from llmtune.data.templates import carried
 from llmtune.errors import InputError
 

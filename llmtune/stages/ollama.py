@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from llmtune.data.chat import render
+from llmtune.data.turns import render
 from llmtune.data.templates import BUILT_IN
 from llmtune.errors import InputError
 

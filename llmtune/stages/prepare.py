@@ -282,7 +282,7 @@ def _encode_batch(tokenizer, template, train_on, mode: str, reasoning: str,
 def _limit(rows: list[Row], pieces: list[list[Example]], data: DataSection, skipped: Counter):
     """Apply data.overlong; drop examples left with nothing to train. Returns (row, example,
     first example of its row): a row is kept when one of its examples is (a template that renders
-    earlier turns differently gives a row one example per rendering, chat.assistant_spans), and
+    earlier turns differently gives a row one example per rendering, turns.assistant_spans), and
     otherwise counted as skipped once, for the reason its last example had."""
     kept, overlong = [], []
     for row, examples in zip(rows, pieces):

@@ -153,7 +153,7 @@ class Outputs:
 
     def add(self, row: Row, example: Example | Pair | PromptRow, first: bool = True) -> None:
         """A kept example of `row`; `first` is false for a row's further examples (one per
-        rendering, chat.assistant_spans), which count as examples but not as rows."""
+        rendering, turns.assistant_spans), which count as examples but not as rows."""
         self.kept += first
         self.tokens += len(example.input_ids) if isinstance(example, Example) else example.tokens
         if row.held_out:
