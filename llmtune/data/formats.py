@@ -15,8 +15,8 @@ The last three are rendered with the chat template, the answers as the assistant
 
 from __future__ import annotations
 
-from llmtune.data.tools import check_tool_results, from_sharegpt_function_call, parse_tool_calls, parse_tools, \
-    split_reasoning
+from llmtune.data.tools import THINK_OPEN, check_tool_results, from_sharegpt_function_call, parse_tool_calls, \
+    parse_tools, split_reasoning
 
 ROLES = ("system", "user", "assistant", "tool")
 # LLaMA-Factory's function_call turn is the assistant's tool call, observation its result
@@ -102,12 +102,17 @@ def normalize_messages(messages) -> tuple[list[dict] | None, str | None]:
         if problem:
             return None, problem
         normalized.append(message)
-    problem = _check_order(normalized) or check_tool_results(normalized)
+    problem = _check_order(normalized) or (
+        check_tool_results(normalized) if any(m["role"] == "tool" for m in normalized) else None)
     return (None, problem) if problem else (normalized, None)
 
 
 def _message(message: dict, index: int) -> tuple[dict | None, str | None]:
     role, content = message.get("role"), message.get("content")
+    if len(message) == 2 and isinstance(content, str) and (  # the common plain message, quickly
+            role == "user" or role == "system" and index == 0
+            or role == "assistant" and content.strip() and not content.lstrip().startswith(THINK_OPEN)):
+        return {"role": role, "content": content}, None
     where = f"message {index}"
     if role not in ROLES:
         return None, f"unknown role: {where} has {role!r} (expected one of {', '.join(ROLES)})"

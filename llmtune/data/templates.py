@@ -183,6 +183,8 @@ _PROBES = {  # feature: (messages, tools) whose rendering holds _MARK if the tem
 
 def needs(sample: dict, messages: list[dict]) -> tuple[str, ...]:
     """What a conversation needs its template to render, of the features in _PROBES."""
+    if "tools" not in sample and all(len(m) == 2 for m in messages):
+        return ()  # plain {role, content} messages, the common conversation
     found = []
     if sample.get("tools"):
         found.append("tool definitions")

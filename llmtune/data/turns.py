@@ -39,6 +39,9 @@ def template_messages(messages) -> list[dict]:
     """The messages as templates read them: reasoning under each name templates use
     (`reasoning_content`, Qwen's and DeepSeek's; `thinking`, gpt-oss'), as transformers'
     apply_chat_template aliases them, and no llmtune `train` flag."""
+    messages = messages if isinstance(messages, list) else list(messages)
+    if not any("reasoning_content" in message or "train" in message for message in messages):
+        return messages  # nothing to change: no copy
     out = []
     for message in messages:
         if "reasoning_content" in message or "train" in message:
@@ -168,6 +171,8 @@ def turn_parts(text: str, start: int, end: int, message: dict, reasoning: str) -
     """An assistant turn's span split into its parts: reasoning (up to the end of the reasoning
     text; left out under reasoning: mask), answer text, tool calls (the rest of a turn that calls
     tools: the calls and their markup, and its end-of-turn token)."""
+    if "reasoning_content" not in message and "tool_calls" not in message:
+        return [(start, end, ANSWER)]  # a plain answer, the common turn
     thought = (message.get("reasoning_content") or "").strip()
     reasoning_end = start
     parts: list[Span] = []

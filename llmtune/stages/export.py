@@ -192,8 +192,7 @@ def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path,
                       f"{', '.join(lacking)}: use the GGUF's own chat template (llama.cpp) for those[/]",
                       markup=True)
         with open(folder / "Modelfile", "a", encoding="utf-8") as handle:
-            handle.write(f"# Not rendered by this TEMPLATE, though the model was trained with them: "
-                         f"{', '.join(lacking)}\n")
+            handle.write(f"# The model's chat template renders {', '.join(lacking)}; this TEMPLATE does not\n")
 
 
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_out", "output", "tok_embeddings")
