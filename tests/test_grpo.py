@@ -160,7 +160,7 @@ def test_grpo_trains_and_logs_rewards_kl_length_and_eos(tiny_model, tmp_path, ca
 
 def test_a_match_reward_on_prompts_without_answers_is_refused_before_training(tiny_model, tmp_path):
     recipe = write_grpo_recipe(tmp_path, tiny_model, rows=prompts(10, answers=False))
-    assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
+    prepare(load_recipe(recipe), tmp_path / "runs" / "tiny")  # in-process: the CLI is tested elsewhere
     result = llmtune("train", recipe, cwd=tmp_path)
     assert result.returncode == 2
     assert "prompts in" in result.stderr and "have no answer, and the reward(s) match compare" in result.stderr
@@ -169,8 +169,8 @@ def test_a_match_reward_on_prompts_without_answers_is_refused_before_training(ti
 
 def test_eval_scores_each_reward_per_model(tiny_model, tmp_path):
     recipe = write_grpo_recipe(tmp_path, tiny_model, max_steps=2)
-    assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
-    assert llmtune("train", recipe, cwd=tmp_path).returncode == 0
+    prepare(load_recipe(recipe), tmp_path / "runs" / "tiny")  # in-process: the CLI is tested elsewhere
+    train(load_recipe(recipe), tmp_path / "runs" / "tiny")
     result = llmtune("eval", recipe, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "rewards.match" in result.stdout and "full_reward" in result.stdout
@@ -192,7 +192,7 @@ def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_adapter(tiny_mod
         folder = tmp_path / name
         folder.mkdir()
         recipe = write_grpo_recipe(folder, tiny_model, **RESUMABLE)
-        assert llmtune("prepare", recipe, cwd=folder).returncode == 0
+        prepare(load_recipe(recipe), folder / "runs" / "tiny")  # in-process: the CLI is tested elsewhere
         if kill:
             process = start_training_until(folder, recipe, 4, timeout=240)
             process.send_signal(signal.SIGKILL)

@@ -236,9 +236,8 @@ RESUMABLE = {"max_steps": 40, "batch_size": 2, "save_every": 10, "keep_checkpoin
 def dpo_uninterrupted(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("dpo-uninterrupted")
     recipe = write_preference_recipe(folder, tiny_model, train=RESUMABLE)
-    assert llmtune("prepare", recipe, cwd=folder).returncode == 0
-    result = llmtune("train", recipe, cwd=folder)
-    assert result.returncode == 0, result.stderr
+    prepare(load_recipe(recipe), folder / "runs" / "tiny")  # in-process: the CLI is tested elsewhere
+    train(load_recipe(recipe), folder / "runs" / "tiny")
     return adapter_weights(folder / "runs" / "tiny")
 
 
@@ -246,7 +245,7 @@ def test_dpo_killed_then_stopped_resumes_to_the_uninterruptedadapter_weights(dpo
     """SIGKILL after checkpoint 10, resume; SIGTERM after checkpoint 20 (exit 75, saved where it
     stopped), resume again: the adapter of the uninterrupted run, every step logged once."""
     recipe = write_preference_recipe(tmp_path, tiny_model, train=RESUMABLE)
-    assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
+    prepare(load_recipe(recipe), tmp_path / "runs" / "tiny")  # in-process: the CLI is tested elsewhere
     killed = start_training_until(tmp_path, recipe, 10)
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=120)
@@ -273,7 +272,7 @@ def test_dpo_on_two_processes_equals_one_with_the_same_global_batch(tiny_model, 
                             (tmp_path / "two", ["launch", "--nproc", "2"])):
         folder.mkdir()
         recipe = write_preference_recipe(folder, tiny_model, train={"max_steps": 12, "batch_size": 1, "lr": 1e-3})
-        assert llmtune("prepare", recipe, cwd=folder).returncode == 0
+        prepare(load_recipe(recipe), folder / "runs" / "tiny")  # in-process: the CLI is tested elsewhere
         result = llmtune(command[0], recipe, *command[1:], cwd=folder)
         assert result.returncode == 0, result.stderr
         adapters.append(adapter_weights(folder / "runs" / "tiny"))
