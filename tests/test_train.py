@@ -72,16 +72,16 @@ def uninterrupted(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
     recipe = write_recipe(folder, tiny_model, rows=40, adapter={"dropout": 0.1}, train=RESUMABLE,
                           preview={"count": 0})
-    assert llmtune("prepare", recipe, cwd=folder).returncode == 0
-    result = llmtune("train", recipe, cwd=folder)
-    assert result.returncode == 0, result.stderr
+    # in-process: the CLI is what the interrupted runs use, and they must end with this adapter
+    prepare(load_recipe(recipe), folder / "runs" / "tiny")
+    train(load_recipe(recipe), folder / "runs" / "tiny")
     return adapter_weights(folder / "runs" / "tiny")
 
 
 def _fresh(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model, rows=40, adapter={"dropout": 0.1}, train=RESUMABLE,
                           preview={"count": 0})
-    assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
+    prepare(load_recipe(recipe), tmp_path / "runs" / "tiny")
     return recipe
 
 
@@ -263,11 +263,11 @@ def test_an_8bit_optimizer_checkpoints_and_resumes_exactly(tiny_model, tmp_path)
     adapter = {"dropout": 0.1, "r": 64, "alpha": 64}
     whole = tmp_path / "whole"
     recipe = write_recipe(whole, tiny_model, rows=40, adapter=adapter, train=settings, preview={"count": 0})
-    assert llmtune("prepare", recipe, cwd=whole).returncode == 0
-    assert llmtune("train", recipe, cwd=whole).returncode == 0
+    prepare(load_recipe(recipe), whole / "runs" / "tiny")  # in-process: the resumed run is the CLI's
+    train(load_recipe(recipe), whole / "runs" / "tiny")
     killed = tmp_path / "killed"
     recipe = write_recipe(killed, tiny_model, rows=40, adapter=adapter, train=settings, preview={"count": 0})
-    assert llmtune("prepare", recipe, cwd=killed).returncode == 0
+    prepare(load_recipe(recipe), killed / "runs" / "tiny")
     process = start_training_until(killed, recipe, 40)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
