@@ -183,6 +183,10 @@ class GrpoSection(Section):
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] | None = None  # (TRL: dapo)
     # transformers: generate with the model being trained | vllm: TRL's vLLM colocate mode (CUDA, vllm installed)
     generation: Literal["transformers", "vllm"] = "transformers"
+    # vllm: the share of the GPU's memory vLLM reserves for weights and KV cache (TRL: 0.3)
+    vllm_gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    # vllm: release vLLM's memory while the model trains (slower steps, room for larger batches)
+    vllm_sleep: bool = False
     # a reward that raises on a completion: zero (reported, counted, that completion gets 0) | error (stop)
     reward_errors: Literal["zero", "error"] = "zero"
 
@@ -252,7 +256,10 @@ class DistributedSection(Section):
     # optimizer state sharded across GPUs (FSDP2) | deepspeed: ZeRO stage `zero_stage`
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: Literal[2, 3] = 2  # deepspeed: 2 shards optimizer state and gradients, 3 also weights
-    cpu_offload: bool = False  # fsdp: parameters in CPU memory; deepspeed: optimizer state
+    cpu_offload: bool = False  # fsdp: parameters in CPU memory; deepspeed: optimizer state (AdamW only)
+    # how long a rank waits for the others at a collective (rank 0 may be downloading, converting
+    # or hashing the base model meanwhile); torch's own default is 10 minutes
+    timeout_minutes: int = Field(default=30, gt=0)
 
 
 class MergeSection(Section):

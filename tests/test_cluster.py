@@ -104,8 +104,6 @@ def test_qlora_under_fsdp_stores_its_4bit_weights_in_the_compute_dtype(tiny_mode
     from llmtune import model_sources, models
     from llmtune.recipe import DistributedSection
 
-    assert distributed.shards_quantized_weights(DistributedSection(strategy="fsdp"), "nf4")
-    assert not distributed.shards_quantized_weights(DistributedSection(strategy="ddp"), "nf4")
     ref = model_sources.resolve(str(tiny_model))
     for shardable, storage in ((True, torch.bfloat16), (False, torch.uint8)):
         model = models.load_model(ref, "bf16", quantize="nf4", shardable=shardable, device=None)
@@ -231,25 +229,30 @@ def test_plain_slurm_template_is_the_generated_script():
     assert subprocess.run(["bash", "-n", str(template)]).returncode == 0
 
 
-def test_distributed_strategies_map_to_the_trainer_or_are_refused():
+def test_distributed_strategies_map_to_the_trainer_or_are_refused(monkeypatch):
     from llmtune.errors import InputError
     from llmtune.recipe import DistributedSection
     from llmtune.stages.distributed import shards_quantized_weights, strategy_arguments
 
-    assert strategy_arguments(DistributedSection(), "cpu", "nf4") == {"ddp_find_unused_parameters": False}
+    assert strategy_arguments(DistributedSection(), "cpu", "nf4", processes=2) == {
+        "ddp_find_unused_parameters": False, "ddp_timeout": 1800}
     with pytest.raises(InputError, match="needs CUDA"):
-        strategy_arguments(DistributedSection(strategy="fsdp"), "cpu", "none")
+        strategy_arguments(DistributedSection(strategy="fsdp"), "cpu", "none", processes=2)
     with pytest.raises(InputError, match="int8"):
-        strategy_arguments(DistributedSection(strategy="deepspeed"), "cuda", "int8")
-    fsdp = strategy_arguments(DistributedSection(strategy="fsdp", cpu_offload=True), "cuda", "nf4")
+        strategy_arguments(DistributedSection(strategy="deepspeed"), "cuda", "int8", processes=2)
+    fsdp = strategy_arguments(DistributedSection(strategy="fsdp", cpu_offload=True), "cuda", "nf4", processes=2)
     assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["version"] == 2 and fsdp["fsdp_config"]["cpu_offload"]
     try:
         import deepspeed  # noqa: F401
     except ImportError:
         with pytest.raises(InputError, match="needs the deepspeed package"):
-            strategy_arguments(DistributedSection(strategy="deepspeed"), "cuda", "none")
-    # QLoRA's 4-bit weights are stored shardable exactly when the strategy shards weights
+            strategy_arguments(DistributedSection(strategy="deepspeed"), "cuda", "none", processes=2)
+    # QLoRA's 4-bit weights are stored shardable exactly when the strategy shards weights, which
+    # takes several processes
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert shards_quantized_weights(DistributedSection(strategy="fsdp"), "nf4")
     assert shards_quantized_weights(DistributedSection(strategy="deepspeed", zero_stage=3), "fp4")
     assert not shards_quantized_weights(DistributedSection(strategy="deepspeed", zero_stage=2), "nf4")
     assert not shards_quantized_weights(DistributedSection(strategy="ddp"), "nf4")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not shards_quantized_weights(DistributedSection(strategy="fsdp"), "nf4")

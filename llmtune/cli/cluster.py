@@ -53,12 +53,16 @@ def launch(
                   shlex.join(["llmtune", "prepare", str(recipe), *_pass_on(set, run_dir)]))
     train_args = [*_pass_on(set, run_dir), *(["--force"] if force else []),
                   *(["--resume", resume] if resume else [])]
-    command = [*_torchrun(), *cluster.torchrun_args(nproc, nnodes, rdzv_endpoint, rdzv_id, shutdown_timeout),
+    features = cluster.torchrun_features()
+    command = [*_torchrun(), *cluster.torchrun_args(nproc, nnodes, rdzv_endpoint, rdzv_id, shutdown_timeout, features),
                "-m", "llmtune", "train", str(recipe), *train_args]
     console.print(f"launch: {shlex.join(command)}")
+    if cluster.SHUTDOWN_FLAG not in features:
+        console.print("launch: this torch's torchrun gives the ranks 30 s to save a checkpoint after a signal "
+                      "(--shutdown-timeout needs torch 2.12)")
     if dry_run:
         return
-    code = _run_forwarding_signals(command)
+    code = _run_forwarding_signals(command, getattr(signal, "SIG" + cluster.stop_signal(features)))
     if code == 0:
         console.print(f"[bold]launch:[/] done -> {run_path / 'adapter'}", markup=True)
         return
@@ -85,16 +89,17 @@ def _torchrun() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def _run_forwarding_signals(command: list[str]) -> int:
+def _run_forwarding_signals(command: list[str], usr1_as: int = signal.SIGUSR1) -> int:
     """Run torchrun in its own session and pass it the first SIGTERM/SIGINT/SIGUSR1 we get, once:
-    it forwards that to every rank, which checkpoint and stop at the same step."""
+    it forwards that to every rank, which checkpoint and stop at the same step. SIGUSR1 goes on
+    as `usr1_as` (SIGTERM to a torchrun that does not forward SIGUSR1, which would end it)."""
     process = subprocess.Popen(command, start_new_session=True)
     forwarded = []
 
     def forward(number, frame):
         if not forwarded:
             console.print(f"\nlaunch: {signal.Signals(number).name}: the ranks save a checkpoint and stop")
-            process.send_signal(number)
+            process.send_signal(usr1_as if number == signal.SIGUSR1 else number)
             forwarded.append(number)
 
     previous = {n: signal.signal(n, forward) for n in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
@@ -123,8 +128,10 @@ def slurm(
     time: Annotated[str, typer.Option(help="Time limit (#SBATCH --time), e.g. 04:00:00.")] = "04:00:00",
     partition: Annotated[str | None, typer.Option(help="Partition (#SBATCH --partition).")] = None,
     account: Annotated[str | None, typer.Option(help="Account (#SBATCH --account).")] = None,
-    cpus_per_task: Annotated[int | None, typer.Option(min=1, help="CPUs per node (#SBATCH --cpus-per-task).")] = None,
-    port: Annotated[int, typer.Option(help="Rendezvous port on the first node.")] = 29500,
+    cpus_per_task: Annotated[int | None, typer.Option(
+        min=1, help=f"CPUs per node (#SBATCH --cpus-per-task; default {cluster.CPUS_PER_PROCESS} per process).")] = None,
+    port: Annotated[int | None, typer.Option(
+        help="Rendezvous port on the first node (default: one from the job id).")] = None,
     output: Annotated[Path | None, typer.Option(help="Script to write (default: <run>/slurm.sbatch).")] = None,
     set: SetOpt = [], run_dir: RunDirOpt = None,
 ):
@@ -143,6 +150,7 @@ def slurm(
         log_file=str(run_abs / "slurm-%j.out"),
         nodes=nodes, gpus_per_node=gpus_per_node, nproc_per_node=nproc, time=time,
         partition=partition, account=account, cpus_per_task=cpus_per_task, rdzv_port=port,
+        torchrun_features=cluster.torchrun_features(),  # of the torch the job runs (this Python's)
     )
     path = output or run_path / "slurm.sbatch"
     path.write_text(cluster.sbatch_script(job), encoding="utf-8")

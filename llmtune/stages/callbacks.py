@@ -174,30 +174,42 @@ class StopOnNonFinite(TrainerCallback):
     applies it: the Trainer would otherwise report such a loss as the average of earlier ones
     (0.0 at the start), train on, and hand merge and export a broken adapter.
 
-    The Trainer reports each micro-batch's loss (`saw_loss`); before each optimizer step the
-    norm of the gradients is checked, and every rank decides together (a NaN on one rank
-    reaches all of them through the gradient all-reduce anyway). Under fp16 an infinite
-    gradient is the loss scaler's business (it skips that step and lowers the scale), so only
-    the loss counts there. Raises Diverged naming the step and its rows (file:line)."""
+    The Trainer reports each micro-batch's loss (`saw_loss`) and the gradient norm it computed
+    for clipping (`saw_grad_norm`, the same on every rank: after DDP's all-reduce, over FSDP's
+    shards, from DeepSpeed's engine); before each optimizer step every rank decides together
+    (a NaN on one rank reaches all of them through the gradient all-reduce anyway). Under fp16
+    an infinite gradient is the loss scaler's business (it skips that step and lowers the
+    scale), so only the loss counts there. Under DeepSpeed the engine has already stepped when
+    the norm is known: the stop comes one step late there. Raises Diverged naming the step and
+    its rows (file:line)."""
 
     def __init__(self, collator: PadCollator, precision: str, checkpoints_dir: Path):
         self.collator = collator
         self.scaled = precision == "fp16"
         self.checkpoints_dir = checkpoints_dir
-        self.bad_loss: float | None = None
+        self.losses: list[torch.Tensor] = []  # this step's micro-batch losses, on the device
+        self.grad_norm = None
 
     def saw_loss(self, loss: torch.Tensor) -> None:
-        if self.bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
-            self.bad_loss = float(loss.detach().float().sum())
+        self.losses.append(loss.detach().float().sum())  # checked once per step: no sync here
+
+    def saw_grad_norm(self, norm) -> None:
+        self.grad_norm = norm
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        norm = gradient_norm(model)
-        bad_gradient = not self.scaled and not math.isfinite(norm)
-        if not distributed.any_rank(self.bad_loss is not None or bad_gradient):
+        # one device-to-host sync per optimizer step, not one per micro-batch and per check
+        losses = torch.stack(self.losses) if self.losses else torch.zeros(0)
+        self.losses = []
+        bad = (~torch.isfinite(losses)).any()
+        norm = None if self.grad_norm is None else torch.as_tensor(self.grad_norm, dtype=torch.float32)
+        if not self.scaled and norm is not None:
+            bad = bad.to(norm.device) | ~torch.isfinite(norm)
+        if not distributed.any_rank(bad):
             return
         step = state.global_step + 1
-        what = (f"the loss was {self.bad_loss}" if self.bad_loss is not None
-                else f"the gradient norm was {norm}")
+        bad_loss = next((value for value in losses.tolist() if not math.isfinite(value)), None)
+        what = (f"the loss was {bad_loss}" if bad_loss is not None
+                else f"the gradient norm was {float(norm)}")
         rows = self.collator.step_rows
         named = ", ".join(rows[:8]) + (f" (and {len(rows) - 8} more)" if len(rows) > 8 else "")
         good = checkpoints.newest_good(self.checkpoints_dir)
@@ -213,17 +225,7 @@ class StopOnNonFinite(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.collator.step_rows.clear()
-
-
-def gradient_norm(model) -> float:
-    """The 2-norm of every gradient the model holds (after clipping, as the optimizer sees it)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.get_total_norm(grads)
-    if hasattr(norm, "full_tensor"):  # FSDP2: each rank holds shards of the gradients
-        norm = norm.full_tensor()
-    return float(norm)
+        self.grad_norm = None
 
 
 class EarlyStop(TrainerCallback):

@@ -69,7 +69,7 @@ def config(objective: str, recipe: Recipe, arguments: dict):
                    train_sampling_strategy="random")  # TRL's sampler repeats each prompt num_generations times
         if grpo.generation == "vllm":
             _check_vllm()
-            own.update(use_vllm=True, vllm_mode="colocate")
+            own.update(vllm_arguments(recipe))
     elif objective == "simpo":
         # SimPO is CPO's loss "simpo" without CPO's added NLL term (TRL's docs: cpo_alpha 0)
         own.update(loss_type="simpo", cpo_alpha=0.0, max_length=recipe.data.max_seq_len)
@@ -77,6 +77,22 @@ def config(objective: str, recipe: Recipe, arguments: dict):
 
 
 TRL_GRPO_KEYS = ("num_generations", "max_completion_length", "temperature", "top_p", "beta", "epsilon", "loss_type")
+
+
+def vllm_arguments(recipe: Recipe) -> dict:
+    """TRL's vLLM colocate settings. Its context is the longest prompt plus the completion:
+    left to TRL, it is the model's whole context (131,072 tokens for Llama 3.x), whose KV cache
+    vLLM refuses to reserve on most GPUs."""
+    grpo = recipe.train.grpo
+    arguments = {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": grpo.vllm_sleep,
+                 "vllm_max_model_length": recipe.data.max_seq_len + (grpo.max_completion_length or GRPO_COMPLETION)}
+    if grpo.vllm_gpu_memory_utilization is not None:
+        arguments["vllm_gpu_memory_utilization"] = grpo.vllm_gpu_memory_utilization
+    return arguments
+
+
+GRPO_COMPLETION = 512  # TRL's default max_completion_length
+VLLM_MEMORY_SHARE = 0.3  # TRL's default vllm_gpu_memory_utilization
 
 
 def _check_vllm() -> None:

@@ -92,6 +92,38 @@ class GroupedTrainer(Trainer):
                 callback.saw_loss(loss)
         return loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The gradient norm the Trainer computed for clipping, shown to the callbacks that check
+        it: the same number on every rank, whatever holds the gradients (DDP, FSDP's shards,
+        DeepSpeed's partitions, where p.grad is empty), with no second pass over them."""
+        norm = super()._get_grad_norm(model, grad_norm)
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "saw_grad_norm"):
+                callback.saw_grad_norm(norm)
+        return norm
+
+    def create_accelerator_and_postprocess(self):
+        """fp16 with loss scaling on the CPU too (torch's CPU autocast and GradScaler), which
+        accelerate leaves out: CI then runs the path pre-Ampere GPUs take."""
+        super().create_accelerator_and_postprocess()
+        accelerator = self.accelerator
+        if self.args.fp16 and accelerator.device.type == "cpu" and accelerator.scaler is None:
+            import torch
+
+            accelerator.native_amp = True
+            accelerator.scaler = torch.amp.GradScaler("cpu")
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Under FSDP the Trainer gathers the whole model, frozen base included, onto rank 0 at
+        every checkpoint to save an adapter of a few megabytes: gather the trained tensors only."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        from llmtune.stages.distributed import trainable_state_dict
+
+        state_dict = trainable_state_dict(self)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
     def evaluate(self, *args, **kwargs):
         collator = self.data_collator
         counting, collator.counting = getattr(collator, "counting", True), False

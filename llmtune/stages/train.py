@@ -52,7 +52,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     command = f"llmtune train {run / 'recipe.yaml'}"
     require_stage(prepared_dir, "prepare", f"llmtune prepare {run / 'recipe.yaml'}")
     device = models.pick_device()
-    distributed.start(device)
+    distributed.start(device, recipe.distributed)
     with distributed.main_first():  # converted and fingerprinted once, not once per rank
         ref = model_sources.resolve_section(recipe.model)
         ref.fingerprint
@@ -65,7 +65,10 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     if recipe.train.compile and device == "cpu":
         console.print("[yellow]train: warning: train.compile on a CPU was 4.5x slower in "
                       "scripts/bench_train.py (it compiles again for each new batch length)[/yellow]")
-    strategy = strategy_arguments(recipe.distributed, device, recipe.model.quantize)
+    strategy = strategy_arguments(recipe.distributed, device, recipe.model.quantize, recipe.train.optimizer)
+    notice = distributed.single_process_notice(recipe.distributed)
+    if notice:
+        console.print(f"train: {notice}")
 
     depends_on = {
         "model section": section_sha256(recipe, "model"),
@@ -90,7 +93,9 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         end_turns_for_servers(tokenizer, tokenizer.chat_template)
     precision = models.precision(cfg.precision, device)
     if precision == "fp16" and device != "cuda":
-        raise InputError("train.precision: fp16 needs a CUDA GPU", hint="use bf16 or fp32 on CPU")
+        console.print("train: fp16 with loss scaling on the CPU (what pre-Ampere GPUs run); "
+                      "bf16 or fp32 are the CPU's own choices")
+    distributed.prepare_sharded_loading(strategy)
     model = _adapter_model(recipe, ref, precision)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(
@@ -153,9 +158,8 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         console.print(f"train: FSDP2 sharded {distributed.sharded_parameters(trainer.model_wrapped)} "
                       f"parameter tensors across {distributed.world_size()} processes")
     eval_after, eval_rewards = _evaluate(trainer, "after training")
-    # FSDP and ZeRO-3 shard the weights: every rank takes part in gathering them
-    sharded = recipe.distributed.strategy != "ddp"
-    state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
+    # FSDP and ZeRO-3 shard the weights: every rank takes part in gathering the trained ones
+    state_dict = distributed.trainable_state_dict(trainer)
     if not distributed.is_main():
         distributed.barrier()  # until rank 0 has written the adapter and its manifest
         return Outcome(read_manifest(out_dir), up_to_date=False)
@@ -218,7 +222,7 @@ def _adapter_model(recipe: Recipe, ref, precision: str):
     """The base (quantized for QLoRA), frozen weights in the compute dtype, with a fresh
     LoRA/DoRA adapter on it."""
     quantize = recipe.model.quantize
-    sharded = recipe.distributed.strategy != "ddp"  # FSDP and DeepSpeed place the weights themselves
+    sharded = distributed.shards(recipe.distributed)  # FSDP and DeepSpeed place the weights themselves
     base = models.load_model(ref, precision, quantize=quantize, double_quant=recipe.model.double_quant,
                              compute_dtype=recipe.model.compute_dtype,
                              shardable=distributed.shards_quantized_weights(recipe.distributed, quantize),
@@ -238,6 +242,7 @@ def _adapter_model(recipe: Recipe, ref, precision: str):
     except ValueError as exc:  # peft names the modules it could not find
         raise InputError(f"adapter: {exc}", hint="check adapter.target_modules against the model's "
                          "module names, or use target_modules: all-linear") from None
+    _trainable_in_fp32(model)
     # Where a PEFT loader looks for the base: the hub id, or the local folder we trained on.
     model.peft_config["default"].base_model_name_or_path = (
         ref.source if ref.kind == "hub" else str(ref.local_dir))
@@ -251,6 +256,17 @@ def _adapter_model(recipe: Recipe, ref, precision: str):
             if isinstance(module, BaseTunerLayer):
                 module.cast_input_dtype_enabled = False
     return model
+
+
+def _trainable_in_fp32(model) -> None:
+    """Every trained parameter in fp32, whatever the frozen weights' dtype. peft upcasts its
+    adapter layers only: modules_to_save copies (embed_tokens, lm_head) keep the base's 16-bit
+    dtype and would train as pure bf16, or under fp16 stop the loss scaler at the first step
+    ("Attempting to unscale FP16 gradients"). The optimizer then holds fp32 master weights for
+    all of them, and autocast computes in 16 bits."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _keep_4bit_weights_trainable(model) -> None:
@@ -320,6 +336,7 @@ def _run_trainer(trainer_class, recipe: Recipe, model, train_set, validation, co
         extra["processing_class"] = tokenizer
     else:
         arguments = TrainingArguments(**arguments)
+    distributed.one_gpu_per_process(arguments)
     trainer = trainer_class(
         model=model,
         args=arguments,
