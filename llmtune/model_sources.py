@@ -191,6 +191,29 @@ def _from_gguf(gguf_path: Path, source: str, kind: str, flags: dict) -> ModelRef
     return ModelRef(source, kind, target, None, gguf_sha256=digest, **flags)
 
 
+def available_offline(section) -> bool:
+    """Whether the tokenizer and config of the recipe's model can be read without the network:
+    an embedded model whose package is installed, a local file or folder, or a hub model already
+    in the local hub cache."""
+    source = section.path
+    if source.startswith("embedded:"):
+        try:
+            embedded_file(source)
+        except InputError:
+            return False
+        return True
+    if Path(source).expanduser().exists():
+        return True
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(source, revision=section.revision, allow_patterns=list(_HUB_CONFIG_PATTERNS),
+                          local_files_only=True)
+    except Exception:  # not cached (the hub client raises several types)
+        return False
+    return True
+
+
 def _from_hub(repo_id: str, revision: str | None, flags: dict, weights: bool) -> ModelRef:
     from huggingface_hub import snapshot_download
 

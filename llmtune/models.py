@@ -85,6 +85,68 @@ def precision(choice: str = "auto", device: str | None = None) -> str:
     return auto_precision("cpu", cpu_native_bf16=cpu_has_native_bf16())
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for more work on `device`. On a GPU: the driver's free memory plus what torch's
+    caching allocator holds without using (reserved − allocated), which mem_get_info counts as
+    taken although the next allocation reuses it. On the CPU: the system's available memory."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not limit
+
+
+def room_needed(weight_bytes: int) -> int:
+    """Device memory a model of `weight_bytes` needs to be run once more by merge, eval or the
+    GGUF check: its weights and a margin for their activations and the few examples' logits
+    (several fp32 copies of 4 x 128 tokens x a 128k vocabulary are ~1 GB). plan uses it too."""
+    return int(weight_bytes * 1.1 + 2e9)
+
+
+def fitting_device(weight_bytes: int, what: str) -> torch.device:
+    """The local GPU when a model of `weight_bytes` fits in its free memory, else the CPU. Merge,
+    eval's merged model and the GGUF check are bound by memory, not compute: on the CPU they are
+    slower but finish (a QLoRA run's float model may be twice its GPU)."""
+    device = local_device()
+    if device.type != "cuda":
+        return device
+    free = free_memory(device)
+    if room_needed(weight_bytes) <= free:
+        return device
+    console.print(f"{what}: {weight_bytes / 1e9:.1f} GB of weights do not fit the GPU's {free / 1e9:.1f} GB "
+                  "free; running on the CPU (slower, same result)")
+    return torch.device("cpu")
+
+
+def weight_bytes(source: ModelRef | Path, precision: str) -> int:
+    """The bytes of a model folder's weights in `precision`, from the safetensors headers."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in Path(_folder(source)[0]).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as reader:
+            for key in reader.keys():
+                shape = reader.get_slice(key).get_shape()
+                count += int(torch.Size(shape).numel())
+    return count * DTYPES[precision].itemsize
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand the memory of models dropped since back to the device: the next model loaded (eval's
+    merged after base+adapter) and other processes see it free, and batch sizing counts it."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX (recent Xeons, AMD Zen 4+). Private in torch 2.13 (torch.cpu._is_*);
     a torch without them counts as no native bf16."""

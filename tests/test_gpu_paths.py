@@ -188,3 +188,122 @@ def test_sbatch_script_requeues_when_the_signal_comes_during_merge_and_export(tm
     steps = (tmp_path / "steps.log").read_text()
     assert "llmtune prepare" in steps and "torch.distributed.run" in steps and "llmtune run" in steps
     assert "--rdzv-endpoint=localhost:24242" in steps
+
+
+def test_ranks_wait_the_recipes_timeout_and_the_base_is_fetched_before_they_start(tiny_model, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """A big base's download, conversion or hashing on rank 0 outlasted torch's 10-minute
+    collective timeout while the other ranks waited: the group waits distributed.timeout_minutes,
+    and `llmtune prepare` (one process, before any launcher) fetches and fingerprints the base."""
+    import json
+    from datetime import timedelta
+
+    import accelerate
+
+    from llmtune.stages import distributed
+
+    made = []
+    monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: made.append(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.start("cuda", DistributedSection(strategy="fsdp", timeout_minutes=45))
+    assert made == [{"cpu": False, "timeout": timedelta(minutes=45), "backend": "cuda:nccl,cpu:gloo"}]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model, rows=40))
+    prepare(recipe, tmp_path / "runs" / "tiny", fetch_base=True)
+    assert "ready for training" in capsys.readouterr().out
+    from llmtune.model_sources import cache_dir
+
+    known = json.loads((cache_dir() / "file-hashes.json").read_text())
+    assert any(name.endswith("model.safetensors") and str(tiny_model) in name for name in known)
+
+
+def test_losses_keep_no_layer_outputs_and_softcapped_heads_are_chunked_too(tiny_model, tokenizer):
+    """Evaluation's loss took the last hidden state from output_hidden_states=True, which keeps
+    every layer's output for the batch (an 8B Llama at 8 x 2048 tokens: 4.4 GB); Gemma's
+    soft-capped head built the batch's full logits and an fp32 copy. Both now come in chunks from
+    the decoder's output alone, equal to the model's own loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from conftest import chat_rows
+    from llmtune.data.chat import encode_sample
+    from llmtune.stages import loss as loss_module
+    from llmtune.stages.collate import PadCollator
+    from llmtune.stages.inference import mean_token_loss
+
+    examples = [encode_sample(tokenizer, row) for row in chat_rows(3)]
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    batch = PadCollator(tokenizer.pad_token_id)(rows)
+    torch.manual_seed(0)
+    gemma = AutoModelForCausalLM.from_config(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=3.0,
+        pad_token_id=tokenizer.pad_token_id))
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for model in (llama, gemma):
+        assert loss_module.chunked_loss_supported(model.config)
+        seen = []
+        model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+        with torch.no_grad():
+            expected = float(model(**batch).loss)
+            summed, count, _ = loss_module.summed_token_loss(model, dict(batch))
+            mean = mean_token_loss(model, rows, tokenizer.pad_token_id, batch_size=2)
+        assert float(summed) / count == pytest.approx(expected, abs=1e-5)
+        assert mean == pytest.approx(expected, abs=1e-5)
+        assert not any(kwargs.get("output_hidden_states") for kwargs in seen[1:])
+
+
+def test_plan_counts_what_the_device_and_the_sharding_hold(tmp_path):
+    """plan priced every device like the CPU, whose attention kernel materialises the scores
+    (GPU kernels do not), and ignored FSDP/ZeRO sharding: both now count, per process."""
+    from conftest import REPO
+    from llmtune.stages.plan import plan
+
+    path = REPO / "recipes" / "library" / "llama-3.2-1b-lora.yaml"
+    run = tmp_path / "run"
+    cpu = plan(load_recipe(path, ["train.precision=bf16"]), run, device="cpu")["memory_bytes"]
+    gpu = plan(load_recipe(path), run, device="cuda")["memory_bytes"]
+    scores = 4 * 32 * 2048 * 2048 * 2  # one layer's attention probabilities (recomputed in backward)
+    assert cpu["activations"] - gpu["activations"] == scores
+    ddp = plan(load_recipe(path), run, processes=2, device="cuda")["memory_bytes"]
+    assert ddp == gpu  # DDP: every GPU holds everything
+    fsdp = plan(load_recipe(path, ["distributed.strategy=fsdp"]), run, processes=2, device="cuda")["memory_bytes"]
+    assert fsdp["weights"] == gpu["weights"] // 2 and fsdp["optimizer"] == gpu["optimizer"] // 2
+    zero2 = plan(load_recipe(path, ["distributed.strategy=deepspeed", "distributed.cpu_offload=true"]), run,
+                 processes=2, device="cuda")["memory_bytes"]
+    assert zero2["weights"] == gpu["weights"] and zero2["optimizer"] == 0
+    one = plan(load_recipe(path, ["distributed.strategy=fsdp"]), run, processes=1, device="cuda")["memory_bytes"]
+    assert one == gpu  # one process ignores the section
+
+
+def test_free_gpu_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    """mem_get_info counts the blocks torch's caching allocator keeps for reuse as taken: after
+    eval dropped base+adapter, generation batches for the merged model were sized as if that
+    memory were gone. Faked device figures: 2 GB free, 10 GB reserved of which 4 GB allocated."""
+    import torch
+
+    from llmtune import models
+
+    gb = 10**9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * gb)
+    assert models.free_memory(torch.device("cuda", 0)) == 8 * gb
+    # merge, eval's merged model and the GGUF check go to the CPU when their model does not fit
+    monkeypatch.setattr(models, "local_device", lambda: torch.device("cuda", 0))
+    assert models.fitting_device(5 * gb, "merge") == torch.device("cuda", 0)
+    assert models.fitting_device(7 * gb, "merge") == torch.device("cpu")
+
+
+def test_a_qlora_adapter_is_evaluated_on_the_base_quantized_as_trained(tiny_model, tmp_path):
+    """eval, preview, generate and chat loaded a QLoRA adapter's base unquantized: on the GPU it
+    was trained on, an 8B base in bf16 (16 GB) where 4-bit training took 6 GB."""
+    from llmtune import model_sources
+    from llmtune.stages.inference import adapter_on_base
+
+    recipe, run = _prepared(tiny_model, tmp_path, ["model.quantize=nf4"], train={"max_steps": 2})
+    train_module.train(recipe, run)
+    model = adapter_on_base(run / "adapter", model_sources.resolve(str(tiny_model)), "fp32")
+    packed = {type(p).__name__ for name, p in model.named_parameters() if "q_proj.base_layer" in name}
+    assert packed == {"Params4bit"}

@@ -331,7 +331,7 @@ def test_plan_reports_eval_and_generation_batches_shrink_to_what_fits(tiny_model
 
     model = models.load_model(tiny_model, "fp32").eval()
     per_row = inference.generation_bytes_per_row(model.config, 40, 4)
-    monkeypatch.setattr(inference, "available_bytes", lambda device: int(3.5 * per_row / 0.8))
+    monkeypatch.setattr(inference.models, "free_memory", lambda device: int(3.5 * per_row / 0.8))
     assert inference.fitting_batch_size(model, 8, 40) == 3
     assert "generation: 3 prompts at a time, not 8" in capsys.readouterr().out
     assert inference.fitting_batch_size(model, 2, 40) == 2

@@ -111,3 +111,30 @@ def test_lock_then_an_edited_data_file_stops_run_naming_the_file(tiny_model, tmp
     assert "data file data/train.jsonl changed since the recipe was locked" in result.stderr
     assert "llmtune recipe lock" in result.stderr
     assert not (tmp_path / "runs" / "tiny" / "prepared").exists()
+
+
+def test_plan_answers_offline_for_every_stage_and_every_memory_claim_holds(tmp_path):
+    """`llmtune plan` needs no hub for a library model, and gives each stage's peak on the GPU;
+    a recipe's "fits a N GB GPU" holds for its largest stage on such a GPU (where merge, the
+    merged model's eval or the GGUF check run on the CPU, the description says so)."""
+    import re
+
+    from llmtune.stages.plan import plan
+
+    result = llmtune("plan", REPO / "recipes" / "library" / "llama-3.1-8b-qlora.yaml", "--json",
+                     "--device", "cuda", "--gpu-memory", "16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    planned = json.loads(result.stdout)
+    assert planned["train_examples"] is None and planned["tokens_counted_from"].startswith("unknown")
+    peaks = planned["peak_gpu_bytes_by_stage"]
+    assert set(peaks) == {"train", "merge", "eval", "export"} and max(peaks.values()) <= 16e9 * 0.9
+    assert planned["stages_on_the_cpu"] == ["merge", "eval of the merged model", "the GGUF check"]
+    for path in LIBRARY:
+        recipe = load_recipe(path)
+        if recipe.model.path.startswith("embedded:"):
+            continue  # runs offline for real: its tokens are counted (tests/test_embedded.py)
+        claimed = int(re.search(r"fits an? (\d+) GB GPU", recipe.description).group(1))
+        planned = plan(recipe, tmp_path / "run", device="cuda", gpu_memory=claimed)
+        peaks = planned["peak_gpu_bytes_by_stage"]
+        assert max(peaks.values()) <= claimed * 1e9 * 0.9, (path.name, peaks)
+        assert all(stage in recipe.description for stage in planned["stages_on_the_cpu"]), path.name

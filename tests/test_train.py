@@ -341,7 +341,7 @@ def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tiny_model, tmp_p
 def test_plan_shows_each_optimizers_state(tiny_model, tmp_path):
     import json
 
-    from llmtune.stages.plan import optimizer_state_bytes
+    from llmtune.stages.memory import optimizer_state_bytes
 
     states = optimizer_state_bytes([(16, 2048), (2048, 16), (64,)])
     assert states["adamw"] == 8 * (2 * 16 * 2048 + 64)

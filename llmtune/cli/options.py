@@ -77,7 +77,7 @@ def resume_flag(value: str | None) -> bool:
 
 
 def run_stage(stage: str, recipe, run_path: Path, force: bool, resume: bool = False,
-              verify: bool = True) -> None:
+              verify: bool = True, fetch_base: bool = True) -> None:
     """Run one pipeline stage and print its one-line outcome."""
     from llmtune.manifest import stage_dir
     from llmtune.stages import STAGES
@@ -88,7 +88,7 @@ def run_stage(stage: str, recipe, run_path: Path, force: bool, resume: bool = Fa
                            f"({os.environ['WORLD_SIZE']} processes)",
                            hint="launch only `llmtune train`; run prepare before it and merge/export "
                            "(or `llmtune run`) after it, in one process (see docs/cluster.md)")
-    extra = {"resume": resume} if stage == "train" else {"verify": verify} if stage == "export" else {}
+    extra = {"train": {"resume": resume}, "export": {"verify": verify}, "prepare": {"fetch_base": fetch_base}}.get(stage, {})
     outcome = STAGES[stage](recipe, run_path, force=force, **extra)
     where = stage_dir(run_path, stage)
     if outcome.up_to_date:

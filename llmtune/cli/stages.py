@@ -120,28 +120,45 @@ def _push(run_path: Path, repo: str, what: str, private: bool, revision: str | N
 def plan(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None,
          as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
          nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes "
-                                            "(llmtune launch --nproc x nodes).")] = 1):
-    """Before training: parameters, trainable parameters, tokens, steps, estimated peak memory
-    (per process)."""
+                                            "(llmtune launch --nproc x nodes).")] = 1,
+         device: Annotated[str, typer.Option(help="auto (this machine's) | cuda | cpu: the device to plan for.")] = "auto",
+         gpu_memory: Annotated[float | None, typer.Option(
+             "--gpu-memory", min=1, help="The GPU's memory in GB (default: this machine's GPU): stages whose "
+             "model does not fit run on the CPU.")] = None):
+    """Before training: parameters, trainable parameters, tokens, steps, and each stage's
+    estimated peak memory on the device it runs on (per process). Offline for library models."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise LlmtuneError(f"--device {device}: expected auto, cuda or cpu")
     loaded, run_path = open_run(recipe, set, run_dir, record=False)  # plan writes nothing
     from llmtune.stages.plan import plan as make_plan
 
     if as_json:
         console.file = sys.stderr  # progress lines go to stderr, stdout holds only the JSON
-    result = make_plan(loaded, run_path, nproc)
+    result = make_plan(loaded, run_path, nproc, device, gpu_memory)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     table = Table("plan", "value", show_header=False)
+    nested = ("memory_bytes", "eval_memory_bytes", "optimizer_state_bytes_by_choice", "peak_bytes_by_stage",
+              "peak_gpu_bytes_by_stage", "stages_on_the_cpu", "notes", "gpu_memory_bytes")
     for key, value in result.items():
-        if key not in ("memory_bytes", "eval_memory_bytes", "optimizer_state_bytes_by_choice"):
-            table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+        if key not in nested:
+            shown = "unknown" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+            table.add_row(key.replace("_", " "), shown)
     for key, value in result["memory_bytes"].items():
-        table.add_row(f"memory: {key}" + (" (estimate)" if key == "total" else ""), f"{value / 1e9:.2f} GB")
+        table.add_row(f"train memory: {key}" + (" (estimate)" if key == "total" else ""), f"{value / 1e9:.2f} GB")
     table.add_row("optimizer state by train.optimizer", ", ".join(
         f"{name} {value / 1e9:.3f} GB" for name, value in result["optimizer_state_bytes_by_choice"].items()))
     for key, value in result["eval_memory_bytes"].items():
         table.add_row(f"eval memory: {key}" + (" (estimate)" if key == "total" else ""), f"{value / 1e9:.2f} GB")
+    where = "GPU" if result["device"] == "cuda" else "CPU"
+    if result["gpu_memory_bytes"]:
+        table.add_row("GPU memory", f"{result['gpu_memory_bytes'] / 1e9:.1f} GB")
+    for stage, value in result["peak_bytes_by_stage"].items():
+        table.add_row(f"peak {where} memory: {stage}", f"{value / 1e9:.2f} GB"
+                      + (" (runs on the CPU)" if value == 0 and result["device"] == "cuda" else ""))
+    for note in result["notes"]:
+        table.add_row("note", note)
     console.print(table)
 
 
@@ -203,7 +220,7 @@ def data_preview(
     if split not in ("train", "validation"):
         raise LlmtuneError(f"--split {split}: expected train or validation")
     loaded, run_path = open_run(recipe, set, run_dir)
-    run_stage("prepare", loaded, run_path, force=False)
+    run_stage("prepare", loaded, run_path, force=False, fetch_base=False)
     rows = load_from_disk(str(stage_dir(run_path, "prepare") / split))
     tokenizer = load_tokenizer(resolve_section(loaded.model, weights=False))
     styled = console.is_terminal

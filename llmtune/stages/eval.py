@@ -76,7 +76,8 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
     rewards = reward_functions(recipe.rewards) if recipe.rewards else []
     # One model in memory at a time: base and adapter are the same PEFT model (the adapter
-    # disabled for the base), then it is dropped and the merged model loaded.
+    # disabled for the base; a QLoRA base quantized as trained), then it is dropped and the
+    # merged model loaded, on the GPU where it fits.
     precision = trained_precision(adapter_dir)
     base = model_sources.resolve_section(adapter_manifest["inputs"]["base_model"])
     results: dict[str, dict] = {name: {} for name in eval_sets}
@@ -88,8 +89,10 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
             results[name]["base"] = _score(tuned, tokenizer, rows, cfg, name, "base", generations, serving, rewards)
         results[name]["adapter"] = _score(tuned, tokenizer, rows, cfg, name, "adapter", generations, serving, rewards)
     del tuned
+    models.release_memory(models.local_device())
     if "merged" in inputs:
-        merged = models.load_model(merged_dir, precision).eval()
+        device = models.fitting_device(models.weight_bytes(merged_dir, precision), "eval: the merged model")
+        merged = models.load_model(merged_dir, precision, device=device).eval()
         for name, rows in eval_sets.items():
             results[name]["merged"] = _score(merged, tokenizer, rows, cfg, name, "merged", generations, serving, rewards)
         del merged

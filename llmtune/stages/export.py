@@ -141,15 +141,19 @@ def _verify(recipe: Recipe, merged_dir: Path, merged_manifest: dict, target: Pat
     adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
     rows = check_rows(adapter_dir, read_manifest(adapter_dir), recipe.export.verify_examples,
                       recipe.export.verify_tokens)
-    model = models.load_model(merged_dir, gguf_check_precision(merged_dir)).eval()
+    precision = gguf_check_precision(merged_dir)
+    device = models.fitting_device(models.weight_bytes(merged_dir, precision), "export: the GGUF check")
+    model = models.load_model(merged_dir, precision, device=device).eval()
     return verify_gguf(target, model, models.load_tokenizer(merged_dir), rows)
 
 
 def gguf_check_precision(merged_dir: Path) -> str:
-    """The transformers side of the GGUF check runs in the dtype the merged model is stored in
-    where this device computes in it natively (no copy in another dtype), else in fp32."""
+    """The transformers side of the GGUF check runs in this device's compute dtype (bf16, fp16
+    on GPUs before compute capability 8.0, fp32 on CPUs without native bf16), or in fp32 for a
+    model stored so: never in fp32 just because the model is stored in a 16-bit type the device
+    does not compute in (a bf16 model on a T4 took twice its size)."""
     stored = models.PRECISION_OF[models.stored_dtype(merged_dir)]
-    return stored if stored in ("fp32", models.precision("auto")) else "fp32"
+    return "fp32" if stored == "fp32" else models.precision("auto")
 
 
 def _k_quantize(source: Path, target: Path, quant: str) -> None:

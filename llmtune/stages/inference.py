@@ -16,6 +16,7 @@ from llmtune.data.special_text import encode_prompt
 from llmtune.errors import InputError
 from llmtune.manifest import read_manifest, stage_dir
 from llmtune.stages.collate import PadCollator
+from llmtune.stages.memory import generation_bytes_per_row
 
 
 @dataclass(frozen=True)
@@ -50,41 +51,12 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | Non
     return results
 
 
-def generation_bytes_per_row(config, tokens: int, dtype_bytes: int) -> int:
-    """Memory one sequence of `tokens` (prompt and answer) takes while it is generated: its KV
-    cache, the prompt's largest transient in the prefill (the MLP's intermediate tensors, and
-    the attention scores where the kernel materialises them, as CPU SDPA does), and one step's
-    fp32 logits over the vocabulary with their processed copy (generate keeps the last
-    position's logits only)."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    inter = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    kv_cache = 2 * config.num_hidden_layers * kv_heads * head_dim * tokens * dtype_bytes
-    prefill = max(3 * tokens * inter * dtype_bytes, heads * tokens * tokens * dtype_bytes)
-    return int(kv_cache + prefill + 2 * config.vocab_size * 4)
-
-
-def available_bytes(device: torch.device) -> int:
-    """Memory free for more work on the device: the GPU's free memory, or the system's."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: do not limit
-
-
 def fitting_batch_size(model, requested: int, tokens: int) -> int:
     """The largest generation batch up to `requested` whose estimate (plan's, below) fits in
     80% of the memory free now, with the model loaded; says so when it is smaller."""
     dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
-    per_row = generation_bytes_per_row(model.config, tokens, dtype_bytes)
-    free = available_bytes(model.device)
+    per_row = generation_bytes_per_row(model.config, tokens, dtype_bytes, model.device.type == "cpu")
+    free = models.free_memory(model.device)
     fits = max(1, int(0.8 * free // per_row))
     if fits < requested:
         console.print(f"generation: {fits} prompts at a time, not {requested}: each needs about "
@@ -107,8 +79,15 @@ def left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.T
 
 def adapter_on_base(adapter_dir: Path, base: model_sources.ModelRef, precision: str):
     """The base model with the PEFT adapter in `adapter_dir` on it, on the local device, frozen
-    weights in `precision`'s dtype, in eval mode."""
-    return models.load_adapter(models.load_model(base, precision), adapter_dir)
+    weights in `precision`'s dtype, in eval mode. A QLoRA adapter runs on the base quantized as
+    it was trained (its manifest says how): what it learnt to correct is that base's error, and
+    the float base of a model trained in 4 bits may not fit the GPU it was trained on."""
+    quantization = ((read_manifest(adapter_dir) or {}).get("summary") or {}).get("base_quantization") or {}
+    quantize = quantization.get("quantize", "none")
+    base_model = models.load_model(base, precision, quantize=quantize,
+                                   double_quant=quantization.get("double_quant", True),
+                                   compute_dtype=quantization.get("compute_dtype", "auto"))
+    return models.load_adapter(base_model, adapter_dir)
 
 
 def trained_precision(adapter_dir: Path) -> str:
@@ -123,9 +102,9 @@ def _usable(precision: str) -> bool:
 
 
 def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> float | None:
-    """Mean cross-entropy over the trained tokens of prepared rows (input_ids, labels). For
-    plain output heads, from hidden states in chunks as training computes it (a 128k vocabulary
-    makes a batch's full logits gigabytes); otherwise from the logits."""
+    """Mean cross-entropy over the trained tokens of prepared rows (input_ids, labels). For the
+    output heads loss.py knows, from the final hidden states in chunks as training computes it
+    (a 128k vocabulary makes a batch's full logits gigabytes); otherwise from the logits."""
     from llmtune.stages.loss import chunked_loss_supported, summed_token_loss
 
     chunked = chunked_loss_supported(model.config)
@@ -140,9 +119,10 @@ def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -
                 continue
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum")
-            total += float(losses)
+            # in fp32 a few hundred positions at a time, never a copy of the whole batch's logits
+            for positions, targets in zip(logits[:, :-1].split(256, dim=1), labels.split(256, dim=1)):
+                total += float(torch.nn.functional.cross_entropy(
+                    positions.float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"))
             count += int((labels != IGNORE).sum())
     return total / count if count else None
 

@@ -2,8 +2,10 @@
 
 The base comes from the adapter manifest (never the recipe) and must still have the fingerprint
 recorded there. `merge.dtype: auto` writes the base's own stored dtype (bf16 for the library's
-models): a merged model the size of its base. The merge runs shard by shard on the training
-device (shard_merge.py); what it is checked against, and how, is in merge_check.py.
+models): a merged model the size of its base. The merge runs shard by shard (shard_merge.py) on
+the local GPU when the model fits in its free memory, else on the CPU (the merge is bound by
+memory, not compute: a QLoRA run's float model may be twice its GPU); what it is checked
+against, and how, is in merge_check.py.
 
 Memory: one model at a time. First base+adapter in the merge dtype, merged in place by peft
 (the reference: its logits and a digest of each tensor are kept); then the shards, written one
@@ -13,7 +15,6 @@ at a time; then the written model, loaded back as a user loads it. For QLoRA ada
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -57,18 +58,19 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
     partial = start_stage(out_dir)
     dtype_name = merge_dtype(recipe.merge.dtype, ref)
-    device = models.local_device()
+    size = models.weight_bytes(ref, models.DTYPE_NAMES[dtype_name])
+    device = models.fitting_device(size, "merge")
     # The adapter's tokenizer carries the chat template the model was trained with.
     tokenizer = models.load_tokenizer(adapter_dir)
     batch = merge_check.check_batch(adapter_dir, adapter_manifest, tokenizer.pad_token_id or 0, device)
     quantization = adapter_manifest["summary"].get("base_quantization") or {}
     qlora = quantization.get("quantize", "none") != "none"
 
-    logits, written = _merge_and_write(recipe, ref, adapter_dir, partial, dtype_name, device, batch, qlora)
+    logits, written = _merge_and_write(recipe, ref, adapter_dir, partial, dtype_name, device, batch, qlora, size)
     _save_generation_config(ref, tokenizer, partial)
     tokenizer.save_pretrained(str(partial))
     with torch.no_grad():  # read back what was written, as a user will load it
-        merged = models.load_model(partial, models.DTYPE_NAMES[dtype_name]).eval()
+        merged = models.load_model(partial, models.DTYPE_NAMES[dtype_name], device=device).eval()
         logits["written"] = merged(**batch).logits
         del merged
     mask = batch["attention_mask"]
@@ -80,7 +82,7 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         "device": device.type,
     }
     if qlora:
-        quantized, quantized_base = _quantized_reference(adapter_dir, ref, quantization, batch)
+        quantized, quantized_base = _quantized_reference(adapter_dir, ref, quantization, batch, device)
         summary.update(merge_check.qlora_figures(logits["written"], quantized, logits["float_base"],
                                                  quantized_base, mask, quantization["quantize"]))
     base_info = {"source": ref.source, **model_sources.describe_base(ref)}
@@ -101,14 +103,16 @@ def merge_dtype(choice: str, ref: model_sources.ModelRef) -> str:
 
 
 def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: Path, partial: Path,
-                     dtype_name: str, device: torch.device, batch: dict, qlora: bool) -> tuple[dict, dict]:
+                     dtype_name: str, device: torch.device, batch: dict, qlora: bool,
+                     size: int) -> tuple[dict, dict]:
     """Logits of base+adapter (unmerged, and the base alone for QLoRA) and of peft's merge in
     memory, then the merged weights written into `partial` and compared with that merge."""
     dtype = DTYPES[dtype_name]
     logits = {}
     unsupported = shard_merge.unsupported(ref.local_dir, adapter_dir)
     with torch.no_grad():
-        model = models.load_adapter(models.load_model(ref, models.DTYPE_NAMES[dtype_name]), adapter_dir)
+        model = models.load_adapter(models.load_model(ref, models.DTYPE_NAMES[dtype_name], device=device),
+                                    adapter_dir)
         logits["unmerged"] = model(**batch).logits
         if qlora:
             with model.disable_adapter():
@@ -124,7 +128,7 @@ def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: P
     if unsupported:
         written = {"method": "in memory"}
     else:
-        warning = space_warning(partial, _weight_bytes(ref.local_dir, dtype), "the merged model")
+        warning = space_warning(partial, size, "the merged model")
         if warning:
             console.print(f"[yellow]warning:[/] {warning}", markup=True)
         try:
@@ -139,7 +143,8 @@ def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: P
             console.print(f"merge: {why}; writing peft's merge from memory instead")
             for leftover in partial.glob("*.safetensors*"):
                 leftover.unlink()
-            model = models.load_adapter(models.load_model(ref, models.DTYPE_NAMES[dtype_name]), adapter_dir)
+            model = models.load_adapter(models.load_model(ref, models.DTYPE_NAMES[dtype_name], device=device),
+                                        adapter_dir)
             _merged_in_memory(model, dtype).save_pretrained(str(partial), max_shard_size=recipe.merge.max_shard_size)
             del model
             written = {"method": "in memory"}
@@ -148,8 +153,8 @@ def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: P
 
 
 def _merged_in_memory(model, dtype: torch.dtype):
-    """peft's merge_and_unload, with what the adapter replaced in full (modules_to_save, kept in
-    fp32 by peft) cast to `dtype` as the written merge is. Parameters only: buffers such as
+    """peft's merge_and_unload, with what the adapter replaced in full (modules_to_save, trained
+    in fp32) cast to `dtype` as the written merge is. Parameters only: buffers such as
     rotary frequencies stay as transformers keeps them."""
     merged = model.merge_and_unload()
     for param in merged.parameters():
@@ -159,16 +164,22 @@ def _merged_in_memory(model, dtype: torch.dtype):
 
 
 def _quantized_reference(adapter_dir: Path, ref: model_sources.ModelRef, quantization: dict,
-                         batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the quantized base it was trained on (QLoRA), with and without the adapter."""
+                         batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the quantized base it was trained on (QLoRA), with and without the adapter, on
+    the local device as in training (where the float merge may have run on the CPU), returned
+    on `device`, beside the merge's own."""
+    models.release_memory(models.local_device())
     base = models.load_model(ref, models.precision("auto"), quantize=quantization["quantize"],
                              double_quant=quantization.get("double_quant", True),
                              compute_dtype=quantization.get("compute_dtype", "auto"))
     model = models.load_adapter(base, adapter_dir)
+    batch = {key: value.to(model.device) for key, value in batch.items()}
     with torch.no_grad():
-        adapted = model(**batch).logits.float()
+        adapted = model(**batch).logits.float().to(device)
         with model.disable_adapter():
-            alone = model(**batch).logits.float()
+            alone = model(**batch).logits.float().to(device)
+    del model, base
+    models.release_memory(models.local_device())
     return adapted, alone
 
 
@@ -178,12 +189,3 @@ def _save_generation_config(ref: model_sources.ModelRef, tokenizer, target: Path
     generation.eos_token_id = models.eos_token_ids(tokenizer, models.load_config(ref))
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(str(target))
-
-
-def _weight_bytes(folder: Path, dtype: torch.dtype) -> int:
-    """Size of the merged weights: the base's parameter count at the merge dtype."""
-    try:
-        shapes = shard_merge.tensor_shapes(shard_merge.base_tensors(folder))
-    except shard_merge.Unsupported:
-        return 0
-    return sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize

@@ -60,8 +60,20 @@ def _cyclic_gc_paused(function):
     return paused
 
 
+def prepare(recipe: Recipe, run: Path, force: bool = False, fetch_base: bool = False) -> Outcome:
+    """Tokenise and mask the recipe's data into <run>/prepared. `fetch_base`: also download (hub)
+    and fingerprint the base model's weights, here in one process, so that the ranks of a
+    distributed training find them ready instead of waiting at a barrier while rank 0 fetches
+    gigabytes (the pipeline and `llmtune prepare` do; plan and data preview do not)."""
+    outcome = _prepare(recipe, run, force)
+    if fetch_base:
+        ref = model_sources.resolve_section(recipe.model)
+        console.print(f"prepare: base model {ref.source} ready for training ({ref.fingerprint[:19]}…)")
+    return outcome
+
+
 @_cyclic_gc_paused
-def prepare(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
+def _prepare(recipe: Recipe, run: Path, force: bool) -> Outcome:
     out_dir = stage_dir(run, "prepare")
     ref, inputs, recipe_sha = _identity(recipe)
     data = recipe.data
