@@ -10,7 +10,11 @@ from llmtune.errors import InputError
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a dependency, but a bare GPU image may lack it: training still counts
+        raise InputError("training curves need matplotlib, which is not installed",
+                         hint="pip install matplotlib, then: llmtune plot RUN_DIR") from None
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt

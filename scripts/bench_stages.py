@@ -20,6 +20,7 @@ markdown table for docs/benchmarks.md, with plan's estimate beside train's measu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -33,9 +34,12 @@ from benchutil import gsm8k_train, measure  # noqa: E402
 
 SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 8, "num_attention_heads": 32,
          "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": False}
+# --small: the same structure at a size that runs in seconds on a CPU (the GPU check's dry run)
+SMALL = {**SHAPE, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 8192}
 
 
-def build_model(folder: Path, data: Path) -> Path:
+def build_model(folder: Path, data: Path, shape: dict = SHAPE) -> Path:
     """The 1B model (random weights, seed 0) with byte-level BPE learnt from `data`, written once."""
     if (folder / "config.json").is_file():
         return folder
@@ -47,7 +51,7 @@ def build_model(folder: Path, data: Path) -> Path:
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     tokenizer = build_llama3_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], vocab_size=8192)
     ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
-    config = LlamaConfig(**SHAPE, max_position_embeddings=131072, bos_token_id=tokenizer.bos_token_id,
+    config = LlamaConfig(**shape, max_position_embeddings=131072, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=ends, dtype="bfloat16",
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -113,12 +117,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--data", help="GSM8K train.jsonl (default: the slice in tests/data/gsm8k)")
     parser.add_argument("--gguf", action="store_true", help="also time converting an f16 GGUF of it into a base")
+    parser.add_argument("--small", action="store_true", help="a small model of the same structure (a dry run)")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
     data = gsm8k_train(args.data)
     start = time.perf_counter()
-    model = build_model(args.work / "model", data)
+    model = build_model(args.work / ("model-small" if args.small else "model"), data, SMALL if args.small else SHAPE)
     print(f"model: {model} ({time.perf_counter() - start:.0f} s)", flush=True)
     weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     recipe = write_recipe(args.work, model, data, args.steps)
@@ -138,6 +143,9 @@ def main() -> None:
         "run (up to date; makes the preview)": ["run", "--no-verify"],
         "run again (nothing to do)": ["run", "--no-verify"],
     }
+    if importlib.util.find_spec("llama_cpp") is None:
+        del stages["GGUF check (llama.cpp vs transformers)"]
+        print("GGUF check: skipped, llama-cpp-python is not installed", flush=True)
     for stage, command in stages.items():
         command = ([*llmtune, command[0], str(recipe), *command[1:]] if command
                    else [sys.executable, "-c", GGUF_CHECK.format(run=str(run))])

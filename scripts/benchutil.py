@@ -85,12 +85,16 @@ class _GpuMemory:
             self.pynvml = pynvml if self.handles else None
         except Exception:  # no library, no driver, no GPU
             self.pynvml = None
+        # without nvidia-ml-py, the driver's own nvidia-smi (slower to ask: sampled less often)
+        self.smi = self.pynvml is None and _nvidia_smi_used() is not None
 
     def _used(self) -> int:
+        if self.pynvml is None:
+            return _nvidia_smi_used() or 0
         return sum(self.pynvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles)
 
     def __enter__(self):
-        if self.pynvml is not None:
+        if self.pynvml is not None or self.smi:
             self.base, self.top, self.running = self._used(), 0, True
             self.thread = threading.Thread(target=self._sample, daemon=True)
             self.thread.start()
@@ -99,10 +103,22 @@ class _GpuMemory:
     def _sample(self):
         while self.running:
             self.top = max(self.top, self._used())
-            time.sleep(0.02)
+            time.sleep(0.2 if self.smi else 0.02)
 
     def __exit__(self, *exc):
-        if self.pynvml is not None:
+        if self.pynvml is not None or self.smi:
             self.running = False
             self.thread.join()
             self.peak_gb = max(self.top - self.base, 0) / 1e9
+
+
+def _nvidia_smi_used() -> int | None:
+    """Bytes in use on every GPU, from nvidia-smi; None without it."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return sum(int(line) for line in done.stdout.split()) * 2**20
