@@ -68,9 +68,19 @@ def test_fp16_with_loss_scaling_trains_modules_to_save_in_fp32(tiny_model, tmp_p
     from llmtune import model_sources
 
     model = train_module._adapter_model(recipe, model_sources.resolve(str(tiny_model)), "fp16")
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     assert any("modules_to_save" in name for name in trainable)
-    assert set(trainable.values()) == {__import__("torch").float32}
+    assert set(trainable.values()) == {torch.float32}
+    # outside autocast (GRPO generates there, with peft casting its layers' inputs) the fp32
+    # copy takes and gives the frozen dtype
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = True
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.dtype == torch.float16
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])

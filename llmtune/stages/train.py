@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -266,10 +267,33 @@ def _trainable_in_fp32(model) -> None:
     adapter layers only: modules_to_save copies (embed_tokens, lm_head) keep the base's 16-bit
     dtype and would train as pure bf16, or under fp16 stop the loss scaler at the first step
     ("Attempting to unscale FP16 gradients"). The optimizer then holds fp32 master weights for
-    all of them, and autocast computes in 16 bits."""
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+    all of them, and autocast computes in 16 bits. Outside autocast (GRPO generates there) such
+    a module takes and gives the frozen dtype, as before."""
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
+        if not own:
+            continue
+        frozen_dtype = own[0].dtype
+        for param in own:
             param.data = param.data.float()
+        module.register_forward_pre_hook(_inputs_to_fp32_outside_autocast)
+        module.register_forward_hook(functools.partial(_output_to_outside_autocast, frozen_dtype))
+
+
+def _autocasting(module) -> bool:
+    return torch.is_autocast_enabled(next(module.parameters()).device.type)
+
+
+def _inputs_to_fp32_outside_autocast(module, args):
+    if _autocasting(module):
+        return None
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _output_to_outside_autocast(dtype, module, args, output):
+    if _autocasting(module) or not torch.is_tensor(output) or not output.is_floating_point():
+        return None
+    return output.to(dtype)
 
 
 def _keep_4bit_weights_trainable(model) -> None:
