@@ -142,8 +142,10 @@ def environment(check: Check):
 def quickstart(check: Check):
     run = check.work / "quickstart"
     verify = have("llama_cpp") and check.model is None  # a random model's GGUF figures mean nothing
+    # a random model: the GGUF (CPU work that CI checks) and a long preview would only cost time
+    lighter = ("export.formats=[hf]", "preview.count=8") if check.model else ()
     code, output = check.llmtune("run", str(RECIPES / "quickstart.yaml"), "--run-dir", str(run), "--force",
-                                 *([] if verify else ["--no-verify"]))
+                                 *([] if verify else ["--no-verify"]), sets=lighter)
     if code != 0:
         return failed(code, output)
     adapter, merged = manifest(run, "adapter"), manifest(run, "merged")
@@ -156,10 +158,19 @@ def quickstart(check: Check):
                   ("device", "dtype", "max_abs_logit_diff", "tensors_equal_to_peft_merge")},
         "gguf_check": manifest(run, "exported")["summary"].get("gguf_check", "not checked (no llama-cpp-python, "
                                                                         "or a random model)"),
+        "preview_exact_match": _preview(run),
     }
     ok = (device_ok(check, figures["train_device"]) and device_ok(check, merged["summary"].get("device"))
           and summary["eval_loss"] < summary["eval_loss_before"])
     return ("ok" if ok else "FAILED"), figures
+
+
+def _preview(run: Path) -> str | None:
+    preview = run / "preview.json"
+    if not preview.is_file():
+        return None
+    result = json.loads(preview.read_text())
+    return f"base {result['base_exact_match']}/{result['count']}, tuned {result['tuned_exact_match']}/{result['count']}"
 
 
 def evaluate(check: Check):
