@@ -48,7 +48,7 @@ def run_llmtune(args, folder: Path) -> dict:
     import yaml
 
     from llmtune.recipe import load_recipe
-    from llmtune.stages import objectives
+    from llmtune.stages.train import trl as objectives
     from llmtune.stages.prepare import prepare
     from llmtune.stages.train import train
 

@@ -33,7 +33,7 @@ def child(args) -> None:
 
     from llmtune import models
     from llmtune.data.chat import IGNORE
-    from llmtune.stages import loss
+    from llmtune.stages.train import loss
 
     models.quiet_libraries()
     torch.manual_seed(0)

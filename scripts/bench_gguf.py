@@ -28,9 +28,9 @@ def main() -> None:
     from llmtune import models
     from llmtune.manifest import read_manifest
     from llmtune.stages.export import K_QUANTS, _k_quantize
-    from llmtune.stages.gguf_verify import MIN_AGREEMENT, verify_gguf
-    from llmtune.stages.gguf_write import write_gguf
-    from llmtune.stages.merge_check import check_rows
+    from llmtune.stages.export.gguf_verify import MIN_AGREEMENT, verify_gguf
+    from llmtune.stages.export.gguf_write import write_gguf
+    from llmtune.stages.merge.check import check_rows
 
     models.quiet_libraries()
     merged = args.run / "merged"

@@ -25,7 +25,7 @@ def one(variant: str, batch: int, seq: int, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from llmtune import model_sources, models
-    from llmtune.stages.loss import ChunkedLossTrainer
+    from llmtune.stages.train.trainer import ChunkedLossTrainer
 
     models.quiet_libraries()
     torch.manual_seed(0)

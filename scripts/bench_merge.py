@@ -28,7 +28,7 @@ def one(variant: str, run: Path, max_shard_size: str) -> dict:
 
     from llmtune import model_sources, models
     from llmtune.manifest import read_manifest
-    from llmtune.stages import shard_merge
+    from llmtune.stages.merge import shards as shard_merge
 
     adapter = run / "adapter"
     ref = model_sources.resolve_section(read_manifest(adapter)["inputs"]["base_model"])
@@ -60,7 +60,7 @@ def main() -> None:
                    "--child", variant]
         if variant == "imports":
             command = [sys.executable, "-c", "import resource, json, torch, peft, transformers, "
-                       "llmtune.stages.shard_merge; print(json.dumps({'peak_rss_mb': round("
+                       "llmtune.stages.merge.shards; print(json.dumps({'peak_rss_mb': round("
                        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))"]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[variant] = json.loads(output.strip().splitlines()[-1])

@@ -30,7 +30,7 @@ STEPS = ["_limit", "finish_stage", "_content_hashes"]
 # reading, converting, dedup and split happen row by row in RowStream._source_rows (a generator,
 # timed per row); writing in the split writers
 ROW_STEPS = {"llmtune.data.rows": [("RowStream", "_source_rows")],
-             "llmtune.stages.prepared_split": [("SplitWriter", "add"), ("SplitWriter", "close"),
+             "llmtune.stages.prepare.split": [("SplitWriter", "add"), ("SplitWriter", "close"),
                                                ("TrainWriter", "_pack_bucket")]}
 # rendering and tokenising happen in llmtune.data.special_text.encode_samples
 ENCODE_STEPS = ["render_samples", "encode", "found"]

@@ -49,7 +49,7 @@ def write_rows(source: Path, count: int, target: Path) -> None:
 def packing_fill(source: Path) -> None:
     """Packing's fill and sequences for buckets of several sizes (prepare run in this process)."""
     from llmtune.recipe import load_recipe
-    from llmtune.stages import prepared_split
+    from llmtune.stages.prepare import split as prepared_split
     from llmtune.stages.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:

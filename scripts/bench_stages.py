@@ -96,8 +96,8 @@ from pathlib import Path
 from llmtune import models
 from llmtune.manifest import read_manifest
 from llmtune.stages.export import gguf_check_precision
-from llmtune.stages.gguf_verify import verify_gguf
-from llmtune.stages.merge_check import check_rows
+from llmtune.stages.export.gguf_verify import verify_gguf
+from llmtune.stages.merge.check import check_rows
 models.quiet_libraries()
 run = Path({run!r})
 rows = check_rows(run / "adapter", read_manifest(run / "adapter"), 8, 256)
@@ -157,7 +157,7 @@ def main() -> None:
         if stage == "plan":
             plan = json.loads(done.output[done.output.index("{"):])
     if args.gguf:
-        from llmtune.stages.gguf_write import write_gguf
+        from llmtune.stages.export.gguf_write import write_gguf
 
         gguf_file = args.work / "model-f16.gguf"
         if not gguf_file.is_file():

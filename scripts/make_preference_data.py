@@ -24,7 +24,7 @@ ANSWER_TOKENS = 64
 
 def base_answers(prompts: list[list[dict]]) -> list[str]:
     from llmtune import model_sources, models
-    from llmtune.stages.inference import generate
+    from llmtune.serve.inference import generate
 
     models.quiet_libraries()
     ref = model_sources.resolve("embedded:smollm2-135m-instruct")

@@ -8,7 +8,7 @@ Run it after changing the schema; tests/test_recipes.py fails while either file 
 
 from pathlib import Path
 
-from llmtune.recipe_docs import reference_markdown, schema_json
+from llmtune.recipe.docs import reference_markdown, schema_json
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,58 +1,11 @@
-"""Shared fixtures: an isolated cache, the tiny model, small recipes, and running the real CLI."""
+"""Fixtures: an isolated cache and no network for every test and CLI subprocess, the tiny
+tokenizer and model. What tests share otherwise is in helpers.py."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-# A slice of GSM8K (MIT) shipped with the tests; see tests/data/gsm8k/README.md.
-GSM8K_TRAIN = REPO / "tests" / "data" / "gsm8k" / "train.jsonl"
-GSM8K_TEST = REPO / "tests" / "data" / "gsm8k" / "test.jsonl"
-
-# A multi-turn conversation with a system prompt and non-ASCII text, for masking tests.
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi there"},
-    {"role": "assistant", "content": "Hello! Ünïcode ✓"},
-    {"role": "user", "content": "Again?"},
-    {"role": "assistant", "content": "Sure."},
-]
-
-
-# Texts where token and character boundaries disagree: multi-byte characters (which the tiny
-# tokenizer splits into one token per byte), emoji, combining marks, special tokens inside
-# content, spaces around the span edges, an empty completion.
-AWKWARD = [
-    {"prompt": "Q: 2+2?\nA:", "completion": " 4"},
-    {"prompt": "Übersetze: ", "completion": "naïve café — 東京 🚀"},
-    {"prompt": "e\u0301 ", "completion": "n\u0303o\u0308"},
-    {"prompt": "say <|im_end|> twice", "completion": "<|im_end|><|im_end|>"},
-    {"prompt": "trailing  ", "completion": "  spaces  "},
-    {"prompt": "nothing to add", "completion": ""},
-    {"text": "raw 🚀 text"},
-    {"messages": CONVERSATION},
-    {"messages": [{"role": "user", "content": "¿Qué?"}, {"role": "assistant", "content": "¡Sí! 🎉"}]},
-]
-
-
-def encode_both_ways(tokenizer, samples, monkeypatch):
-    """encode() as prepare runs it, and with the tokenizer's own offsets only."""
-    from llmtune.data import chat, turns
-
-    rendered = [piece for s in samples for piece in turns.render_sample(s, tokenizer)]
-    fast = chat.encode(tokenizer, rendered)
-    with monkeypatch.context() as patch:
-        patch.setattr(chat, "_token_byte_lengths", lambda backend: None)
-        with_offsets = chat.encode(tokenizer, rendered)
-    return fast, with_offsets
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -76,90 +29,3 @@ def tiny_model(tmp_path_factory) -> Path:
     from llmtune.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def chat_rows(count: int, seed: int = 0) -> list[dict]:
-    """Small conversations with a learnable answer: the assistant repeats a word three times."""
-    words = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "ocean", "piano", "amber"]
-    rows = []
-    for i in range(count):
-        word = words[(i * 7 + seed) % len(words)]
-        rows.append({"messages": [
-            {"role": "user", "content": f"Repeat {word} three times. (#{i})"},
-            {"role": "assistant", "content": f"{word} {word} {word}"},
-        ]})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def write_recipe(folder: Path, base: str | Path, rows: int = 40, **sections) -> Path:
-    """A recipe in `folder` training the `base` model on `rows` chat rows written next to it;
-    `sections` are merged into the recipe's sections."""
-    write_jsonl(folder / "data" / "train.jsonl", chat_rows(rows))
-    recipe = {
-        "name": "tiny",
-        "output_dir": "runs",
-        "model": {"path": str(base)},
-        "data": {"train": [{"path": "data/train.jsonl", "format": "chat"}],
-                 "validation": {"fraction": 0.1}, "max_seq_len": 128},
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-        # fp32: tests compare adapters within 1e-5 (auto is bf16 on CPUs with native bf16)
-        "train": {"epochs": 1, "batch_size": 4, "lr": 1.0e-3, "seed": 0, "precision": "fp32"},
-        "preview": {"count": 2, "show": 1, "max_new_tokens": 8},
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def start_training_until(folder: Path, recipe: Path, step: int, *extra: str,
-                         timeout: float = 180) -> subprocess.Popen:
-    """Start `llmtune train RECIPE EXTRA...` in `folder` (run "tiny") and return once its
-    checkpoint-`step` is marked good, for tests that interrupt it there."""
-    from llmtune.stages import checkpoints
-
-    process = subprocess.Popen([sys.executable, "-m", "llmtune", "train", str(recipe), *extra], cwd=folder,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    mark = folder / "runs" / "tiny" / "adapter.partial" / "checkpoints" / f"checkpoint-{step}" / checkpoints.MARK
-    deadline = time.monotonic() + timeout
-    while not mark.exists():
-        assert process.poll() is None, "training ended before the checkpoint: " + process.stderr.read()
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.02)
-    return process
-
-
-def adapter_weights(run: Path) -> dict:
-    """The trained adapter's tensors of a run directory."""
-    from safetensors.torch import load_file
-
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
-def max_difference(a: dict, b: dict) -> float:
-    """The largest absolute difference between two adapters' tensors (same names)."""
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-def stage_manifest(run: Path, folder: str) -> dict:
-    """The manifest.json of one of a run's stage folders (prepared, adapter, merged, ...)."""
-    return json.loads((run / folder / "manifest.json").read_text())
-
-
-def llmtune(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real CLI as a user would: `python -m llmtune ...` in `cwd`."""
-    return subprocess.run(
-        [sys.executable, "-m", "llmtune", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import llmtune, write_recipe
+from helpers import llmtune, write_recipe
 from llmtune import cluster
-from llmtune.stages import checkpoints, distributed
+from llmtune.stages.train import checkpoints
+from llmtune.stages.train import distributed
 
 # 2 processes x batch 1 per process; the 1-process reference runs batch 2: the same global batch.
 # Enough steps that a signal sent after the first checkpoint lands well before the end.
@@ -232,7 +233,7 @@ def test_plain_slurm_template_is_the_generated_script():
 def test_distributed_strategies_map_to_the_trainer_or_are_refused(monkeypatch):
     from llmtune.errors import InputError
     from llmtune.recipe import DistributedSection
-    from llmtune.stages.distributed import shards_quantized_weights, strategy_arguments
+    from llmtune.stages.train.distributed import shards_quantized_weights, strategy_arguments
 
     assert strategy_arguments(DistributedSection(), "cpu", "nf4", processes=2) == {
         "ddp_find_unused_parameters": False, "ddp_timeout": 1800}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import AWKWARD, CONVERSATION, encode_both_ways
+from helpers import AWKWARD, CONVERSATION, encode_both_ways
 from llmtune.data.chat import IGNORE, Example, encode_sample, trained_segments
 from llmtune.data.formats import to_sample
 from llmtune.data.split import copies, digest, sample_json, unit

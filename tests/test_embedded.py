@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import AWKWARD, GSM8K_TRAIN, REPO, encode_both_ways, llmtune, write_recipe
+from helpers import AWKWARD, GSM8K_TRAIN, REPO, encode_both_ways, llmtune, write_recipe
 from llmtune import model_sources, models
 from llmtune.data.chat import IGNORE, encode_sample, trained_segments
 from llmtune.recipe import EMBEDDED_DEFAULT
@@ -135,7 +135,7 @@ def test_smollm2_byte_level_masks_equal_its_offsets_on_gsm8k(smollm2, monkeypatc
 
 
 def test_ollama_falls_back_to_the_system_prompt_smollm2s_template_adds(smollm2):
-    from llmtune.stages.ollama import default_system_prompt, template_family
+    from llmtune.stages.export.ollama import default_system_prompt, template_family
 
     tokenizer = models.load_tokenizer(smollm2)
     assert template_family(tokenizer, tokenizer.chat_template) == "chatml"

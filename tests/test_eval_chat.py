@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import GSM8K_TEST, llmtune, write_jsonl, write_recipe
+from helpers import GSM8K_TEST, llmtune, write_jsonl, write_recipe
 from llmtune.metrics import contains, exact_match, extract_answer, regex_match
 
 GSM8K_REGEX = r"#### *(-?[0-9.,]+)"

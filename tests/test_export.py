@@ -9,7 +9,7 @@ import json
 import pytest
 from gguf import GGUFReader
 
-from conftest import llmtune, write_recipe
+from helpers import llmtune, write_recipe
 from llmtune.errors import InputError
 
 FORMATS = {"formats": ["hf", "gguf", "ollama", "adapter"], "gguf": {"quant": "f16"}}
@@ -90,7 +90,7 @@ def test_a_wrong_gguf_fails_the_export(exported, monkeypatch):
 
     from llmtune.errors import VerificationError
     from llmtune.recipe import load_recipe
-    from llmtune.stages import gguf_write
+    from llmtune.stages.export import gguf_write
     from llmtune.stages.export import export
 
     run, recipe, _ = exported
@@ -102,7 +102,7 @@ def test_a_wrong_gguf_fails_the_export(exported, monkeypatch):
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    from llmtune.stages.gguf_write import gguf_architecture
+    from llmtune.stages.export.gguf_write import gguf_architecture
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(InputError) as error:
@@ -142,8 +142,8 @@ def test_each_supported_architecture_round_trips_through_llama_cpp(tmp_path, mod
     (qwen2) or a wrong rotary layout shows as disagreement. f32 leaves only arithmetic."""
     import random
 
-    from llmtune.stages import gguf_write
-    from llmtune.stages.gguf_verify import verify_gguf
+    from llmtune.stages.export import gguf_write
+    from llmtune.stages.export.gguf_verify import verify_gguf
 
     model, tokenizer = _tiny_of_type(tmp_path / "model", model_type, **extra)
     rng = random.Random(0)
@@ -155,8 +155,8 @@ def test_each_supported_architecture_round_trips_through_llama_cpp(tmp_path, mod
 def test_the_round_trip_check_sees_a_wrong_rotary_layout(tmp_path, monkeypatch):
     import random
 
-    from llmtune.stages import gguf_write
-    from llmtune.stages.gguf_verify import verify_gguf
+    from llmtune.stages.export import gguf_write
+    from llmtune.stages.export.gguf_verify import verify_gguf
 
     model, tokenizer = _tiny_of_type(tmp_path / "model", "llama")
     rng = random.Random(0)

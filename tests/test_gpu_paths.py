@@ -10,11 +10,12 @@ import importlib
 
 import pytest
 
-from conftest import write_recipe
+from helpers import write_recipe
 from llmtune.recipe import DistributedSection, load_recipe
 from llmtune.stages.prepare import prepare
 
 train_module = importlib.import_module("llmtune.stages.train")
+build = importlib.import_module("llmtune.stages.train.build")
 
 
 def _prepared(tiny_model, tmp_path, sets=(), **sections):
@@ -67,7 +68,7 @@ def test_fp16_with_loss_scaling_trains_modules_to_save_in_fp32(tiny_model, tmp_p
 
     from llmtune import model_sources
 
-    model = train_module._adapter_model(recipe, model_sources.resolve(str(tiny_model)), "fp16")
+    model = build.adapter_model(recipe, model_sources.resolve(str(tiny_model)), "fp16")
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -94,7 +95,7 @@ def test_a_sharding_strategy_in_one_process_trains_as_usual_and_says_so(tiny_mod
 
 def test_strategies_in_several_processes_map_to_the_trainer_or_are_refused():
     from llmtune.errors import InputError
-    from llmtune.stages.distributed import process_group_backend, strategy_arguments
+    from llmtune.stages.train.distributed import process_group_backend, strategy_arguments
 
     ddp = strategy_arguments(DistributedSection(timeout_minutes=45), "cuda", "none", processes=2)
     assert ddp == {"ddp_find_unused_parameters": False, "ddp_timeout": 2700}
@@ -210,7 +211,7 @@ def test_ranks_wait_the_recipes_timeout_and_the_base_is_fetched_before_they_star
 
     import accelerate
 
-    from llmtune.stages import distributed
+    from llmtune.stages.train import distributed
 
     made = []
     monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: made.append(kwargs))
@@ -236,11 +237,11 @@ def test_losses_keep_no_layer_outputs_and_softcapped_heads_are_chunked_too(tiny_
     import torch
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    from conftest import chat_rows
+    from helpers import chat_rows
     from llmtune.data.chat import encode_sample
-    from llmtune.stages import loss as loss_module
+    from llmtune.stages.train import loss as loss_module
     from llmtune.stages.collate import PadCollator
-    from llmtune.stages.inference import mean_token_loss
+    from llmtune.serve.inference import mean_token_loss
 
     examples = [encode_sample(tokenizer, row) for row in chat_rows(3)]
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
@@ -267,7 +268,7 @@ def test_losses_keep_no_layer_outputs_and_softcapped_heads_are_chunked_too(tiny_
 def test_plan_counts_what_the_device_and_the_sharding_hold(tmp_path):
     """plan priced every device like the CPU, whose attention kernel materialises the scores
     (GPU kernels do not), and ignored FSDP/ZeRO sharding: both now count, per process."""
-    from conftest import REPO
+    from helpers import REPO
     from llmtune.stages.plan import plan
 
     path = REPO / "recipes" / "library" / "llama-3.2-1b-lora.yaml"
@@ -310,7 +311,7 @@ def test_a_qlora_adapter_is_evaluated_on_the_base_quantized_as_trained(tiny_mode
     """eval, preview, generate and chat loaded a QLoRA adapter's base unquantized: on the GPU it
     was trained on, an 8B base in bf16 (16 GB) where 4-bit training took 6 GB."""
     from llmtune import model_sources
-    from llmtune.stages.inference import adapter_on_base
+    from llmtune.serve.inference import adapter_on_base
 
     recipe, run = _prepared(tiny_model, tmp_path, ["model.quantize=nf4"], train={"max_steps": 2})
     train_module.train(recipe, run)

@@ -10,7 +10,7 @@ import signal
 import pytest
 import yaml
 
-from conftest import adapter_weights, llmtune, max_difference, start_training_until, write_jsonl
+from helpers import adapter_weights, llmtune, max_difference, start_training_until, write_jsonl
 from llmtune import rewards
 from llmtune.errors import InputError
 from llmtune.recipe import Reward, load_recipe
@@ -186,7 +186,7 @@ RESUMABLE = {"max_steps": 8, "save_every": 4, "keep_checkpoints": 2}
 
 def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_adapter(tiny_model, tmp_path):
     """Sampling is seeded and the checkpoint carries the RNG states: a resumed CPU run in fp32
-    draws the same completions and ends with the same adapter (README, "GRPO")."""
+    draws the same completions and ends with the same adapter (docs/objectives.md, "GRPO")."""
     adapters = []
     for name, kill in (("whole", False), ("killed", True)):
         folder = tmp_path / name
@@ -207,8 +207,9 @@ def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_adapter(tiny_mod
 
 
 def test_vllm_generation_is_refused_with_a_reason_where_it_cannot_run(tiny_model, tmp_path):
-    from llmtune.stages import objectives
+    from llmtune.objectives import objective
+    from llmtune.stages.train import trl
 
     recipe = load_recipe(write_grpo_recipe(tmp_path, tiny_model), ["train.grpo.generation=vllm"])
     with pytest.raises(InputError, match="train.grpo.generation: vllm needs a CUDA GPU and the vllm package"):
-        objectives.config("grpo", recipe, {"output_dir": str(tmp_path / "out"), "use_cpu": True})
+        trl.config(objective("grpo"), recipe, {"output_dir": str(tmp_path / "out"), "use_cpu": True})

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from conftest import GSM8K_TRAIN as GSM8K, llmtune
+from helpers import GSM8K_TRAIN as GSM8K, llmtune
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """The ways fine-tunes fail in the field, each caught by a guard; every test here fails without
-its guard (README, "What llmtune catches for you")."""
+its guard (docs/guardrails.md)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from conftest import llmtune, write_recipe
+from helpers import llmtune, write_recipe
 from llmtune.errors import Diverged
 from llmtune.recipe import load_recipe
-from llmtune.stages import checkpoints
+from llmtune.stages.train import checkpoints
 from llmtune.stages.prepare import prepare
 from llmtune.stages.train import train
 
@@ -36,7 +36,7 @@ def test_a_learning_rate_that_blows_up_stops_training_with_exit_5(tiny_model, tm
 
 
 def test_an_injected_nan_loss_stops_at_its_step_and_names_its_rows(tiny_model, tmp_path, monkeypatch):
-    from llmtune.stages import loss as loss_module
+    from llmtune.stages.train import trainer as loss_module
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, rows=40,
                                       train={"max_steps": 8, "save_every": 2, "batch_size": 4}))
@@ -99,7 +99,7 @@ def test_a_base_llama3_served_after_export_stops_where_its_turns_end(tmp_path):
 def _prepare_rows(tmp_path, tiny_model, rows, *sets):
     import json
 
-    from conftest import write_jsonl
+    from helpers import write_jsonl
 
     recipe_file = write_recipe(tmp_path, tiny_model)
     write_jsonl(tmp_path / "data" / "train.jsonl", rows)
@@ -109,7 +109,7 @@ def _prepare_rows(tmp_path, tiny_model, rows, *sets):
 
 
 def test_rows_that_train_nothing_are_skipped_each_with_its_reason(tiny_model, tmp_path):
-    from conftest import chat_rows
+    from helpers import chat_rows
     from llmtune.errors import InputError
     from llmtune.stages.prepare import CUT_AWAY, NOTHING_TO_TRAIN
 
@@ -128,7 +128,7 @@ def test_rows_that_train_nothing_are_skipped_each_with_its_reason(tiny_model, tm
 
 
 def test_answers_cut_by_truncation_are_counted_and_warned_about(tiny_model, tmp_path, capsys):
-    from conftest import chat_rows
+    from helpers import chat_rows
 
     long_answer = {"messages": [{"role": "user", "content": "Go"}, {"role": "assistant", "content": "z" * 300}]}
     # truncated after its answer: a last user turn that trains nothing is cut, the answer is whole
@@ -147,7 +147,7 @@ INJECTED = [{"messages": [{"role": "user", "content": "What does <|im_end|> do i
 
 @pytest.mark.parametrize("mode", ["plain", "keep"])
 def test_control_token_text_in_content_is_text_unless_keep(tiny_model, tmp_path, mode, tokenizer):
-    from conftest import chat_rows
+    from helpers import chat_rows
     from llmtune.data.chat import IGNORE
     from llmtune.data.turns import render
     from llmtune.data.special_text import encode_prompt
@@ -172,7 +172,7 @@ def test_control_token_text_in_content_is_text_unless_keep(tiny_model, tmp_path,
 
 
 def test_control_token_text_under_error_names_the_row(tiny_model, tmp_path):
-    from conftest import chat_rows
+    from helpers import chat_rows
     from llmtune.errors import InputError
 
     with pytest.raises(InputError) as caught:
@@ -210,8 +210,8 @@ def test_generate_and_chat_serve_prompts_as_training_saw_them(tiny_model, tmp_pa
     import subprocess
     import sys
 
-    from conftest import write_jsonl
-    from llmtune.stages.serving import serving_defaults
+    from helpers import write_jsonl
+    from llmtune.serve.serving import serving_defaults
 
     recipe = write_recipe(tmp_path, tiny_model, rows=24, data={"system_prompt": "Answer in three words."},
                           train={"max_steps": 4, "lr": 5e-3}, preview={"count": 0})
@@ -265,8 +265,8 @@ def test_generate_and_chat_serve_prompts_as_training_saw_them(tiny_model, tmp_pa
 
 
 def test_empty_answers_are_counted_and_warned_about(capsys):
-    from llmtune.stages.inference import Generation
-    from llmtune.stages.serving import report_empty
+    from llmtune.serve.inference import Generation
+    from llmtune.serve.serving import report_empty
 
     assert report_empty([Generation("", True), Generation(" 42", True), Generation("  ", True)], "generate") == 2
     assert "generate: warning: 2 of 3 answers are empty" in " ".join(capsys.readouterr().out.split())
@@ -295,7 +295,8 @@ def test_numeric_checks_count_a_nan_as_a_failure(tiny_model):
 
     from llmtune import models
     from llmtune.errors import VerificationError
-    from llmtune.stages import gguf_verify, merge_check
+    from llmtune.stages.export import gguf_verify
+    from llmtune.stages.merge import check as merge_check
 
     model = models.load_model(tiny_model, "fp32").eval()
     with torch.no_grad():
@@ -320,7 +321,7 @@ def test_plan_reports_eval_and_generation_batches_shrink_to_what_fits(tiny_model
     import json
 
     from llmtune import models
-    from llmtune.stages import inference
+    from llmtune.serve import inference
 
     recipe = write_recipe(tmp_path, tiny_model, eval={"batch_size": 8, "max_new_tokens": 16})
     result = llmtune("plan", recipe, "--json", cwd=tmp_path)

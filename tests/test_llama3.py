@@ -14,7 +14,7 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from conftest import llmtune, stage_manifest, write_jsonl, write_recipe
+from helpers import llmtune, stage_manifest, write_jsonl, write_recipe
 from llmtune.errors import VerificationError
 from llmtune.recipe import load_recipe
 from llmtune.testing import build_llama3_model
@@ -72,7 +72,7 @@ def test_a_bf16_merge_missing_one_modules_delta_fails_its_check(llama3_run, monk
     weight comparison with peft's own merge tells this merge from a correct one."""
     folder, recipe_file, _ = llama3_run
     run = shutil.copytree(folder / "runs" / "tiny", tmp_path / "run")  # the shared run stays as is
-    shard_merge = importlib.import_module("llmtune.stages.shard_merge")
+    shard_merge = importlib.import_module("llmtune.stages.merge.shards")
     merge_stage = importlib.import_module("llmtune.stages.merge")
     real = shard_merge._merge_shard
 

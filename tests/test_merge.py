@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from llmtune.stages import shard_merge
+from llmtune.stages.merge import shards as shard_merge
 from llmtune.testing import build_tiny_model
 
 
@@ -72,9 +72,11 @@ def test_sizes_parse_as_the_hub_writes_them():
 def test_the_stage_merges_in_memory_what_shards_cannot_hold_and_checks_it_the_same_way(tiny_model, tmp_path):
     """A trained copy of the tied output head (modules_to_save) has no tensor of its own in the
     base checkpoint: the stage writes peft's merge from memory, checked like a shard merge."""
-    from conftest import write_recipe
+    from helpers import write_recipe
     from llmtune.recipe import load_recipe
-    from llmtune.stages import merge, prepare, train
+    from llmtune.stages.merge import merge
+    from llmtune.stages.prepare import prepare
+    from llmtune.stages.train import train
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, rows=16, train={"max_steps": 2},
                                       adapter={"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import llmtune, stage_manifest, write_recipe
+from helpers import llmtune, stage_manifest, write_recipe
 
 STAGE_DIRS = ("prepared", "adapter", "merged", "exported")
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from datasets import load_from_disk
 
-from conftest import adapter_weights, llmtune, max_difference, start_training_until, write_jsonl
+from helpers import adapter_weights, llmtune, max_difference, start_training_until, write_jsonl
 from llmtune.data.chat import encode_sample
 from llmtune.data.formats import to_sample
 from llmtune.recipe import load_recipe

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from conftest import AWKWARD, CONVERSATION, chat_rows, llmtune, write_jsonl, write_recipe
+from helpers import AWKWARD, CONVERSATION, chat_rows, llmtune, write_jsonl, write_recipe
 from llmtune.data.chat import IGNORE, Example, encode_sample, trained_segments
 from llmtune.data.turns import render, render_sample
 from llmtune.data.formats import to_sample

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 from datasets import Dataset, load_from_disk
 
-from conftest import chat_rows, llmtune, write_jsonl, write_recipe
+from helpers import chat_rows, llmtune, write_jsonl, write_recipe
 from llmtune.data.chat import IGNORE
 from llmtune.errors import InputError
 from llmtune.recipe import load_recipe
-from llmtune.stages import prepared_split
+from llmtune.stages.prepare import split as prepared_split
 from llmtune.stages.prepare import prepare
 
 prepare_module = importlib.import_module("llmtune.stages.prepare")  # the name is also the function's

@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import write_recipe
+from helpers import write_recipe
 from hub_standin import Hub
 
 TOKEN = "hf_standin_secret_token_123"
@@ -90,7 +90,7 @@ def test_push_refuses_a_changed_output_an_unfinished_stage_and_a_missing_token(f
         assert not hub.repos  # nothing was created
     # the other refusals in-process (the CLI's exit codes: 2 for InputError, 3 for VerificationError)
     from llmtune.errors import InputError, VerificationError
-    from llmtune.stages.push import push
+    from llmtune.stages.export.push import push
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_TOKEN", TOKEN)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO, llmtune, write_jsonl
+from helpers import REPO, llmtune, write_jsonl
 from llmtune.errors import RecipeError
 from llmtune.recipe import EMBEDDED_DEFAULT, dump_recipe, load_recipe, section_sha256
 

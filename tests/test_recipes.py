@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from conftest import REPO, llmtune, write_recipe
+from helpers import REPO, llmtune, write_recipe
 from llmtune.architectures import KNOWN_MODELS, check_recipe
 from llmtune.recipe import load_recipe
-from llmtune.recipe_docs import reference_markdown, schema_json
+from llmtune.recipe.docs import reference_markdown, schema_json
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 LIBRARY = sorted((REPO / "recipes" / "library").glob("*.yaml"))

@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import llmtune, write_recipe
+from helpers import llmtune, write_recipe
 from llmtune import model_sources
 from llmtune.cli import run_cli
 from llmtune.errors import InputError

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import llmtune, write_jsonl
+from helpers import llmtune, write_jsonl
 from llmtune.data.chat import IGNORE, encode_pieces, encode_sample, trained_segments
 from llmtune.data.formats import to_sample
 from llmtune.data.templates import BUILT_IN
@@ -259,11 +259,11 @@ def test_prepare_counts_tools_and_reasoning_and_preview_highlights_them(tmp_path
 def test_eval_scores_tool_calls_and_generate_returns_them(tmp_path, tiny_model):
     """eval: tool_call_accuracy per model on the validation tool calls; generate --tools: each
     answer's calls as structured output (the tiny model's calls are noise: the shape is tested
-    here, the rise from base to tuned by the tool quickstart in the README)."""
+    here, the rise from base to tuned by the tool quickstart in docs/tools.md)."""
     import yaml
 
     from llmtune.recipe import load_recipe
-    from llmtune.stages.eval import evaluate
+    from llmtune.serve.eval import evaluate
     from llmtune.stages.prepare import prepare
     from llmtune.stages.train import train
 
@@ -319,7 +319,7 @@ def test_llama_cpp_renders_the_built_in_tool_templates_as_transformers_does(name
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from llmtune.data.templates import carried
-    from llmtune.stages.gguf_verify import TOOLS_PROBE
+    from llmtune.stages.export.gguf_verify import TOOLS_PROBE
 
     tokenizer = tokenizer_with(BUILT_IN[name], llama=name == "llama-3.1")
     assert carried(tokenizer, None) == ["tool definitions", "tool calls", "tool results", "reasoning"]

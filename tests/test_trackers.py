@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import llmtune, write_recipe
+from helpers import llmtune, write_recipe
 
 SECRET = "sekrit-llmtune-test-key-4f1d"
 

@@ -8,9 +8,9 @@ import signal
 
 import pytest
 
-from conftest import adapter_weights, llmtune, max_difference, start_training_until, write_recipe
+from helpers import adapter_weights, llmtune, max_difference, start_training_until, write_recipe
 from llmtune.recipe import load_recipe
-from llmtune.stages import checkpoints
+from llmtune.stages.train import checkpoints
 from llmtune.stages.prepare import prepare
 from llmtune.stages.train import train
 
@@ -41,7 +41,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(tiny_model, tmp_path):
 
     import torch
 
-    train_stage = importlib.import_module("llmtune.stages.train")
+    build = importlib.import_module("llmtune.stages.train.build")
     from llmtune import model_sources
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, adapter={"init": "gaussian"}),
@@ -50,7 +50,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(tiny_model, tmp_path):
 
     def gradients(evaluate_first: bool):
         torch.manual_seed(0)
-        model = train_stage._adapter_model(recipe, model_sources.resolve(str(tiny_model)), "bf16")
+        model = build.adapter_model(recipe, model_sources.resolve(str(tiny_model)), "bf16")
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer runs every forward
             if evaluate_first:
                 model.eval()
@@ -146,10 +146,11 @@ def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from conftest import chat_rows
+    from helpers import chat_rows
     from llmtune.data.chat import encode_sample
-    from llmtune.stages import loss as loss_module
     from llmtune.stages.collate import PadCollator
+    from llmtune.stages.train import loss as loss_module
+    from llmtune.stages.train.trainer import ChunkedLossTrainer
 
     monkeypatch.setattr(loss_module, "MAX_CHUNK", 7)  # several chunks, the last one partial
     assert loss_module.chunk_rows(128256) == 7 and loss_module.chunk_rows(32) == 7
@@ -168,13 +169,13 @@ def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
     standard, standard_grads = loss_and_grads(lambda: model(**batch).loss)
     fake_trainer = types.SimpleNamespace()
     chunked, chunked_grads = loss_and_grads(
-        lambda: loss_module.ChunkedLossTrainer.compute_loss(fake_trainer, model, dict(batch)))
+        lambda: ChunkedLossTrainer.compute_loss(fake_trainer, model, dict(batch)))
     assert chunked == pytest.approx(standard, abs=1e-5)
     assert max(float((a - b).abs().max()) for a, b in zip(chunked_grads, standard_grads)) < 1e-5
     assert loss_module.chunked_loss_supported(model.config)  # the tiny model is a llama
 
     # evaluation (eval, the merge check's peers) computes the same loss without full logits
-    from llmtune.stages.inference import mean_token_loss
+    from llmtune.serve.inference import mean_token_loss
 
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
     chunked_mean = mean_token_loss(model, rows, tokenizer.pad_token_id, batch_size=2)
@@ -229,7 +230,7 @@ def test_no_validation_split_trains_without_eval(tiny_model, tmp_path):
 def test_length_grouped_batches_are_seeded_by_epoch_and_pad_less():
     import random
 
-    from llmtune.stages.sampling import SeededLengthGroupedSampler
+    from llmtune.stages.train.sampler import SeededLengthGroupedSampler
 
     rng = random.Random(0)
     lengths = [rng.randrange(20, 400) for _ in range(2000)]
@@ -319,17 +320,17 @@ def test_paged_optimizer_is_refused_off_cuda(tiny_model, tmp_path):
 
 
 def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tiny_model, tmp_path, monkeypatch):
-    from llmtune.stages import sampling
+    from llmtune.stages.train.trainer import GroupedTrainer
 
     seen = {}
-    original = sampling.GroupedTrainer.create_optimizer
+    original = GroupedTrainer.create_optimizer
 
     def spy(self, model=None):
         optimizer = original(self, model)
         seen["groups"] = [(group["lr"], len(group["params"])) for group in optimizer.param_groups]
         return optimizer
 
-    monkeypatch.setattr(sampling.GroupedTrainer, "create_optimizer", spy)
+    monkeypatch.setattr(GroupedTrainer, "create_optimizer", spy)
     recipe = load_recipe(write_recipe(tmp_path, tiny_model, train={"max_steps": 1, "lr": 1e-3}),
                          ["adapter.loraplus_lr_ratio=16"])
     prepare(recipe, tmp_path / "runs" / "tiny")

@@ -113,7 +113,7 @@ def _run_forwarding_signals(command: list[str], usr1_as: int = signal.SIGUSR1) -
 def _interrupted_at(run_path: Path) -> int | None:
     """The step an interrupted training saved at, from its resume state (written by rank 0)."""
     from llmtune.manifest import partial_dir
-    from llmtune.stages.checkpoints import read_resume_state
+    from llmtune.stages.train.checkpoints import read_resume_state
 
     return (read_resume_state(partial_dir(stage_dir(run_path, "train"))) or {}).get("interrupted_at_step")
 

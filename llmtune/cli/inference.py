@@ -28,7 +28,7 @@ def eval_(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force:
     """Compare base, adapter and merged: loss, perplexity, exact/contains/regex match, EOS rate."""
     loaded, run_path = open_run(recipe, set, run_dir)
     from llmtune.manifest import stage_dir
-    from llmtune.stages.eval import evaluate
+    from llmtune.serve.eval import evaluate
 
     outcome = evaluate(loaded, run_path, force=force)
     state = "up to date" if outcome.up_to_date else "done"
@@ -70,9 +70,9 @@ def generate(
 
     from llmtune.data.formats import check_messages
     from llmtune.models import quiet_libraries
-    from llmtune.stages.inference import generate as run_generation
-    from llmtune.stages.inference import load_tuned
-    from llmtune.stages.serving import as_prompt, report_empty, serving_defaults, use_template
+    from llmtune.serve.inference import generate as run_generation
+    from llmtune.serve.inference import load_tuned
+    from llmtune.serve.serving import as_prompt, report_empty, serving_defaults, use_template
 
     quiet_libraries()
     serving = serving_defaults(target, adapter)
@@ -145,8 +145,8 @@ def chat(
 
     from llmtune.data.special_text import encode_prompt
     from llmtune.models import eos_token_ids, quiet_libraries
-    from llmtune.stages.inference import load_tuned
-    from llmtune.stages.serving import serving_defaults, use_template
+    from llmtune.serve.inference import load_tuned
+    from llmtune.serve.serving import serving_defaults, use_template
 
     quiet_libraries()
     serving = serving_defaults(target, adapter)

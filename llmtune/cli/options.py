@@ -27,8 +27,6 @@ app.add_typer(recipe_app, name="recipe")
 data_app = typer.Typer(help="See what the model will learn from your data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-PIPELINE = ("prepare", "train", "merge", "export")  # what `llmtune run` runs, in order
-
 RecipeArg = Annotated[Path, typer.Argument(help="The recipe YAML file.", show_default=False)]
 SetOpt = Annotated[
     list[str],
@@ -53,7 +51,7 @@ def open_run(recipe_file: Path, sets: list[str], run_dir: Path | None, record: b
     from llmtune.models import quiet_libraries
     from llmtune.recipe import dump_recipe, load_recipe
     from llmtune.recipe import run_dir as default_run_dir
-    from llmtune.recipe_lock import verify_lock
+    from llmtune.recipe.lock import verify_lock
 
     loaded = load_recipe(recipe_file, sets)
     locked_revision = verify_lock(loaded, recipe_file)
@@ -79,17 +77,14 @@ def resume_flag(value: str | None) -> bool:
 def run_stage(stage: str, recipe, run_path: Path, force: bool, resume: bool = False,
               verify: bool = True, fetch_base: bool = True) -> None:
     """Run one pipeline stage and print its one-line outcome."""
-    from llmtune.manifest import stage_dir
-    from llmtune.stages import STAGES
+    from llmtune.pipeline import run_stage as run_pipeline_stage
 
-    if stage != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # every rank would write the same stage directory at once
-        raise LlmtuneError(f"{stage} runs in one process, not under torchrun/accelerate launch "
-                           f"({os.environ['WORLD_SIZE']} processes)",
-                           hint="launch only `llmtune train`; run prepare before it and merge/export "
-                           "(or `llmtune run`) after it, in one process (see docs/cluster.md)")
-    extra = {"train": {"resume": resume}, "export": {"verify": verify}, "prepare": {"fetch_base": fetch_base}}.get(stage, {})
-    outcome = STAGES[stage](recipe, run_path, force=force, **extra)
+    print_outcome(stage, run_path, run_pipeline_stage(stage, recipe, run_path, force, resume, verify, fetch_base))
+
+
+def print_outcome(stage: str, run_path: Path, outcome) -> None:
+    from llmtune.manifest import stage_dir
+
     where = stage_dir(run_path, stage)
     if outcome.up_to_date:
         console.print(f"[bold]{stage}:[/] up to date ({where})", markup=True)

@@ -113,7 +113,7 @@ def recipe_new(
 @recipe_app.command("schema")
 def recipe_schema():
     """Print the recipe JSON Schema, for editors (see docs/recipes.md for the yaml-language-server line)."""
-    from llmtune.recipe_docs import schema_json
+    from llmtune.recipe.docs import schema_json
 
     typer.echo(schema_json(), nl=False)
 
@@ -124,7 +124,7 @@ def recipe_lock(recipe: RecipeArg):
     Stage commands then refuse to run when any of them changed."""
     from llmtune.models import quiet_libraries
     from llmtune.recipe import load_recipe
-    from llmtune.recipe_lock import write_lock
+    from llmtune.recipe.lock import write_lock
 
     quiet_libraries()
     target, lock = write_lock(load_recipe(recipe), recipe)

@@ -12,7 +12,6 @@ from rich.table import Table
 
 from llmtune import __version__
 from llmtune.cli.options import (
-    PIPELINE,
     ForceOpt,
     NoVerifyOpt,
     RecipeArg,
@@ -23,6 +22,7 @@ from llmtune.cli.options import (
     brief,
     data_app,
     open_run,
+    print_outcome,
     resume_flag,
     run_stage,
 )
@@ -75,18 +75,18 @@ def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: F
         resume: ResumeOpt = None, no_verify: NoVerifyOpt = False):
     """Run every stage; stages whose inputs are unchanged are skipped as up to date."""
     loaded, run_path = open_run(recipe, set, run_dir)
-    for stage in PIPELINE:
-        run_stage(stage, loaded, run_path, force, resume=resume_flag(resume) and stage == "train",
-                   verify=not no_verify)
-    _print_results(run_path)
-    from llmtune.stages.preview import preview
+    from llmtune.pipeline import run as run_pipeline
 
-    result = preview(loaded, run_path)
-    if result:
-        _print_preview(result, loaded.preview.show)
-    hub = loaded.export.hub
-    if hub is not None:  # a cluster job publishes its result
-        _push(run_path, hub.repo, hub.what, hub.private, hub.revision)
+    def after(stage, outcome):
+        print_outcome(stage, run_path, outcome)
+        if stage == "export":
+            _print_results(run_path)
+
+    result = run_pipeline(loaded, run_path, force, resume_flag(resume), not no_verify, on_stage=after)
+    if result.preview:
+        _print_preview(result.preview, loaded.preview.show)
+    if result.pushed:
+        _print_push(result.pushed, loaded.export.hub.repo)
     console.print(f"[bold green]done:[/] {run_path}", markup=True)
 
 
@@ -99,7 +99,7 @@ def push(
     revision: Annotated[str | None, typer.Option(help="A branch to push to (created if missing).")] = None,
 ):
     """Upload a finished run's outputs with a model card and the recipe (token: HF_TOKEN or hf auth login)."""
-    from llmtune.stages.push import WHAT
+    from llmtune.stages.export.push import WHAT
 
     if what not in WHAT:
         raise LlmtuneError(f"--what {what}: expected one of {', '.join(WHAT)}")
@@ -109,9 +109,12 @@ def push(
 
 
 def _push(run_path: Path, repo: str, what: str, private: bool, revision: str | None) -> None:
-    from llmtune.stages.push import push as push_run
+    from llmtune.pipeline import push as push_run
 
-    result = push_run(run_path, repo, what, private, revision)
+    _print_push(push_run(run_path, repo, what, private, revision), repo)
+
+
+def _print_push(result: dict, repo: str) -> None:
     console.print(f"push: {len(result['files'])} files -> {repo} ({result['revision']})"
                   + (f": {result['url']}" if result["url"] else ""))
 

@@ -1,8 +1,3 @@
-"""The pipeline stages. Each is a function `stage(recipe, run_dir, force) -> Outcome`."""
-
-from llmtune.stages.export import export
-from llmtune.stages.merge import merge
-from llmtune.stages.prepare import prepare
-from llmtune.stages.train import train
-
-STAGES = {"prepare": prepare, "train": train, "merge": merge, "export": export}
+"""The pipeline stages, one package each, read top to bottom from its __init__: prepare, train,
+merge, export. Each is a function `stage(recipe, run_dir, force) -> Outcome`; llmtune.pipeline
+runs them in order. plan.py and memory.py price them before they run."""

@@ -17,24 +17,18 @@ import math
 
 from llmtune import models
 from llmtune.recipe import Recipe
-from llmtune.stages.loss import chunk_rows, chunked_loss_supported
-from llmtune.stages.objectives import GRPO_COMPLETION, VLLM_MEMORY_SHARE
+from llmtune.stages.train.loss import chunk_rows, chunked_loss_supported
+from llmtune.objectives import GRPO_COMPLETION, VLLM_MEMORY_SHARE, objective
 
 RUNTIME_BYTES = 1.0e9  # Python, torch and library state, measured ~1 GB on CPU
 QUANTIZED_BYTES = {"none": None, "nf4": 0.53, "fp4": 0.53, "int8": 1.0}  # per weight, with constants
 ACTIVATION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-# Per example, by train.objective: sequences the trained model runs forward and backward (a
-# pair's chosen and rejected answers are one batch of two), sequences run forward only without
-# gradients (the reference with the adapter disabled; KTO's mismatched KL answers), and whether
-# the log-probabilities come without the batch's full logits (TRL's fused head in DPO and KTO).
-OBJECTIVE_COST = {"sft": (1, 0, None), "dpo": (2, 2, True), "orpo": (2, 0, False),
-                  "simpo": (2, 0, False), "kto": (1, 3, True), "grpo": (1, 1, True)}
 
 
 def sequence_length(recipe: Recipe) -> int:
     """Tokens per training sequence: max_seq_len, and for grpo the prompt (max_seq_len at most)
     and its sampled completion (grpo.max_completion_length, TRL's 512 when unset)."""
-    if recipe.train.objective == "grpo":
+    if objective(recipe.train.objective).generates:
         return recipe.data.max_seq_len + (recipe.train.grpo.max_completion_length or GRPO_COMPLETION)
     return recipe.data.max_seq_len
 
@@ -57,8 +51,11 @@ def train_memory(config, recipe: Recipe, precision: str, counts: dict, device: s
     """Peak memory of training by part, per process, for micro-batches of the recipe's shape."""
     cfg = recipe.train
     act_bytes = ACTIVATION_BYTES[precision]
-    sequences, forward_only, fused = OBJECTIVE_COST[cfg.objective]
-    rows = cfg.batch_size * sequences  # trained sequences per micro-batch
+    # a pair's chosen and rejected answers are one batch of two; the sequences run forward only
+    # (the reference, KTO's KL answers) keep no activations (see _activations)
+    row = objective(cfg.objective)
+    fused = row.fused_logps  # TRL's fused head computes log-probabilities without full logits
+    rows = cfg.batch_size * row.trained_sequences  # trained sequences per micro-batch
     chunked = fused if fused is not None else (
         cfg.loss == "chunked" or (cfg.loss == "auto" and chunked_loss_supported(config)))
     trainable = counts["trainable"]
@@ -137,7 +134,7 @@ def stage_peaks(config, recipe: Recipe, precision: str, counts: dict, train: dic
         return needed
 
     train_peak = train["total"]
-    if recipe.train.objective == "grpo" and recipe.train.grpo.generation == "vllm":
+    if objective(recipe.train.objective).generates and recipe.train.grpo.generation == "vllm":
         share = recipe.train.grpo.vllm_gpu_memory_utilization or VLLM_MEMORY_SHARE
         if gpu_bytes is not None:
             train_peak += share * gpu_bytes

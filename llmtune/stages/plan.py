@@ -25,7 +25,8 @@ from llmtune.console import console
 from llmtune.errors import InputError
 from llmtune.recipe import Recipe
 from llmtune.stages import memory
-from llmtune.stages.memory import OBJECTIVE_COST, sequence_length  # noqa: F401 (plan's public terms)
+from llmtune.objectives import objective
+from llmtune.stages.memory import sequence_length
 from llmtune.stages.prepare import prepare, up_to_date
 from llmtune.stages.train import lora_config
 
@@ -47,14 +48,12 @@ def plan(recipe: Recipe, run: Path, processes: int = 1, device: str = "auto",
     per_step = cfg.batch_size * cfg.grad_accum * processes  # the global batch
     steps = cfg.max_steps or (math.ceil(math.ceil(tokens["train_examples"] / per_step) * cfg.epochs)
                               if tokens["train_examples"] is not None else None)
-    trained, forward_only, _ = OBJECTIVE_COST[cfg.objective]
+    row = objective(cfg.objective)
     stages = memory.stage_peaks(config, recipe, precision, counts, estimate, target, gpu_bytes)
     result = {
         "model": recipe.model.path,
         "objective": cfg.objective,
-        "sequences_per_example": (f"{trained} trained" + (f" + {forward_only} forward only (reference"
-                                  + (", KL" if cfg.objective == "kto" else "") + ")" if forward_only else "")
-                                  + (", each a prompt and a sampled completion" if cfg.objective == "grpo" else "")),
+        "sequences_per_example": _sequences(row),
         "parameters": counts["total"],
         "trainable_parameters": counts["trainable"],
         **tokens,
@@ -77,6 +76,13 @@ def plan(recipe: Recipe, run: Path, processes: int = 1, device: str = "auto",
     if target == "cuda":
         result["peak_gpu_bytes_by_stage"] = stages["peaks"]
     return result
+
+
+def _sequences(row) -> str:
+    """What one example costs: the sequences trained and those run forward only."""
+    forward = f" + {row.forward_only} forward only ({row.forward_only_for})" if row.forward_only else ""
+    sampled = ", each a prompt and a sampled completion" if row.generates else ""
+    return f"{row.trained_sequences} trained{forward}{sampled}"
 
 
 def model_config(recipe: Recipe):

@@ -30,7 +30,7 @@ from llmtune.manifest import (
     upstream_ref,
 )
 from llmtune.recipe import Recipe, section_sha256
-from llmtune.stages.serving import serving_defaults
+from llmtune.serve.serving import serving_defaults
 
 K_QUANTS = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q4_k_s": "Q4_K_S",
             "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
@@ -94,7 +94,7 @@ def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) 
 
 def _export_gguf(recipe: Recipe, merged_dir: Path, merged_manifest: dict, partial: Path,
                  verify: bool, summary: dict) -> Path:
-    from llmtune.stages.gguf_write import write_gguf
+    from llmtune.stages.export.gguf_write import write_gguf
 
     quant = recipe.export.gguf.quant
     folder = partial / "gguf"
@@ -122,7 +122,7 @@ def _export_gguf(recipe: Recipe, merged_dir: Path, merged_manifest: dict, partia
                   f"chat template {'matches' if figures['chat_template_matches'] else 'DIFFERS'}"
                   + ("" if "chat_template_tools_matches" not in figures else
                      f", with tools {'matches' if figures['chat_template_tools_matches'] else 'DIFFERS (llama-cpp-python)'}"))
-    from llmtune.stages.gguf_verify import failures
+    from llmtune.stages.export.gguf_verify import failures
 
     problems = failures(figures, quant)
     if problems:
@@ -135,8 +135,8 @@ def _export_gguf(recipe: Recipe, merged_dir: Path, merged_manifest: dict, partia
 
 
 def _verify(recipe: Recipe, merged_dir: Path, merged_manifest: dict, target: Path) -> dict:
-    from llmtune.stages.gguf_verify import verify_gguf
-    from llmtune.stages.merge_check import check_rows
+    from llmtune.stages.export.gguf_verify import verify_gguf
+    from llmtune.stages.merge.check import check_rows
 
     adapter_dir = upstream_dir(merged_dir, merged_manifest, "adapter")
     rows = check_rows(adapter_dir, read_manifest(adapter_dir), recipe.export.verify_examples,
@@ -177,7 +177,7 @@ def _k_quantize(source: Path, target: Path, quant: str) -> None:
 def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path, folder: Path,
                    summary: dict) -> None:
     from llmtune.data.templates import carried
-    from llmtune.stages.ollama import write_modelfile
+    from llmtune.stages.export.ollama import write_modelfile
 
     folder.mkdir()
     _link(gguf_file, folder / gguf_file.name)

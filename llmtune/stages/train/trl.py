@@ -1,98 +1,47 @@
-"""The objectives beyond SFT, each a row: TRL's trainer and config, its settings from the recipe,
-and the collator that batches llmtune's prepared pairs for it (design.md §1).
+"""The objectives that TRL's trainers run (a row in llmtune/objectives.py with `trl` set): the
+trainer class, its config, and how the prepared rows reach it, by the row's `rows`:
 
-prepare has already rendered, tokenised and masked the pairs (data/pairs.py), so the TRL
-trainers are handed token ids and their own tokenising step is skipped: `_prepare_dataset`
-(DPO, KTO) and `tokenize_row` (ORPO, CPO) pass the prepared rows through. Everything else
-(losses, the reference model as the base with the adapter disabled, metrics) is TRL's.
+- "pairs" (DPO), "answers" (KTO): the prepared rows already hold TRL's token columns; TRL's
+  collators pad them.
+- "orpo" (ORPO, CPO/SimPO): TRL's row tokenizer passes the prepared pair through and the collator
+  takes it reshaped as its `tokenize_row` would have written it.
+- "prompts" (GRPO): the trainer batches the prompts itself; prepare tokenised them with the chat
+  template and the generation prompt, and they are not tokenised again.
+
+Everything else (losses, the reference model as the base with the adapter disabled, metrics) is
+TRL's. A new objective whose rows come in a new shape adds an entry to ROWS.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+
 from llmtune.console import console
 from llmtune.data.chat import IGNORE
 from llmtune.errors import InputError
-from llmtune.recipe import Recipe
-from llmtune.stages.sampling import GroupedTrainer
-
-# train.objective -> (TRL module, trainer, config); ORPO and CPO (SimPO) live in trl.experimental
-TRL_CLASSES = {
-    "dpo": ("trl", "DPOTrainer", "DPOConfig"),
-    "kto": ("trl", "KTOTrainer", "KTOConfig"),
-    "orpo": ("trl.experimental.orpo", "ORPOTrainer", "ORPOConfig"),
-    "simpo": ("trl.experimental.cpo", "CPOTrainer", "CPOConfig"),
-    "grpo": ("trl", "GRPOTrainer", "GRPOConfig"),
-}
 
 
-def _trl(objective: str):
-    import importlib
-    import os
-
+def _load(path: str):
+    module, name = path.split(":")
     # ORPO and CPO are TRL's experimental modules, which warn on every import; pyproject.toml
     # bounds the TRL version llmtune is tested with instead
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-
-    module, trainer, config = TRL_CLASSES[objective]
-    loaded = importlib.import_module(module)
-    return getattr(loaded, trainer), getattr(loaded, config)
+    return getattr(importlib.import_module(module), name)
 
 
-def trainer_class(objective: str):
-    """TRL's trainer for the objective, with llmtune's sampler, LoRA+ optimizer and loss checks
-    (GroupedTrainer), taking the prepared pairs as they are."""
-    trainer, _ = _trl(objective)
-    mixin = {"dpo": _PreparedTokens, "kto": _PreparedTokens, "grpo": _PreparedPrompts}.get(objective, _PreparedRows)
-    return type(f"Llmtune{trainer.__name__}", (mixin, GroupedTrainer, trainer), {})
+def trainer_class(row, base):
+    """TRL's trainer for the objective with llmtune's `base` (the sampler, LoRA+ optimizer and
+    loss checks of trainer.GroupedTrainer), taking the prepared rows as ROWS says."""
+    trainer = _load(row.trl[0])
+    return type(f"Llmtune{trainer.__name__}", (ROWS[row.rows]["mixin"], base, trainer), {})
 
 
-def config(objective: str, recipe: Recipe, arguments: dict):
+def config(row, recipe, arguments: dict):
     """TRL's config for the objective: the Trainer arguments SFT uses, and the objective's own."""
-    _, config_class = _trl(objective)
-    cfg = recipe.train
-    own = {} if cfg.beta is None else {"beta": cfg.beta}  # unset: TRL's default for the objective
-    if objective == "dpo":
-        # prepare has cut each pair to max_seq_len already; the reference log-probs are computed
-        # with the adapter disabled, step by step (no second model, no precompute pass)
-        own.update(loss_type=[cfg.dpo_loss], max_length=None, precompute_ref_log_probs=False)
-    elif objective == "kto":
-        # TRL estimates KTO's KL term from each batch's answers paired with other prompts, in a
-        # fixed order: the train set is shuffled once by the seed instead of grouped by length
-        own.update(max_length=None, precompute_ref_log_probs=False, train_sampling_strategy="sequential")
-    elif objective == "orpo":
-        own.update(max_length=recipe.data.max_seq_len)
-    elif objective == "grpo":
-        grpo = cfg.grpo
-        own = {key: value for key, value in grpo.model_dump().items()
-               if key in TRL_GRPO_KEYS and value is not None}  # left out: TRL's defaults
-        own.update(reward_weights=[reward.weight for reward in recipe.rewards], log_completions=False,
-                   train_sampling_strategy="random")  # TRL's sampler repeats each prompt num_generations times
-        if grpo.generation == "vllm":
-            _check_vllm()
-            own.update(vllm_arguments(recipe))
-    elif objective == "simpo":
-        # SimPO is CPO's loss "simpo" without CPO's added NLL term (TRL's docs: cpo_alpha 0)
-        own.update(loss_type="simpo", cpo_alpha=0.0, max_length=recipe.data.max_seq_len)
-    return config_class(**{**arguments, **own})
-
-
-TRL_GRPO_KEYS = ("num_generations", "max_completion_length", "temperature", "top_p", "beta", "epsilon", "loss_type")
-
-
-def vllm_arguments(recipe: Recipe) -> dict:
-    """TRL's vLLM colocate settings. Its context is the longest prompt plus the completion:
-    left to TRL, it is the model's whole context (131,072 tokens for Llama 3.x), whose KV cache
-    vLLM refuses to reserve on most GPUs."""
-    grpo = recipe.train.grpo
-    arguments = {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": grpo.vllm_sleep,
-                 "vllm_max_model_length": recipe.data.max_seq_len + (grpo.max_completion_length or GRPO_COMPLETION)}
-    if grpo.vllm_gpu_memory_utilization is not None:
-        arguments["vllm_gpu_memory_utilization"] = grpo.vllm_gpu_memory_utilization
-    return arguments
-
-
-GRPO_COMPLETION = 512  # TRL's default max_completion_length
-VLLM_MEMORY_SHARE = 0.3  # TRL's default vllm_gpu_memory_utilization
+    if recipe.train.grpo.generation == "vllm" and row.generates:
+        _check_vllm()
+    return _load(row.trl[1])(**{**arguments, **row.settings(recipe)})
 
 
 def _check_vllm() -> None:
@@ -106,22 +55,18 @@ def _check_vllm() -> None:
                          hint="pip install vllm on a GPU machine, or use generation: transformers (the default)")
 
 
-def collator(objective: str, pad_id: int):
+def collator(row, pad_id: int):
     """The objective's TRL collator, wrapped to count tokens and remember the rows of a step
-    (GRPO batches its own prompts: its counts come from its completions, see _PreparedPrompts)."""
-    if objective == "grpo":
-        return CountingCollator(None)
-    if objective == "dpo":
-        from trl.trainer.dpo_trainer import DataCollatorForPreference
+    (a trainer that batches its own prompts counts from its completions, see _PreparedPrompts)."""
+    inner = ROWS[row.rows]["collator"]
+    return CountingCollator(inner(pad_id) if inner else None, ROWS[row.rows].get("to_rows"))
 
-        return CountingCollator(DataCollatorForPreference(pad_token_id=pad_id, pad_to_multiple_of=None))
-    if objective == "kto":
-        from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
-        return CountingCollator(DataCollatorForUnpairedPreference(pad_token_id=pad_id, pad_to_multiple_of=None))
-    from trl.experimental.utils import DPODataCollatorWithPadding
-
-    return CountingCollator(DPODataCollatorWithPadding(pad_token_id=pad_id), to_rows=_orpo_row)
+def extra_arguments(row, recipe, counts) -> dict:
+    """What the objective's trainer takes besides the model, data and arguments."""
+    if row.rewards:  # it batches its prompts itself, and scores them with the rewards
+        return {"reward_funcs": reward_functions(recipe), "prompt_counts": counts}
+    return {"data_collator": counts}
 
 
 def lengths(dataset) -> list[int]:
@@ -147,8 +92,8 @@ class CountingCollator:
         self.step_rows: list[str] = []
 
     def __call__(self, rows: list[dict]) -> dict:
-        if self.inner is None:  # GRPO: no batches of ours
-            raise RuntimeError("GRPO batches its prompts itself")
+        if self.inner is None:  # a trainer that batches its own prompts
+            raise RuntimeError("this trainer batches its prompts itself")
         batch = self.inner([self.to_rows(row) for row in rows] if self.to_rows else rows)
         if self.counting:
             self.step_rows += [row["where"] for row in rows if "where" in row]
@@ -191,7 +136,9 @@ class _PreparedPrompts:
     prompt, as chat and generate do), not tokenised again; token counts and the rows of each
     step for the progress line and the non-finite checks."""
 
-    counts: CountingCollator | None = None
+    def __init__(self, *args, prompt_counts=None, **kwargs):
+        self.counts = prompt_counts
+        super().__init__(*args, **kwargs)
 
     def _generate_and_score_completions(self, inputs):
         self._prepared_prompt_ids = [list(row["prompt_ids"]) for row in inputs]
@@ -242,3 +189,30 @@ class _PreparedRows:
 
     def tokenize_row(self, feature, model=None):
         return feature
+
+
+def _dpo_collator(pad_id: int):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    return DataCollatorForPreference(pad_token_id=pad_id, pad_to_multiple_of=None)
+
+
+def _kto_collator(pad_id: int):
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    return DataCollatorForUnpairedPreference(pad_token_id=pad_id, pad_to_multiple_of=None)
+
+
+def _orpo_collator(pad_id: int):
+    from trl.experimental.utils import DPODataCollatorWithPadding
+
+    return DPODataCollatorWithPadding(pad_token_id=pad_id)
+
+
+# Objective.rows -> the trainer mixin that takes prepared rows, TRL's collator, and a reshaping
+ROWS = {
+    "pairs": {"mixin": _PreparedTokens, "collator": _dpo_collator},
+    "answers": {"mixin": _PreparedTokens, "collator": _kto_collator},
+    "orpo": {"mixin": _PreparedRows, "collator": _orpo_collator, "to_rows": _orpo_row},
+    "prompts": {"mixin": _PreparedPrompts, "collator": None},
+}

@@ -28,9 +28,10 @@ from llmtune.data.rows import Row, RowStream
 from llmtune.data.sources import local_files, source_bytes
 from llmtune.data.templates import resolve_template
 from llmtune.errors import InputError
+from llmtune.objectives import kind_of
 from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, stage_dir, start_stage
 from llmtune.recipe import DataSection, Recipe, section_sha256
-from llmtune.stages.prepared_split import Outputs
+from llmtune.stages.prepare.split import Outputs
 
 BATCH = 8192  # rows per tokenizer call: larger batches keep every core busy
 PROGRESS_SECONDS = 10.0  # a long prepare prints a progress line this often
@@ -392,7 +393,7 @@ def _limit_pairs(rows: list[Row], pairs: list, data: DataSection, skipped: Count
 def data_kind(recipe: Recipe) -> str:
     """sft, preference or kto: what prepare writes, by the data's format (the recipe's schema
     has checked that the objective trains on it; prepare depends on the data section alone)."""
-    return {"preference": "preference", "kto": "kto", "prompt": "prompt"}.get(recipe.data.train[0].format, "sft")
+    return kind_of(recipe.data.train[0].format)
 
 
 def up_to_date(recipe: Recipe, run: Path) -> dict | None:

@@ -37,7 +37,7 @@ from llmtune.manifest import (
 from llmtune.metrics import contains, exact_match, regex_match
 from llmtune.recipe import Recipe, section_sha256
 from llmtune.rewards import build as reward_functions
-from llmtune.stages.inference import (
+from llmtune.serve.inference import (
     adapter_on_base,
     answer_logps,
     generate,
@@ -46,7 +46,7 @@ from llmtune.stages.inference import (
     prompt_and_answer,
     trained_precision,
 )
-from llmtune.stages.serving import as_prompt, report_empty, serving_defaults
+from llmtune.serve.serving import as_prompt, report_empty, serving_defaults
 
 def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     adapter_dir, merged_dir, out_dir = (stage_dir(run, stage) for stage in ("train", "merge", "eval"))

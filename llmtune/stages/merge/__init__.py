@@ -35,7 +35,8 @@ from llmtune.manifest import (
 )
 from llmtune.model_card import write_model_card
 from llmtune.recipe import Recipe, section_sha256
-from llmtune.stages import merge_check, shard_merge
+from llmtune.stages.merge import check as merge_check
+from llmtune.stages.merge import shards as shard_merge
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -16,8 +16,8 @@ from llmtune.console import console
 from llmtune.data.tools import answer_of
 from llmtune.manifest import manifest_sha256, require_stage, stage_dir, upstream_dir
 from llmtune.recipe import Recipe
-from llmtune.stages.inference import adapter_on_base, generate, prompt_and_answer, trained_precision
-from llmtune.stages.serving import as_prompt, report_empty, serving_defaults
+from llmtune.serve.inference import adapter_on_base, generate, prompt_and_answer, trained_precision
+from llmtune.serve.serving import as_prompt, report_empty, serving_defaults
 
 PREVIEW_FILE = "preview.json"
 

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from llmtune import models
 from llmtune.console import console
 from llmtune.errors import InputError
-from llmtune.stages.shard_merge import base_tensors, tensor_shapes
+from llmtune.stages.merge.shards import base_tensors, tensor_shapes
 
 # transformers model_type -> GGUF architecture. Mistral uses the llama graph in llama.cpp.
 ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA,

@@ -15,7 +15,8 @@ from transformers import TrainerCallback
 
 from llmtune.console import console
 from llmtune.errors import Diverged
-from llmtune.stages import checkpoints, distributed
+from llmtune.stages.train import checkpoints
+from llmtune.stages.train import distributed
 from llmtune.stages.collate import PadCollator
 
 # What TRL's trainers log -> the names in metrics.jsonl (and the training curves): the preference

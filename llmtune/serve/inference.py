@@ -105,7 +105,7 @@ def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -
     """Mean cross-entropy over the trained tokens of prepared rows (input_ids, labels). For the
     output heads loss.py knows, from the final hidden states in chunks as training computes it
     (a 128k vocabulary makes a batch's full logits gigabytes); otherwise from the logits."""
-    from llmtune.stages.loss import chunked_loss_supported, summed_token_loss
+    from llmtune.stages.train.loss import chunked_loss_supported, summed_token_loss
 
     chunked = chunked_loss_supported(model.config)
     collate = PadCollator(pad_id, attention_mask=True)

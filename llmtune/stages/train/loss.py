@@ -2,9 +2,10 @@
 
 A causal LM computes logits for every position (SmolLM2: 8 x 512 tokens x 49,152 vocabulary is
 805 MB in fp32, and backward keeps more of the same) although only trained positions count.
-ChunkedLossTrainer takes the final hidden states, keeps the trained positions, and computes
-the cross-entropy `chunk_rows` tokens at a time under activation checkpointing, so at most one chunk
-of logits exists at once; the value and gradients equal the model's own loss (tested).
+summed_token_loss takes the final hidden states, keeps the trained positions, and computes the
+cross-entropy `chunk_rows` tokens at a time (in training under activation checkpointing:
+trainer.ChunkedLossTrainer), so at most one chunk of logits exists at once; the value and
+gradients equal the model's own loss (tested). Evaluation (serve/inference.py) uses it too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from accelerate.utils import extract_model_from_parallel
 from torch.utils.checkpoint import checkpoint
 
 from llmtune.data.chat import IGNORE
-from llmtune.stages.sampling import GroupedTrainer
 
 # A chunk's logits hold at most this many values (32 MB in fp32): 170 positions of SmolLM2's 49k
 # vocabulary, 65 of Llama 3's 128k. With 1024 positions a chunk's logits, their fp32 copy, log-
@@ -82,21 +82,6 @@ def summed_token_loss(model, inputs: dict, checkpointed: bool = False) -> tuple[
         total = total + (checkpoint(_chunk_loss, *chunk, use_reentrant=False) if checkpointed
                          else _chunk_loss(*chunk))
     return total, targets.numel(), outputs
-
-
-class ChunkedLossTrainer(GroupedTrainer):
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        total, trained, outputs = summed_token_loss(model, inputs, checkpointed=True)
-        # Normalised over the whole accumulated batch when the Trainer counts it, as the model's
-        # own loss is; then the Trainer must not divide by the accumulation steps again.
-        self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        count = num_items_in_batch if num_items_in_batch is not None else max(trained, 1)
-        loss = total / count
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # the count is over every rank's batch and DDP averages gradients over ranks: scale
-            # back up, as the Trainer's own compute_loss does
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
 
 
 def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
