@@ -28,7 +28,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llmtune.console import console
-from llmtune.model_sources import CONVERTED_MARKER, ModelRef
+from llmtune.model_ref import CONVERTED_MARKER, ModelRef
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_OF = {dtype: name for name, dtype in DTYPES.items()}

@@ -48,9 +48,9 @@ def run_llmtune(args, folder: Path) -> dict:
     import yaml
 
     from llmtune.recipe import load_recipe
-    from llmtune.stages.train import trl as objectives
     from llmtune.stages.prepare import prepare
     from llmtune.stages.train import train
+    from llmtune.stages.train import trl as objectives
 
     data = folder / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in pairs_needed(args)))

@@ -93,8 +93,8 @@ def main() -> None:
 
     from benchutil import gsm8k_train
     from llmtune import model_sources, models
-    from llmtune.data.turns import render_sample
     from llmtune.data.formats import to_sample
+    from llmtune.data.turns import render_sample
     from llmtune.recipe import load_recipe
     from llmtune.stages.prepare import prepare
 

@@ -49,8 +49,8 @@ def write_rows(source: Path, count: int, target: Path) -> None:
 def packing_fill(source: Path) -> None:
     """Packing's fill and sequences for buckets of several sizes (prepare run in this process)."""
     from llmtune.recipe import load_recipe
-    from llmtune.stages.prepare import split as prepared_split
     from llmtune.stages.prepare import prepare
+    from llmtune.stages.prepare import split as prepared_split
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "chat.jsonl"

@@ -52,7 +52,8 @@ def build_model(folder: Path, data: Path, shape: dict = SHAPE) -> Path:
     tokenizer = build_llama3_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], vocab_size=8192)
     ends = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
     # the vocabulary holds the tokenizer's special tokens too (its BPE stops at 8192 ids)
-    config = LlamaConfig(**{**shape, "vocab_size": max(shape["vocab_size"], len(tokenizer))}, max_position_embeddings=131072, bos_token_id=tokenizer.bos_token_id,
+    shape = {**shape, "vocab_size": max(shape["vocab_size"], len(tokenizer))}
+    config = LlamaConfig(**shape, max_position_embeddings=131072, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=ends, dtype="bfloat16",
                          rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,

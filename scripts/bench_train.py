@@ -99,7 +99,6 @@ def run_llmtune(args, folder: Path) -> dict:
 
 
 def run_trl(args, variant: str, folder: Path) -> dict:
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback

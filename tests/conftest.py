@@ -4,6 +4,7 @@ tokenizer and model. What tests share otherwise is in helpers.py."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 

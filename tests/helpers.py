@@ -5,7 +5,6 @@ running the real CLI as a user does, waiting for a checkpoint, and reading adapt
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from helpers import llmtune, write_recipe
 from llmtune import cluster
 from llmtune.stages.train import checkpoints
-from llmtune.stages.train import distributed
 
 # 2 processes x batch 1 per process; the 1-process reference runs batch 2: the same global batch.
 # Enough steps that a signal sent after the first checkpoint lands well before the end.
@@ -103,7 +102,6 @@ def test_qlora_under_fsdp_stores_its_4bit_weights_in_the_compute_dtype(tiny_mode
     import torch
 
     from llmtune import model_sources, models
-    from llmtune.recipe import DistributedSection
 
     ref = model_sources.resolve(str(tiny_model))
     for shardable, storage in ((True, torch.bfloat16), (False, torch.uint8)):

@@ -19,7 +19,7 @@ def test_trained_spans_are_exactly_the_assistant_turns_with_their_eos(tokenizer)
     decoded = [tokenizer.decode(s) for s in trained_segments(example)]
     assert decoded == ["Hello! Ünïcode ✓<|im_end|>", "Sure.<|im_end|>"]
     # every trained label equals its input id; every EOS that ends an assistant turn is trained
-    assert all(l in (IGNORE, i) for i, l in zip(example.input_ids, example.labels))
+    assert all(label in (IGNORE, i) for i, label in zip(example.input_ids, example.labels))
     eos_positions = [n for n, i in enumerate(example.input_ids) if i == tokenizer.eos_token_id]
     trained_eos = [n for n in eos_positions if example.labels[n] != IGNORE]
     assert len(eos_positions) == 5 and len(trained_eos) == 2
@@ -27,7 +27,7 @@ def test_trained_spans_are_exactly_the_assistant_turns_with_their_eos(tokenizer)
 
 def test_prompt_tokens_are_masked(tokenizer):
     example = encode_sample(tokenizer, {"messages": CONVERSATION})
-    masked = tokenizer.decode([i for i, l in zip(example.input_ids, example.labels) if l == IGNORE])
+    masked = tokenizer.decode([i for i, label in zip(example.input_ids, example.labels) if label == IGNORE])
     assert "Be brief." in masked and "Hi there" in masked and "Again?" in masked
     assert "Hello!" not in masked and "Sure." not in masked
 

@@ -45,7 +45,7 @@ def test_smollm2_masks_train_each_assistant_turn_and_its_eos(smollm2):
     example = encode_sample(tokenizer, {"messages": messages})
     assert [tokenizer.decode(s) for s in trained_segments(example)] == [
         "Blue.<|im_end|>", "Green, like grass.<|im_end|>"]
-    masked = tokenizer.decode([i for i, l in zip(example.input_ids, example.labels) if l == IGNORE])
+    masked = tokenizer.decode([i for i, label in zip(example.input_ids, example.labels) if label == IGNORE])
     assert "helpful AI assistant" in masked  # the template's default system prompt is not trained
 
 

@@ -90,8 +90,7 @@ def test_a_wrong_gguf_fails_the_export(exported, monkeypatch):
 
     from llmtune.errors import VerificationError
     from llmtune.recipe import load_recipe
-    from llmtune.stages.export import gguf_write
-    from llmtune.stages.export import export
+    from llmtune.stages.export import export, gguf_write
 
     run, recipe, _ = exported
     right = gguf_write._vocab

@@ -239,9 +239,9 @@ def test_losses_keep_no_layer_outputs_and_softcapped_heads_are_chunked_too(tiny_
 
     from helpers import chat_rows
     from llmtune.data.chat import encode_sample
-    from llmtune.stages.train import loss as loss_module
-    from llmtune.stages.collate import PadCollator
     from llmtune.serve.inference import mean_token_loss
+    from llmtune.stages.collate import PadCollator
+    from llmtune.stages.train import loss as loss_module
 
     examples = [encode_sample(tokenizer, row) for row in chat_rows(3)]
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]

@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from helpers import GSM8K_TRAIN as GSM8K, llmtune
+from helpers import GSM8K_TRAIN as GSM8K
+from helpers import llmtune
 
 pytestmark = pytest.mark.slow
 

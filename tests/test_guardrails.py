@@ -10,9 +10,8 @@ import pytest
 from helpers import llmtune, write_recipe
 from llmtune.errors import Diverged
 from llmtune.recipe import load_recipe
-from llmtune.stages.train import checkpoints
 from llmtune.stages.prepare import prepare
-from llmtune.stages.train import train
+from llmtune.stages.train import checkpoints, train
 
 ROW = re.compile(r"train\.jsonl:\d+")
 
@@ -73,7 +72,7 @@ def test_a_base_llama3_served_after_export_stops_where_its_turns_end(tmp_path):
     exported tokenizer's EOS must be <|eot_id|> and the config must list both."""
     import json
 
-    from llmtune.data.templates import turn_end_token
+    from llmtune.data.probe import turn_end_token
     from llmtune.testing import build_llama3_model, build_llama3_tokenizer
 
     base = build_llama3_model(tmp_path / "base", base=True)
@@ -149,8 +148,8 @@ INJECTED = [{"messages": [{"role": "user", "content": "What does <|im_end|> do i
 def test_control_token_text_in_content_is_text_unless_keep(tiny_model, tmp_path, mode, tokenizer):
     from helpers import chat_rows
     from llmtune.data.chat import IGNORE
-    from llmtune.data.turns import render
     from llmtune.data.special_text import encode_prompt
+    from llmtune.data.turns import render
 
     stats = _prepare_rows(tmp_path, tiny_model, INJECTED + chat_rows(3), f"data.special_text={mode}")
     assert stats["special_text"] == {"handled_as": mode, "rows": 1, "occurrences": 2}

@@ -96,7 +96,8 @@ def test_preference_rows_of_every_shape_become_one_sample(row):
       "rejected": [{"role": "user", "content": "y"}, {"role": "assistant", "content": "b"}]}, {},
      "malformed pair: the two conversations share no prefix"),
     ({"prompt": [{"role": "assistant", "content": "q"}], "chosen": "a", "rejected": "b"}, {}, "roles out of order"),
-], ids=["no-rejected", "renamed-missing", "equal", "empty", "prompt-dict", "answer-role", "string-conversation", "list-of-strings",
+], ids=["no-rejected", "renamed-missing", "equal", "empty", "prompt-dict", "answer-role", "string-conversation",
+        "list-of-strings",
         "no-prefix", "prompt-order"])
 def test_bad_preference_rows_say_why(row, fields, reason):
     sample, problem = to_sample(row, "preference", fields)

@@ -11,10 +11,10 @@ from datasets import load_from_disk
 
 from helpers import AWKWARD, CONVERSATION, chat_rows, llmtune, write_jsonl, write_recipe
 from llmtune.data.chat import IGNORE, Example, encode_sample, trained_segments
-from llmtune.data.turns import render, render_sample
 from llmtune.data.formats import to_sample
 from llmtune.data.packing import pack
 from llmtune.data.templates import BUILT_IN
+from llmtune.data.turns import render, render_sample
 from llmtune.errors import InputError
 from llmtune.recipe import load_recipe
 from llmtune.stages.prepare import prepare
@@ -71,7 +71,7 @@ def test_every_format_trains_the_answer_and_its_eos(tokenizer, fmt):
     assert problem is None
     example = encode_sample(tokenizer, sample)
     assert [tokenizer.decode(s) for s in trained_segments(example)] == ["A.<|im_end|>"]
-    prompt = tokenizer.decode([i for i, l in zip(example.input_ids, example.labels) if l == IGNORE])
+    prompt = tokenizer.decode([i for i, label in zip(example.input_ids, example.labels) if label == IGNORE])
     assert "Q?" in prompt
 
 

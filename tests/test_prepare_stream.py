@@ -14,8 +14,8 @@ from helpers import chat_rows, llmtune, write_jsonl, write_recipe
 from llmtune.data.chat import IGNORE
 from llmtune.errors import InputError
 from llmtune.recipe import load_recipe
-from llmtune.stages.prepare import split as prepared_split
 from llmtune.stages.prepare import prepare
+from llmtune.stages.prepare import split as prepared_split
 
 prepare_module = importlib.import_module("llmtune.stages.prepare")  # the name is also the function's
 

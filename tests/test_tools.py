@@ -318,7 +318,7 @@ def test_llama_cpp_renders_the_built_in_tool_templates_as_transformers_does(name
     pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from llmtune.data.templates import carried
+    from llmtune.data.probe import carried
     from llmtune.stages.export.gguf_verify import TOOLS_PROBE
 
     tokenizer = tokenizer_with(BUILT_IN[name], llama=name == "llama-3.1")

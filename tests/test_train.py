@@ -10,9 +10,8 @@ import pytest
 
 from helpers import adapter_weights, llmtune, max_difference, start_training_until, write_recipe
 from llmtune.recipe import load_recipe
-from llmtune.stages.train import checkpoints
 from llmtune.stages.prepare import prepare
-from llmtune.stages.train import train
+from llmtune.stages.train import checkpoints, train
 
 
 @pytest.mark.parametrize("sets", [

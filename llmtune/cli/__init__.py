@@ -16,7 +16,7 @@ import sys
 from rich.markup import escape
 
 # Importing the command modules registers their commands, in this order in `llmtune --help`.
-from llmtune.cli import stages, inference, recipes, cluster  # noqa: F401,I001
+from llmtune.cli import cluster, inference, recipes, stages  # noqa: F401,I001
 from llmtune.cli.options import app
 from llmtune.console import error_console
 from llmtune.errors import LlmtuneError

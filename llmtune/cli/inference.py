@@ -14,7 +14,6 @@ from llmtune.cli.options import ForceOpt, RecipeArg, RunDirOpt, SetOpt, app, ope
 from llmtune.console import console
 from llmtune.errors import LlmtuneError
 
-
 ToolsOpt = Annotated[Path | None, typer.Option(
     "--tools", help="JSON file: a list of function definitions (OpenAI style) the model may call; "
     "calls it makes are shown as structured tool calls.")]
@@ -247,7 +246,7 @@ def _tools_of(row: dict, where: str) -> list | None:
 
 def _require_tools(tokenizer) -> None:
     """Refuse a template that would not show the model its tools."""
-    from llmtune.data.templates import require
+    from llmtune.data.probe import require
 
     require(tokenizer, None, ("tool definitions", "tool calls", "tool results"))
 

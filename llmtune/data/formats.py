@@ -15,8 +15,14 @@ The last three are rendered with the chat template, the answers as the assistant
 
 from __future__ import annotations
 
-from llmtune.data.tools import THINK_OPEN, check_tool_results, from_sharegpt_function_call, parse_tool_calls, \
-    parse_tools, split_reasoning
+from llmtune.data.tools import (
+    THINK_OPEN,
+    check_tool_results,
+    from_sharegpt_function_call,
+    parse_tool_calls,
+    parse_tools,
+    split_reasoning,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 # LLaMA-Factory's function_call turn is the assistant's tool call, observation its result

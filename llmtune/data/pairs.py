@@ -83,8 +83,8 @@ class PromptRow:
 def encode_prompts(tokenizer, template: str | None, mode: str, samples: list[dict]) -> list[PromptRow]:
     import json
 
-    from llmtune.data.turns import render
     from llmtune.data.special_text import encode_prompt
+    from llmtune.data.templates import render
 
     return [PromptRow(encode_prompt(tokenizer, sample["prompt"], template, mode),
                       render(tokenizer, sample["prompt"], True, template), sample["answer"],

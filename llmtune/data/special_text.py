@@ -146,7 +146,7 @@ def encode_as_text(tokenizer, hidden_text: str, spans: list[Span], tokens: tuple
 def encode_prompt(tokenizer, prompt, template: str | None, mode: str, tools: list | None = None) -> list[int]:
     """Token ids of a prompt (a conversation, rendered with the generation prompt added and the
     `tools` it may call, or a raw text) under `mode`, as prepare tokenised the training data."""
-    from llmtune.data.turns import render
+    from llmtune.data.templates import render
     from llmtune.errors import InputError
 
     sample = {"messages": list(prompt)} if not isinstance(prompt, str) else {"prompt": prompt}

@@ -11,57 +11,11 @@ from __future__ import annotations
 
 import functools
 
-from llmtune.data import templates
+from llmtune.data import probe
+from llmtune.data.templates import _compiled, render, template_messages  # noqa: F401 (render: turns' public name too)
 from llmtune.errors import InputError
 
 Span = tuple[int, int, str]  # characters [start, end) of a trained part: answer, tool_call or reasoning
-
-
-def render(tokenizer, messages, add_generation_prompt: bool = False, template: str | None = None,
-           tools: list | None = None) -> str:
-    """The chat template applied to `messages` (and `tools`), as transformers' apply_chat_template
-    does."""
-    messages = template_messages(messages)
-    extra = {"tools": tools} if tools else {}
-    compiled = _compiled(template or tokenizer.chat_template)
-    if compiled is None:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False,
-            add_generation_prompt=add_generation_prompt, **extra,
-        )
-    return compiled.render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        **extra, **tokenizer.special_tokens_map,
-    )
-
-
-def template_messages(messages) -> list[dict]:
-    """The messages as templates read them: reasoning under each name templates use
-    (`reasoning_content`, Qwen's and DeepSeek's; `thinking`, gpt-oss'), as transformers'
-    apply_chat_template aliases them, and no llmtune `train` flag."""
-    messages = messages if isinstance(messages, list) else list(messages)
-    if not any("reasoning_content" in message or "train" in message for message in messages):
-        return messages  # nothing to change: no copy
-    out = []
-    for message in messages:
-        if "reasoning_content" in message or "train" in message:
-            message = {key: value for key, value in message.items() if key != "train"}
-            if "reasoning_content" in message:
-                message["thinking"] = message["reasoning_content"]
-        out.append(message)
-    return out
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(template: str):
-    """transformers' own compiled Jinja template, rendered directly: apply_chat_template's
-    per-call checks cost as much as the rendering (28 vs 15 us per call, measured on SmolLM2).
-    None when that private helper moves, and then apply_chat_template is used."""
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-    except ImportError:
-        return None
-    return _compile_jinja_template(template)
 
 
 def assistant_spans(tokenizer, messages, template: str | None = None, rendered: dict | None = None,
@@ -129,9 +83,9 @@ def render_sample(sample: dict, tokenizer, template: str | None = None, train_on
     eos = tokenizer.eos_token or ""
     if "messages" in sample:
         messages = sample_messages(sample, reasoning)
-        features = templates.needs(sample, messages)
+        features = probe.needs(sample, messages)
         if features:
-            templates.require(tokenizer, template, features)
+            probe.require(tokenizer, template, features)
         if train_on == "all":
             text = render(tokenizer, messages, False, template, sample.get("tools")) if rendered is None \
                 else rendered[len(messages), False]

@@ -16,11 +16,11 @@ from datasets import load_from_disk
 from llmtune import model_sources, models
 from llmtune.console import console
 from llmtune.data.chat import IGNORE
-from llmtune.data.special_text import encode_samples
 from llmtune.data.formats import to_sample
-from llmtune.data.tools import answer_of, calls_in_text, same_call
 from llmtune.data.pairs import encode_pairs, encode_prompts
 from llmtune.data.sources import read_source
+from llmtune.data.special_text import encode_samples
+from llmtune.data.tools import answer_of, calls_in_text, same_call
 from llmtune.errors import InputError, VerificationError
 from llmtune.manifest import (
     Outcome,
@@ -47,6 +47,7 @@ from llmtune.serve.inference import (
     trained_precision,
 )
 from llmtune.serve.serving import as_prompt, report_empty, serving_defaults
+
 
 def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     adapter_dir, merged_dir, out_dir = (stage_dir(run, stage) for stage in ("train", "merge", "eval"))

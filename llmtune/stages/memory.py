@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 
 from llmtune import models
+from llmtune.objectives import GRPO_COMPLETION, VLLM_MEMORY_SHARE, objective
 from llmtune.recipe import Recipe
 from llmtune.stages.train.loss import chunk_rows, chunked_loss_supported
-from llmtune.objectives import GRPO_COMPLETION, VLLM_MEMORY_SHARE, objective
 
 RUNTIME_BYTES = 1.0e9  # Python, torch and library state, measured ~1 GB on CPU
 QUANTIZED_BYTES = {"none": None, "nf4": 0.53, "fp4": 0.53, "int8": 1.0}  # per weight, with constants

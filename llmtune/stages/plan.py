@@ -23,9 +23,9 @@ from llmtune import model_sources, models
 from llmtune.architectures import KNOWN_MODELS
 from llmtune.console import console
 from llmtune.errors import InputError
+from llmtune.objectives import objective
 from llmtune.recipe import Recipe
 from llmtune.stages import memory
-from llmtune.objectives import objective
 from llmtune.stages.memory import sequence_length
 from llmtune.stages.prepare import prepare, up_to_date
 from llmtune.stages.train import lora_config

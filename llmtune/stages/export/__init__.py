@@ -176,7 +176,7 @@ def _k_quantize(source: Path, target: Path, quant: str) -> None:
 
 def _export_ollama(merged_dir: Path, system_prompt: str | None, gguf_file: Path, folder: Path,
                    summary: dict) -> None:
-    from llmtune.data.templates import carried
+    from llmtune.data.probe import carried
     from llmtune.stages.export.ollama import write_modelfile
 
     folder.mkdir()

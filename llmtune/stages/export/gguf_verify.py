@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmtune.data.turns import render
-from llmtune.data.templates import carried
+from llmtune.data.probe import carried
+from llmtune.data.templates import render
 from llmtune.errors import InputError
 
 # Top-1 agreement a GGUF must reach, by type. f16 and q8_0 are the bars. The others sit

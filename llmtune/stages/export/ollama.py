@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from llmtune.data.turns import render
-from llmtune.data.templates import BUILT_IN
+from llmtune.data.templates import BUILT_IN, render
 from llmtune.errors import InputError
 
 GO_TEMPLATES = {

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import os
 import json
+import os
 import re
 import time
 from collections import Counter, deque
@@ -28,8 +28,8 @@ from llmtune.data.rows import Row, RowStream
 from llmtune.data.sources import local_files, source_bytes
 from llmtune.data.templates import resolve_template
 from llmtune.errors import InputError
-from llmtune.objectives import kind_of
 from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, stage_dir, start_stage
+from llmtune.objectives import kind_of
 from llmtune.recipe import DataSection, Recipe, section_sha256
 from llmtune.stages.prepare.split import Outputs
 

@@ -14,7 +14,7 @@ from peft import LoftQConfig, LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from llmtune import models
-from llmtune.data.templates import end_turns_for_servers
+from llmtune.data.probe import end_turns_for_servers
 from llmtune.errors import InputError
 from llmtune.objectives import objective
 from llmtune.stages.collate import PadCollator

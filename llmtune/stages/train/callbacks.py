@@ -15,9 +15,8 @@ from transformers import TrainerCallback
 
 from llmtune.console import console
 from llmtune.errors import Diverged
-from llmtune.stages.train import checkpoints
-from llmtune.stages.train import distributed
 from llmtune.stages.collate import PadCollator
+from llmtune.stages.train import checkpoints, distributed
 
 # What TRL's trainers log -> the names in metrics.jsonl (and the training curves): the preference
 # objectives' rewards of the chosen and rejected answers (KTO logs no accuracy, and a margin only

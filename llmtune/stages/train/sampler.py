@@ -15,7 +15,6 @@ import torch
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
-
 MEGA_BATCH = 50  # batches sorted together (transformers' largest mega-batch)
 
 

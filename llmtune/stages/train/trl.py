@@ -154,7 +154,7 @@ class _PreparedPrompts:
         return self._prepared_prompt_ids, None, {}
 
 
-def reward_functions(recipe: Recipe) -> list:
+def reward_functions(recipe) -> list:
     """The recipe's rewards as TRL reward functions (named, one value per completion)."""
     from llmtune.rewards import build
 
