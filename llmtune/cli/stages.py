@@ -213,54 +213,31 @@ def data_preview(
     On a terminal, trained tokens are bold green and the rest dim; otherwise trained text is
     wrapped in ⟦ ⟧ and each packed example starts on a line of its own after "── example".
     """
-    from datasets import load_from_disk
-
-    from llmtune.data.chat import IGNORE, label_runs
     from llmtune.manifest import stage_dir
     from llmtune.model_sources import resolve_section
     from llmtune.models import load_tokenizer
+    from llmtune.stages.prepare.shown import shown_rows
 
     if split not in ("train", "validation"):
         raise LlmtuneError(f"--split {split}: expected train or validation")
     loaded, run_path = open_run(recipe, set, run_dir)
     run_stage("prepare", loaded, run_path, force=False, fetch_base=False)
-    rows = load_from_disk(str(stage_dir(run_path, "prepare") / split))
     tokenizer = load_tokenizer(resolve_section(loaded.model, weights=False))
     styled = console.is_terminal
-    def show(runs) -> None:
-        for tokens, is_trained, new_example in runs:
-            if new_example:
+    for row in shown_rows(stage_dir(run_path, "prepare"), split, n, tokenizer):
+        console.rule(row.title)
+        for piece in row.pieces:
+            if piece.new_example:
                 console.print("\n── example", style="dim" if styled else None)
-            text = tokenizer.decode(tokens)
+            if piece.label:
+                console.print(f"\n── {piece.label}:", style="dim" if styled else None)
             if styled:
-                console.print(text, style="bold green" if is_trained else "dim", end="", markup=False)
+                console.print(piece.text, style="bold green" if piece.trained else "dim", end="", markup=False)
             else:
-                console.print(f"⟦{text}⟧" if is_trained else text, end="", markup=False)
+                console.print(f"⟦{piece.text}⟧" if piece.trained else piece.text, end="", markup=False)
         console.print()
-
-    for index in range(min(n, len(rows))):
-        row = rows[index]
-        if "answer" in row:  # a grpo prompt: what the model is asked, and what rewards compare with
-            console.rule(f"{split} row {index}: prompt {len(row['prompt_ids'])} tokens ({row['where']})")
-            show([(row["prompt_ids"], False, False)])
-            console.print(f"── reference answer: {row['answer']!r}", markup=False)
-            if row["extra"] not in ("{}", None):
-                console.print(f"── other columns (for python rewards): {row['extra']}", markup=False)
-            continue
-        if "prompt_ids" in row:  # a preference pair or a kto answer: the prompt, then each answer trained
-            answers = [(name, row[f"{name}_ids"]) for name in ("chosen", "rejected", "completion")
-                       if f"{name}_ids" in row]
-            label = "" if "label" not in row else f", {'good' if row['label'] else 'bad'} answer"
-            console.rule(f"{split} row {index}: prompt {len(row['prompt_ids'])} tokens, "
-                         + ", ".join(f"{name} {len(ids)} trained" for name, ids in answers) + label)
-            show([(row["prompt_ids"], False, False)])
-            for name, ids in answers:
-                console.print(f"── {name}:", style="dim" if styled else None)
-                show([(ids, True, False)])
-            continue
-        trained = len(row["labels"]) - row["labels"].count(IGNORE)
-        console.rule(f"{split} row {index}: {len(row['input_ids'])} tokens, {trained} trained")
-        show(label_runs(row["input_ids"], row["labels"], row.get("position_ids")))
+        for note in row.notes:
+            console.print(f"── {note}", markup=False)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""`llmtune generate` as a function: one greedy answer per row of a JSONL file, served as the run
+was trained (its template, system prompt and control-token handling: serving.py), written to a
+JSONL file beside each row. A row's "tools" (or `tools` for every row) are the functions it may
+call; the calls an answer makes are written as "tool_calls": [{"name", "arguments"}]."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from llmtune.console import console
+from llmtune.data.formats import check_messages
+from llmtune.data.tools import answer_of, calls_in_text, parse_tools
+from llmtune.errors import InputError
+from llmtune.serve.inference import generate, load_tuned
+from llmtune.serve.serving import as_prompt, report_empty, serving_defaults, use_template
+
+
+def generate_file(target: Path, input_path: Path, output: Path, adapter: Path | None = None,
+                  max_new_tokens: int = 256, batch_size: int = 8, system: str | None = None, raw: bool = False,
+                  template: str | None = None, tools: Path | None = None) -> dict:
+    """Answer every prompt of `input_path` with the model of `target` (a run directory or a model
+    folder, with `adapter`), into `output`; returns {"answers", "with_tool_calls"}."""
+    serving = serving_defaults(target, adapter)
+    if system is not None:
+        serving = dataclasses.replace(serving, system_prompt=system or None)
+    default_tools = read_tools(tools)
+    rows, prompts, row_tools = read_prompts(input_path, default_tools)
+    model, tokenizer = load_tuned(target, adapter)
+    use_template(tokenizer, serving, template, target)
+    if not tokenizer.chat_template:
+        serving = dataclasses.replace(serving, chat=False)
+    say_serving(serving, "generate", raw)
+    prompts = [as_prompt(prompt, serving, raw) for prompt in prompts]
+    if any(row_tools):
+        require_tools(tokenizer)
+    results = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
+                       special_text=serving.special_text, tools=row_tools)
+    report_empty(results, "generate")
+    tmp = output.with_name(output.name + ".partial")
+    calling = 0
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row, result, offered in zip(rows, results, row_tools):
+            entry = {**row, "output": result.text, "ended_with_eos": result.ended_with_eos}
+            reasoning, answer = answer_of(result.text)
+            if reasoning is not None:  # a reasoning model's <think> block, apart from its answer
+                entry["reasoning"], entry["content"] = reasoning, answer
+            if offered:
+                entry["content"], entry["tool_calls"] = calls_in_text(answer)
+                calling += bool(entry["tool_calls"])
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    os.replace(tmp, output)
+    return {"answers": len(results), "with_tool_calls": calling if any(row_tools) else None}
+
+
+def read_prompts(path: Path, default_tools: list | None) -> tuple[list[dict], list, list]:
+    """(rows, prompts, tools per row) of a JSONL file of {"prompt": ...} or {"messages": [...]}."""
+    rows, prompts, row_tools = [], [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: malformed JSON: {exc.msg}") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if prompt is None and isinstance(row, dict) and "messages" in row:
+            problem = check_messages([*row["messages"], {"role": "assistant", "content": "x"}])
+            if problem:
+                raise InputError(f"{path}:{number}: {problem}")
+            prompt = row["messages"]
+        if not isinstance(prompt, (str, list)):
+            raise InputError(f'{path}:{number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+        rows.append(row)
+        prompts.append(prompt)
+        row_tools.append(_tools_of(row, f"{path}:{number}") or default_tools)
+    return rows, prompts, row_tools
+
+
+def read_tools(path: Path | None) -> list | None:
+    """The function definitions of a --tools file, or None."""
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--tools {path}: cannot read it as JSON ({exc})") from None
+    tools, problem = parse_tools(value, str(path))
+    if problem:
+        raise InputError(f"--tools {path}: {problem}")
+    return tools
+
+
+def _tools_of(row: dict, where: str) -> list | None:
+    if not isinstance(row, dict) or not row.get("tools"):
+        return None
+    tools, problem = parse_tools(row["tools"], "tools")
+    if problem:
+        raise InputError(f"{where}: {problem}")
+    return tools
+
+
+def require_tools(tokenizer) -> None:
+    """Refuse a template that would not show the model its tools."""
+    from llmtune.data.probe import require
+
+    require(tokenizer, None, ("tool definitions", "tool calls", "tool results"))
+
+
+def say_serving(serving, command: str, raw: bool = False) -> None:
+    """Say on start how prompts are shaped, so that a surprising answer has an explanation."""
+    if serving.chat and not raw:
+        console.print(f"{command}: text prompts are user turns in the training chat template (--raw: as is)")
+    if serving.system_prompt:
+        console.print(f"{command}: system prompt from training, for conversations without one: "
+                      f"{serving.system_prompt}", markup=False)
