@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -140,8 +142,14 @@ def test_dump_round_trips(tmp_path):
 
 
 def test_shipped_recipes_validate():
-    for path in sorted((REPO / "recipes").glob("*.yaml")):
-        load_recipe(path)
+    """Every quickstart recipe loads, names its run after its file and reads data that exists."""
+    paths = sorted((REPO / "recipes").glob("*.yaml"))
+    assert [path.stem for path in paths] == ["grpo-quickstart", "preference-quickstart", "quickstart",
+                                             "tools-quickstart"]
+    for path in paths:
+        recipe = load_recipe(path)
+        assert recipe.name == path.stem
+        assert all(Path(source.path).is_file() for source in recipe.data.train)
 
 
 def test_cli_exits_2_with_one_message_and_no_traceback(tmp_path):

@@ -353,3 +353,19 @@ def test_plan_shows_each_optimizers_state(tiny_model, tmp_path):
     plan = json.loads(llmtune("plan", recipe, "--json", cwd=tmp_path).stdout)
     assert plan["optimizer"] == "adamw_8bit"
     assert plan["memory_bytes"]["optimizer"] == plan["optimizer_state_bytes_by_choice"]["adamw_8bit"]
+
+
+def test_two_micro_batches_of_one_train_what_one_batch_of_two_trains(tiny_model, tmp_path):
+    """Gradient accumulation is the batch (design.md §5): batch_size 2 x grad_accum 1 and
+    1 x 2 see the same examples per step, normalise the loss over the same trained tokens, and
+    end with the same adapter (fp32: only the order of additions differs)."""
+    adapters = []
+    for batch_size, grad_accum in ((2, 1), (1, 2)):
+        folder = tmp_path / f"{batch_size}x{grad_accum}"
+        recipe = load_recipe(write_recipe(folder, tiny_model, rows=24, preview={"count": 0}, train={
+            "max_steps": 5, "batch_size": batch_size, "grad_accum": grad_accum, "lr": 5e-3}))
+        prepare(recipe, folder / "runs" / "tiny")
+        train(recipe, folder / "runs" / "tiny")
+        adapters.append(adapter_weights(folder / "runs" / "tiny"))
+    assert max_difference(*adapters) <= 1e-5
+    assert max(float(tensor.abs().max()) for tensor in adapters[0].values()) > 1e-3  # it trained
