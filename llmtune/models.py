@@ -32,8 +32,9 @@ from llmtune.model_ref import CONVERTED_MARKER, ModelRef
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_OF = {dtype: name for name, dtype in DTYPES.items()}
-# recipe spellings of dtypes (model.compute_dtype, merge.dtype) -> precision names
-DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# recipe spellings of dtypes (model.compute_dtype, merge.dtype: torch's names, or the
+# precision names train.precision uses) -> precision names, which llmtune uses throughout
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 # Reserved padding tokens some vocabularies carry (Llama 3.1+: <|finetune_right_pad_id|>).
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>")
 

@@ -114,6 +114,9 @@ LLAMA31 = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
 )
 
+# The file a template travels in: beside the prepared data (the template it was rendered with),
+# and in every tokenizer folder transformers writes (adapter, merged model)
+TEMPLATE_FILE = "chat_template.jinja"
 BUILT_IN = {"chatml": CHATML, "chatml-tools": CHATML_TOOLS, "llama-3": LLAMA3, "llama-3.1": LLAMA31,
             "mistral": MISTRAL, "alpaca": ALPACA}
 TOOL_TEMPLATES = ("chatml-tools", "llama-3.1")  # the built-ins that carry tools and reasoning

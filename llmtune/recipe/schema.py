@@ -43,8 +43,8 @@ class ModelSection(Section):
     """QLoRA: load the frozen base quantized by bitsandbytes. Merging always uses the float base."""
     double_quant: bool = True
     """4-bit: quantize the quantization constants too"""
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: bf16 where bf16 is native (as precision: auto)"""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 where bf16 is native (as precision: auto); bf16 and bfloat16 are one choice spelled two ways"""
 
 
 DataFormat = Literal["chat", "sharegpt", "alpaca", "completion", "text", "preference", "kto", "prompt"]
@@ -314,9 +314,9 @@ class DistributedSection(Section):
 
 
 class MergeSection(Section):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """of the merged weights; auto: the dtype the base is stored in (bf16 for most hub models), so the merged
-    model is the size of its base"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "auto"
+    """of the merged weights (bf16 and bfloat16 are one choice spelled two ways); auto: the dtype the base is
+    stored in (bf16 for most hub models), so the merged model is the size of its base"""
     max_shard_size: str = Field(default="2GB", pattern=r"^[1-9][0-9]*(KB|MB|GB|KiB|MiB|GiB)$")
     """safetensors shard size; merge holds about one shard in memory at a time"""
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtune.console import console
+from llmtune.data.templates import TEMPLATE_FILE
 from llmtune.errors import InputError
 from llmtune.manifest import read_manifest, stage_dir, upstream_dir
 
@@ -30,7 +31,7 @@ def serving_defaults(target: Path, adapter: Path | None = None) -> Serving:
     if prepared is None:
         return Serving()
     summary, folder = prepared
-    template = folder / "chat_template.jinja"
+    template = folder / TEMPLATE_FILE
     return Serving(special_text=summary.get("special_text", "keep"),  # before the setting: keep
                    system_prompt=(summary.get("chat") or {}).get("common_system_prompt"),
                    chat=template.is_file(),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llmtune import model_sources, models
 from llmtune.console import console
+from llmtune.data.templates import TEMPLATE_FILE
 from llmtune.errors import InputError, VerificationError
 from llmtune.manifest import (
     MANIFEST,
@@ -35,7 +36,7 @@ from llmtune.serve.serving import serving_defaults
 K_QUANTS = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q4_k_s": "Q4_K_S",
             "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+                 "tokenizer_config.json", TEMPLATE_FILE, "special_tokens_map.json")
 
 
 def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) -> Outcome:

@@ -38,8 +38,6 @@ from llmtune.recipe import Recipe, section_sha256
 from llmtune.stages.merge import check as merge_check
 from llmtune.stages.merge import shards as shard_merge
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     adapter_dir, out_dir = stage_dir(run, "train"), stage_dir(run, "merge")
@@ -58,8 +56,8 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
         return Outcome(read_manifest(out_dir), up_to_date=True)
 
     partial = start_stage(out_dir)
-    dtype_name = merge_dtype(recipe.merge.dtype, ref)
-    size = models.weight_bytes(ref, models.DTYPE_NAMES[dtype_name])
+    precision = merge_precision(recipe.merge.dtype, ref)
+    size = models.weight_bytes(ref, precision)
     device = models.fitting_device(size, "merge")
     # The adapter's tokenizer carries the chat template the model was trained with.
     tokenizer = models.load_tokenizer(adapter_dir)
@@ -67,18 +65,18 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     quantization = adapter_manifest["summary"].get("base_quantization") or {}
     qlora = quantization.get("quantize", "none") != "none"
 
-    logits, written = _merge_and_write(recipe, ref, adapter_dir, partial, dtype_name, device, batch, qlora, size)
+    logits, written = _merge_and_write(recipe, ref, adapter_dir, partial, precision, device, batch, qlora, size)
     _save_generation_config(ref, tokenizer, partial)
     tokenizer.save_pretrained(str(partial))
     with torch.no_grad():  # read back what was written, as a user will load it
-        merged = models.load_model(partial, models.DTYPE_NAMES[dtype_name], device=device).eval()
+        merged = models.load_model(partial, precision, device=device).eval()
         logits["written"] = merged(**batch).logits
         del merged
     mask = batch["attention_mask"]
     summary = {
-        "dtype": dtype_name,
+        "dtype": str(models.DTYPES[precision]).removeprefix("torch."),  # as transformers spells it
         **written,
-        **merge_check.check_logits(logits["written"], logits["reference"], logits["unmerged"], mask, dtype_name),
+        **merge_check.check_logits(logits["written"], logits["reference"], logits["unmerged"], mask, precision),
         "checked_tokens": int(mask.sum()),
         "device": device.type,
     }
@@ -95,24 +93,24 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     return Outcome(manifest, up_to_date=False)
 
 
-def merge_dtype(choice: str, ref: model_sources.ModelRef) -> str:
-    """merge.dtype made concrete: auto is the dtype the base's weights are stored in."""
+def merge_precision(choice: str, ref: model_sources.ModelRef) -> str:
+    """merge.dtype made concrete, as a precision (fp32, bf16, fp16): auto is the dtype the
+    base's weights are stored in."""
     if choice != "auto":
-        return choice
-    stored = models.stored_dtype(ref)
-    return next(name for name, dtype in DTYPES.items() if dtype == stored)
+        return models.DTYPE_NAMES[choice]
+    return models.PRECISION_OF[models.stored_dtype(ref)]
 
 
 def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: Path, partial: Path,
-                     dtype_name: str, device: torch.device, batch: dict, qlora: bool,
+                     precision: str, device: torch.device, batch: dict, qlora: bool,
                      size: int) -> tuple[dict, dict]:
     """Logits of base+adapter (unmerged, and the base alone for QLoRA) and of peft's merge in
     memory, then the merged weights written into `partial` and compared with that merge."""
-    dtype = DTYPES[dtype_name]
+    dtype = models.DTYPES[precision]
     logits = {}
     unsupported = shard_merge.unsupported(ref.local_dir, adapter_dir)
     with torch.no_grad():
-        model = models.load_adapter(models.load_model(ref, models.DTYPE_NAMES[dtype_name], device=device),
+        model = models.load_adapter(models.load_model(ref, precision, device=device),
                                     adapter_dir)
         logits["unmerged"] = model(**batch).logits
         if qlora:
@@ -144,7 +142,7 @@ def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: P
             console.print(f"merge: {why}; writing peft's merge from memory instead")
             for leftover in partial.glob("*.safetensors*"):
                 leftover.unlink()
-            model = models.load_adapter(models.load_model(ref, models.DTYPE_NAMES[dtype_name], device=device),
+            model = models.load_adapter(models.load_model(ref, precision, device=device),
                                         adapter_dir)
             _merged_in_memory(model, dtype).save_pretrained(str(partial), max_shard_size=recipe.merge.max_shard_size)
             del model

@@ -33,7 +33,7 @@ from llmtune.stages.collate import PadCollator
 # kernel that orders its sums differently. In float32 the same bound holds against the
 # unmerged base+adapter: an fp32 merge only reorders additions (SmolLM2-135M after the
 # quickstart: 2.3e-4 on logits of magnitude ~20; a lost alpha/r scale or module shows 1e-1+).
-LOGIT_TOLERANCE = {"float32": 5e-3, "bfloat16": 1e-2, "float16": 1e-2}
+LOGIT_TOLERANCE = {"fp32": 5e-3, "bf16": 1e-2, "fp16": 1e-2}
 CHECK_EXAMPLES = 4
 CHECK_TOKENS = 128
 
@@ -97,24 +97,24 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
-def check_logits(logits, reference, unmerged, mask, dtype_name: str) -> dict:
+def check_logits(logits, reference, unmerged, mask, precision: str) -> dict:
     """Figures for the written model's logits; raises when they fail their bounds (NaN fails)."""
     check = compare(logits, reference, mask)
     cost = {**compare(logits, unmerged, mask), "kl_mean": kl_mean(unmerged, logits, mask)}
-    tolerance = LOGIT_TOLERANCE[dtype_name]
-    console.print(f"merge ({dtype_name}): written weights equal peft's merge; logits as loaded differ "
+    tolerance = LOGIT_TOLERANCE[precision]
+    console.print(f"merge ({precision}): written weights equal peft's merge; logits as loaded differ "
                   f"by {check['max_abs_logit_diff']:.2e} (tolerance {tolerance:.0e}); against the unmerged "
                   f"base+adapter: max {cost['max_abs_logit_diff']:.2e}, top-1 agreement "
                   f"{cost['top1_agreement']:.1%}, KL {cost['kl_mean']:.2e}")
     bounded = [("peft's merge loaded in memory", check)]
-    if dtype_name == "float32":  # no rounding to hide behind: the unmerged model too
+    if precision == "fp32":  # no rounding to hide behind: the unmerged model too
         bounded.append(("the unmerged base+adapter", cost))
     for what, figures in bounded:
         difference = figures["max_abs_logit_diff"]
         if not difference <= tolerance:  # NaN fails too
             raise VerificationError(
                 f"merged logits differ from {what} by {difference:.2e} (tolerance {tolerance:.0e} "
-                f"for {dtype_name})",
+                f"for {precision})",
                 hint="the merge is wrong (or the adapter holds non-finite weights); please report "
                 "it with the adapter manifest",
             )

@@ -26,7 +26,7 @@ from llmtune.data.chat import IGNORE, Example
 from llmtune.data.pairs import Pair, encode_pairs, encode_prompts
 from llmtune.data.rows import Row, RowStream
 from llmtune.data.sources import local_files, source_bytes
-from llmtune.data.templates import resolve_template
+from llmtune.data.templates import TEMPLATE_FILE, resolve_template
 from llmtune.errors import InputError
 from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, stage_dir, start_stage
 from llmtune.objectives import kind_of
@@ -88,7 +88,7 @@ def _prepare(recipe: Recipe, run: Path, force: bool) -> Outcome:
     conversational = any(s.format in ("chat", "sharegpt", "alpaca", "preference", "kto", "prompt") for s in sources)
     template = resolve_template(data.template, tokenizer) if conversational else None
     if template:  # the template trained with travels on to the adapter and merged model
-        (partial / "chat_template.jinja").write_text(template, encoding="utf-8")
+        (partial / TEMPLATE_FILE).write_text(template, encoding="utf-8")
 
     rows = RowStream(data, special_text.control_tokens(tokenizer))
     out = Outputs(partial, data, kind)

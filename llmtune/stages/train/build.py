@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from llmtune import models
 from llmtune.data.probe import end_turns_for_servers
+from llmtune.data.templates import TEMPLATE_FILE
 from llmtune.errors import InputError
 from llmtune.objectives import objective
 from llmtune.stages.collate import PadCollator
@@ -24,7 +25,7 @@ from llmtune.stages.train import distributed, trl
 def tokenizer(ref, prepared_dir: Path):
     """The base's tokenizer with the chat template the data was rendered with; the adapter's
     tokenizer, then the merged one, stop where turns end."""
-    template = prepared_dir / "chat_template.jinja"
+    template = prepared_dir / TEMPLATE_FILE
     loaded = models.load_tokenizer(ref, template.read_text(encoding="utf-8") if template.is_file() else None)
     if template.is_file():
         end_turns_for_servers(loaded, loaded.chat_template)
