@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 from llmtune.console import console
 from llmtune.model_ref import CONVERTED_MARKER, ModelRef
@@ -226,13 +232,17 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: str = "none",
                double_quant: bool = True, compute_dtype: str = "auto", shardable: bool = False,
-               device: torch.device | str | None = "local"):
+               device: torch.device | str | None = "local", head: str | None = None,
+               pad_token_id: int | None = None):
     """A base model (ModelRef) or a folder we wrote, frozen weights in `precision`'s dtype, on
     `device` ("local": the local device; None: the CPU, for FSDP and DeepSpeed to place), or
     quantized by bitsandbytes (QLoRA) when `quantize` says so. `compute_dtype` (QLoRA's
     model.compute_dtype) then overrides the dtype of what is not quantized; `shardable`: 4-bit
-    weights stored in that dtype, so FSDP and ZeRO-3 can shard them like any tensor."""
+    weights stored in that dtype, so FSDP and ZeRO-3 can shard them like any tensor. `head`:
+    "causal-lm" (next-token logits) or "score" (one number per sequence, a reward model; its
+    `pad_token_id` marks each sequence's last token); None: as the folder's config says."""
     folder, trust = _folder(source)
+    head = head or head_of(Path(folder))
     allow_pickle = isinstance(source, ModelRef) and source.allow_pickle
     dtype = DTYPES[precision]
     device = local_device() if device == "local" else device
@@ -254,12 +264,39 @@ def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: st
         extra["device_map"] = {"": torch.device(device)}
     # use_safetensors=True: transformers never falls back to a pickle file next to the
     # safetensors. With allow_pickle it may; torch.load there runs with weights_only=True.
-    model = AutoModelForCausalLM.from_pretrained(
+    if head == "score":
+        extra["num_labels"] = 1  # a new score head on a language model: initialised, and trained in full
+    loader = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+    model = loader.from_pretrained(
         folder, dtype=dtype, use_safetensors=None if allow_pickle else True,
         trust_remote_code=trust, **extra,
     )
+    if head == "score" and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
     _contiguous_head_input(model)
     return model
+
+
+def scores_sequences(model) -> bool:
+    """Whether a loaded model (or PEFT model) is a reward model: a score head, no vocabulary."""
+    from peft import PeftModel
+
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    return type(inner).__name__.endswith("ForSequenceClassification")
+
+
+def head_of(folder: Path) -> str:
+    """"score" for a reward model (a PEFT adapter for sequence classification, or a model folder
+    whose architecture scores sequences), else "causal-lm"."""
+    for name, is_score in (("adapter_config.json", lambda c: c.get("task_type") == "SEQ_CLS"),
+                           ("config.json", lambda c: any(a.endswith("ForSequenceClassification")
+                                                         for a in c.get("architectures") or []))):
+        try:
+            if is_score(json.loads((folder / name).read_text())):
+                return "score"
+        except (OSError, ValueError):
+            continue
+    return "causal-lm"
 
 
 def _contiguous_head_input(model) -> None:

@@ -50,6 +50,11 @@ class Objective:
     # eval on the validation set: "loss" (perplexity too), "preference" (accuracy and margin of
     # the answers' log-probabilities), "kto", "rewards" (the reward functions on generations)
     eval: str = "loss"
+    # the model's output: "causal-lm" (next-token logits: it writes), "score" (one number per
+    # sequence: a reward model, which merges and exports as a transformers folder, never a GGUF)
+    head: str = "causal-lm"
+    logs: dict = field(default_factory=dict)  # what its trainer logs -> metrics.jsonl's names
+    eval_logs: dict = field(default_factory=dict)  # what its trainer's evaluate says -> the summary's names
 
 
 def _beta(recipe) -> dict:
@@ -102,6 +107,11 @@ def vllm_settings(recipe) -> dict:
 
 
 _ADAPTER_DISABLED = "the base with the adapter disabled"
+# TRL's preference trainers log the implicit rewards of the chosen and rejected answers (KTO no
+# accuracy, and a margin only when a batch has good and bad answers) and KL
+_PREFERENCE_LOGS = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
+                    "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy", "kl": "kl"}
+_PREFERENCE_EVAL = {"eval_rewards/margins": "eval_reward_margin", "eval_rewards/accuracies": "eval_reward_accuracy"}
 
 OBJECTIVES: dict[str, Objective] = {row.name: row for row in (
     Objective("sft", "supervised: the trained tokens of each example",
@@ -109,26 +119,33 @@ OBJECTIVES: dict[str, Objective] = {row.name: row for row in (
     Objective("dpo", "chosen vs rejected answers (Direct Preference Optimization)",
               formats=("preference",), kind="preference", trl=("trl:DPOTrainer", "trl:DPOConfig"),
               settings=_dpo, rows="pairs", reference=lambda recipe: _ADAPTER_DISABLED, owns=("dpo_loss",),
-              trained_sequences=2, forward_only=2, fused_logps=True, eval="preference"),
+              trained_sequences=2, forward_only=2, fused_logps=True, eval="preference",
+              logs=_PREFERENCE_LOGS, eval_logs=_PREFERENCE_EVAL),
     Objective("orpo", "chosen vs rejected answers, with the NLL of the chosen (no reference)",
               formats=("preference",), kind="preference",
               trl=("trl.experimental.orpo:ORPOTrainer", "trl.experimental.orpo:ORPOConfig"),
-              settings=_orpo, rows="orpo", trained_sequences=2, fused_logps=False, eval="preference"),
+              settings=_orpo, rows="orpo", trained_sequences=2, fused_logps=False, eval="preference",
+              logs=_PREFERENCE_LOGS, eval_logs=_PREFERENCE_EVAL),
     Objective("simpo", "chosen vs rejected answers by length-normalised log-probabilities (no reference)",
               formats=("preference",), kind="preference",
               trl=("trl.experimental.cpo:CPOTrainer", "trl.experimental.cpo:CPOConfig"),
-              settings=_simpo, rows="orpo", trained_sequences=2, fused_logps=False, eval="preference"),
+              settings=_simpo, rows="orpo", trained_sequences=2, fused_logps=False, eval="preference",
+              logs=_PREFERENCE_LOGS, eval_logs=_PREFERENCE_EVAL),
     Objective("kto", "answers marked good or bad (Kahneman-Tversky Optimization)",
               formats=("kto",), kind="kto", trl=("trl:KTOTrainer", "trl:KTOConfig"), settings=_kto,
               rows="answers", batches="shuffled", min_batch_size=2,
               min_batch_reason="its KL term is estimated from the other answers of the micro-batch (TRL)",
               reference=lambda recipe: _ADAPTER_DISABLED,
-              trained_sequences=1, forward_only=3, forward_only_for="reference, KL", fused_logps=True, eval="kto"),
+              trained_sequences=1, forward_only=3, forward_only_for="reference, KL", fused_logps=True, eval="kto",
+              logs=_PREFERENCE_LOGS, eval_logs=_PREFERENCE_EVAL),
     Objective("grpo", "completions sampled per prompt and scored by reward functions",
               formats=("prompt",), kind="prompt", trl=("trl:GRPOTrainer", "trl:GRPOConfig"), settings=_grpo,
               rows="prompts", batches="trainer", evaluates=False, rewards=True, generates=True,
               reference=lambda recipe: _ADAPTER_DISABLED if recipe.train.grpo.beta else "none (grpo.beta is 0)",
-              trained_sequences=1, forward_only=1, fused_logps=True, eval="rewards"),
+              trained_sequences=1, forward_only=1, fused_logps=True, eval="rewards",
+              # the mean reward (and per function: callbacks.trl_metrics), completion length, KL
+              logs={"reward": "reward_mean", "reward_std": "reward_std", "kl": "kl",
+                    "completions/mean_length": "completion_length"}),
 )}
 
 
@@ -144,3 +161,10 @@ def objectives_for(fmt: str) -> list[str]:
 def kind_of(fmt: str) -> str:
     """What prepare makes of data of format `fmt` (every objective of a format agrees)."""
     return next(row.kind for row in OBJECTIVES.values() if fmt in row.formats)
+
+
+def logged_metrics(evaluation: bool = False) -> dict:
+    """Every objective's trainer log keys (or its evaluate's) -> llmtune's names; the keys of
+    different objectives do not collide."""
+    return {key: name for row in OBJECTIVES.values() for key, name in (row.eval_logs if evaluation else row.logs).items()}
+

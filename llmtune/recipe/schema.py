@@ -485,6 +485,10 @@ class Recipe(Section):
                     f"a source of format {source.format} ({source.path or source.hub}); set the source's "
                     f"format, or the objective that fits it"
                     + f" ({_either(objectives_for(source.format))} for {source.format} data)")
+        language_model_formats = {"gguf", "ollama"} & set(self.export.formats)
+        if row.head != "causal-lm" and language_model_formats:
+            raise ValueError(f"export.formats: {' and '.join(sorted(language_model_formats))} hold a language model, and "
+                             f"train.objective {objective} trains a reward model (a score head); export hf or adapter")
         if row.kind != "sft" and self.data.packing:
             raise ValueError(f"data.packing is for objective sft; {objective} keeps each answer with its prompt")
         return self

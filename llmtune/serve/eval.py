@@ -44,6 +44,7 @@ from llmtune.serve.inference import (
     mean_token_loss,
     perplexity,
     prompt_and_answer,
+    sequence_scores,
     trained_precision,
 )
 from llmtune.serve.serving import as_prompt, report_empty, serving_defaults
@@ -123,6 +124,8 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
 
 def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards) -> dict:
     pad_id = tokenizer.pad_token_id or 0
+    if models.scores_sequences(model):  # a reward model: how it ranks the pairs, nothing to generate
+        return _reward_model_scores(model, rows, pad_id)
     if "extra" in rows[0]:  # grpo prompts: the recipe's rewards on greedy completions
         return _reward_scores(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards)
     if "input_ids" in rows[0]:
@@ -209,6 +212,18 @@ def _preference_scores(model, rows: list[dict], pad_id: int) -> dict:
     if good and bad:
         metrics["margin"] = _round(metrics["desirable_logp"] - metrics["undesirable_logp"])
     return metrics
+
+
+def _reward_model_scores(model, rows: list[dict], pad_id: int) -> dict:
+    """A reward model on preference pairs: the share where it scores the chosen answer (with its
+    prompt) above the rejected one, the mean margin, and the mean of each side's scores."""
+    chosen = sequence_scores(model, [[*r["prompt_ids"], *r["chosen_ids"]] for r in rows], pad_id)
+    rejected = sequence_scores(model, [[*r["prompt_ids"], *r["rejected_ids"]] for r in rows], pad_id)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"preference_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
+            "margin": _round(sum(margins) / len(margins)),
+            "chosen_score": _round(sum(chosen) / len(chosen)),
+            "rejected_score": _round(sum(rejected) / len(rejected))}
 
 
 def _reward_scores(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards) -> dict:

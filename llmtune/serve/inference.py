@@ -81,12 +81,16 @@ def adapter_on_base(adapter_dir: Path, base: model_sources.ModelRef, precision: 
     """The base model with the PEFT adapter in `adapter_dir` on it, on the local device, frozen
     weights in `precision`'s dtype, in eval mode. A QLoRA adapter runs on the base quantized as
     it was trained (its manifest says how): what it learnt to correct is that base's error, and
-    the float base of a model trained in 4 bits may not fit the GPU it was trained on."""
+    the float base of a model trained in 4 bits may not fit the GPU it was trained on. A reward
+    model's adapter runs on the base with its score head."""
     quantization = ((read_manifest(adapter_dir) or {}).get("summary") or {}).get("base_quantization") or {}
     quantize = quantization.get("quantize", "none")
+    head = models.head_of(adapter_dir)
+    pad_token_id = models.load_tokenizer(adapter_dir).pad_token_id if head == "score" else None
     base_model = models.load_model(base, precision, quantize=quantize,
                                    double_quant=quantization.get("double_quant", True),
-                                   compute_dtype=quantization.get("compute_dtype", "auto"))
+                                   compute_dtype=quantization.get("compute_dtype", "auto"),
+                                   head=head, pad_token_id=pad_token_id)
     return models.load_adapter(base_model, adapter_dir)
 
 
@@ -139,6 +143,20 @@ def answer_logps(model, sequences: list[tuple[list[int], list[int]]], pad_id: in
     return logps
 
 
+def sequence_scores(model, sequences: list[list[int]], pad_id: int, batch_size: int = 8) -> list[float]:
+    """A reward model's score of each sequence (right-padded: the model reads the score at each
+    sequence's last real token, found by its pad id)."""
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            rows = sequences[start:start + batch_size]
+            longest = max(map(len, rows))
+            ids = torch.tensor([row + [pad_id] * (longest - len(row)) for row in rows], device=model.device)
+            mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in rows], device=model.device)
+            scores += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+    return scores
+
+
 def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
@@ -161,8 +179,13 @@ def prompt_and_answer(sample: dict) -> tuple[list[dict] | str, str] | None:
 
 def load_tuned(target: Path, adapter: Path | None = None):
     """(model, tokenizer) on the local device from a run directory (its merged model, else base
-    + adapter), a transformers folder, or a folder plus a PEFT adapter. A run is loaded in the
-    precision it was trained in; a folder in what precision auto picks here."""
+    + adapter), a transformers folder, or a folder plus a PEFT adapter: a model that writes (a
+    reward model scores and is refused). A run is loaded in the precision it was trained in; a
+    folder in what precision auto picks here."""
+    for folder in (adapter, stage_dir(target, "train"), target):
+        if folder is not None and models.head_of(folder) == "score":
+            raise InputError(f"{folder}: a reward model (a score head) scores answers and writes none",
+                             hint="llmtune eval scores it on the held-out pairs")
     if adapter is None and read_manifest(stage_dir(target, "merge")) is not None:
         precision = trained_precision(stage_dir(target, "train"))
         target = stage_dir(target, "merge")

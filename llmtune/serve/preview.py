@@ -28,6 +28,9 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
         return None
     adapter_dir = stage_dir(run, "train")
     adapter_manifest = require_stage(adapter_dir, "train", f"llmtune train {run / 'recipe.yaml'}")
+    if models.head_of(adapter_dir) == "score":
+        console.print("preview: a reward model writes no answers; llmtune eval scores it on the held-out pairs")
+        return None
     key = {"adapter_manifest_sha256": manifest_sha256(adapter_dir), "preview": cfg.model_dump()}
     cached = _read_json(run / PREVIEW_FILE)
     if cached is not None and cached.get("key") == key:

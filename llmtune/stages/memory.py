@@ -65,7 +65,8 @@ def train_memory(config, recipe: Recipe, precision: str, counts: dict, device: s
         "gradients": trainable * 4,
         "optimizer": counts["optimizer_states"][cfg.optimizer],
         "activations": _activations(config, cfg, sequence_length(recipe), act_bytes, rows, device == "cpu"),
-        "logits": _logits(config, rows, sequence_length(recipe), chunked),
+        # a score head gives one number per sequence: no vocabulary logits
+        "logits": _logits(config, rows, sequence_length(recipe), chunked) if row.head == "causal-lm" else 0,
         "runtime": RUNTIME_BYTES,
     }
     _shard(parts, recipe.distributed, processes, device)

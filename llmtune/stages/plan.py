@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from llmtune import model_sources, models
 from llmtune.architectures import KNOWN_MODELS
@@ -116,12 +116,13 @@ def _model_counts(config, recipe: Recipe) -> dict:
     """Parameter counts from the model built on the meta device with the recipe's adapter:
     total and trainable (peft's), the base alone, the linear layers quantization applies to,
     the shapes of the trainable tensors and each optimizer's state for them."""
+    loader = AutoModelForSequenceClassification if objective(recipe.train.objective).head == "score" else AutoModelForCausalLM
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config)
+        base = loader.from_config(config, **({"num_labels": 1} if loader is AutoModelForSequenceClassification else {}))
         base_params = sum(p.numel() for p in base.parameters())
         # quantization applies to the linear layers of the blocks, not the output head
         linear = sum(m.weight.numel() for name, m in base.named_modules()
-                     if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+                     if isinstance(m, torch.nn.Linear) and not name.endswith(("lm_head", "score")))
         model = get_peft_model(base, lora_config(recipe, base))
     trainable, total = model.get_nb_trainable_parameters()
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]

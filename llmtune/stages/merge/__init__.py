@@ -15,6 +15,7 @@ at a time; then the written model, loaded back as a user loads it. For QLoRA ada
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,39 +59,71 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     partial = start_stage(out_dir)
     precision = merge_precision(recipe.merge.dtype, ref)
     size = models.weight_bytes(ref, precision)
-    device = models.fitting_device(size, "merge")
     # The adapter's tokenizer carries the chat template the model was trained with.
     tokenizer = models.load_tokenizer(adapter_dir)
-    batch = merge_check.check_batch(adapter_dir, adapter_manifest, tokenizer.pad_token_id or 0, device)
+    job = MergeJob(recipe, ref, adapter_dir, partial, precision, models.fitting_device(size, "merge"),
+                   models.head_of(adapter_dir), tokenizer.pad_token_id, size)
+    batch = merge_check.check_batch(adapter_dir, adapter_manifest, tokenizer.pad_token_id or 0, job.device)
     quantization = adapter_manifest["summary"].get("base_quantization") or {}
     qlora = quantization.get("quantize", "none") != "none"
 
-    logits, written = _merge_and_write(recipe, ref, adapter_dir, partial, precision, device, batch, qlora, size)
+    logits, written = _merge_and_write(job, batch, qlora)
     _save_generation_config(ref, tokenizer, partial)
     tokenizer.save_pretrained(str(partial))
     with torch.no_grad():  # read back what was written, as a user will load it
-        merged = models.load_model(partial, precision, device=device).eval()
+        merged = models.load_model(partial, precision, device=job.device).eval()
         logits["written"] = merged(**batch).logits
         del merged
     mask = batch["attention_mask"]
+    if job.head == "score":  # one score per sequence: each sequence is one "position" of one value
+        logits = {name: value[:, None, :] for name, value in logits.items()}
+        mask = torch.ones_like(mask[:, :1])
     summary = {
         "dtype": str(models.DTYPES[precision]).removeprefix("torch."),  # as transformers spells it
         **written,
         **merge_check.check_logits(logits["written"], logits["reference"], logits["unmerged"], mask, precision),
-        "checked_tokens": int(mask.sum()),
-        "device": device.type,
+        "checked_tokens": int(batch["attention_mask"].sum()),
+        "device": job.device.type,
     }
     if qlora:
-        quantized, quantized_base = _quantized_reference(adapter_dir, ref, quantization, batch, device)
+        quantized, quantized_base = _quantized_reference(job, quantization, batch)
+        if job.head == "score":
+            quantized, quantized_base = quantized[:, None, :], quantized_base[:, None, :]
         summary.update(merge_check.qlora_figures(logits["written"], quantized, logits["float_base"],
                                                  quantized_base, mask, quantization["quantize"]))
     base_info = {"source": ref.source, **model_sources.describe_base(ref)}
     write_model_card(partial, recipe, base_info, adapter_manifest["summary"], summary)
     manifest = finish_stage(
         partial, out_dir, stage="merge", recipe_sha256=recipe_sha, inputs=inputs, summary=summary,
-        device=device.type,
+        device=job.device.type,
     )
     return Outcome(manifest, up_to_date=False)
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """What one merge works with."""
+
+    recipe: Recipe
+    ref: model_sources.ModelRef  # the base, as the adapter manifest names it
+    adapter_dir: Path
+    partial: Path  # <merged>.partial/, written into
+    precision: str  # of the merged weights
+    device: torch.device  # the local GPU where the model fits, else the CPU
+    head: str  # causal-lm, or score (a reward model)
+    pad_token_id: int | None  # where a scored sequence ends
+    size: int  # bytes of the merged weights
+
+    def base_with_adapter(self, **quantization):
+        """The base in the merge's precision on its device (or quantized, as trained) with the
+        adapter on it."""
+        if quantization:
+            base = models.load_model(self.ref, models.precision("auto"), head=self.head,
+                                     pad_token_id=self.pad_token_id, **quantization)
+        else:
+            base = models.load_model(self.ref, self.precision, device=self.device, head=self.head,
+                                     pad_token_id=self.pad_token_id)
+        return models.load_adapter(base, self.adapter_dir)
 
 
 def merge_precision(choice: str, ref: model_sources.ModelRef) -> str:
@@ -101,17 +134,15 @@ def merge_precision(choice: str, ref: model_sources.ModelRef) -> str:
     return models.PRECISION_OF[models.stored_dtype(ref)]
 
 
-def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: Path, partial: Path,
-                     precision: str, device: torch.device, batch: dict, qlora: bool,
-                     size: int) -> tuple[dict, dict]:
+def _merge_and_write(job: MergeJob, batch: dict, qlora: bool) -> tuple[dict, dict]:
     """Logits of base+adapter (unmerged, and the base alone for QLoRA) and of peft's merge in
-    memory, then the merged weights written into `partial` and compared with that merge."""
-    dtype = models.DTYPES[precision]
+    memory, then the merged weights written into the partial folder and compared with that merge."""
+    dtype = models.DTYPES[job.precision]
+    shard_size = job.recipe.merge.max_shard_size
     logits = {}
-    unsupported = shard_merge.unsupported(ref.local_dir, adapter_dir)
+    unsupported = shard_merge.unsupported(job.ref.local_dir, job.adapter_dir)
     with torch.no_grad():
-        model = models.load_adapter(models.load_model(ref, precision, device=device),
-                                    adapter_dir)
+        model = job.base_with_adapter()
         logits["unmerged"] = model(**batch).logits
         if qlora:
             with model.disable_adapter():
@@ -122,32 +153,31 @@ def _merge_and_write(recipe: Recipe, ref: model_sources.ModelRef, adapter_dir: P
         digests = merge_check.tensor_digests(reference)
         if unsupported:
             console.print(f"merge: {unsupported}; writing peft's merge from memory instead")
-            reference.save_pretrained(str(partial), max_shard_size=recipe.merge.max_shard_size)
+            reference.save_pretrained(str(job.partial), max_shard_size=shard_size)
         del reference  # freed before any shard is read: one model in memory at a time
     if unsupported:
         written = {"method": "in memory"}
     else:
-        warning = space_warning(partial, size, "the merged model")
+        warning = space_warning(job.partial, job.size, "the merged model")
         if warning:
             console.print(f"[yellow]warning:[/] {warning}", markup=True)
         try:
             # QLoRA adapters too: the shards are the float base, never the 4-bit weights.
-            written = shard_merge.merge_into_shards(ref.local_dir, adapter_dir, partial, dtype,
-                                                    recipe.merge.max_shard_size, device)
+            written = shard_merge.merge_into_shards(job.ref.local_dir, job.adapter_dir, job.partial, dtype,
+                                                    shard_size, job.device)
             written = {"method": "shard by shard", **{k: v for k, v in written.items() if k != "bytes"}}
-            config = models.load_config(ref)
+            config = models.load_config(job.ref)
             config.dtype = dtype
-            config.save_pretrained(str(partial))
+            config.save_pretrained(str(job.partial))
         except shard_merge.Unsupported as why:  # found only once a shard was merged: rare
             console.print(f"merge: {why}; writing peft's merge from memory instead")
-            for leftover in partial.glob("*.safetensors*"):
+            for leftover in job.partial.glob("*.safetensors*"):
                 leftover.unlink()
-            model = models.load_adapter(models.load_model(ref, precision, device=device),
-                                        adapter_dir)
-            _merged_in_memory(model, dtype).save_pretrained(str(partial), max_shard_size=recipe.merge.max_shard_size)
+            model = job.base_with_adapter()
+            _merged_in_memory(model, dtype).save_pretrained(str(job.partial), max_shard_size=shard_size)
             del model
             written = {"method": "in memory"}
-    written.update(merge_check.compare_weights(digests, partial))
+    written.update(merge_check.compare_weights(digests, job.partial))
     return logits, written
 
 
@@ -162,22 +192,20 @@ def _merged_in_memory(model, dtype: torch.dtype):
     return merged
 
 
-def _quantized_reference(adapter_dir: Path, ref: model_sources.ModelRef, quantization: dict,
-                         batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantized_reference(job: MergeJob, quantization: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the quantized base it was trained on (QLoRA), with and without the adapter, on
     the local device as in training (where the float merge may have run on the CPU), returned
-    on `device`, beside the merge's own."""
+    on the merge's device, beside the merge's own."""
     models.release_memory(models.local_device())
-    base = models.load_model(ref, models.precision("auto"), quantize=quantization["quantize"],
-                             double_quant=quantization.get("double_quant", True),
-                             compute_dtype=quantization.get("compute_dtype", "auto"))
-    model = models.load_adapter(base, adapter_dir)
+    model = job.base_with_adapter(quantize=quantization["quantize"],
+                                  double_quant=quantization.get("double_quant", True),
+                                  compute_dtype=quantization.get("compute_dtype", "auto"))
     batch = {key: value.to(model.device) for key, value in batch.items()}
     with torch.no_grad():
-        adapted = model(**batch).logits.float().to(device)
+        adapted = model(**batch).logits.float().to(job.device)
         with model.disable_adapter():
-            alone = model(**batch).logits.float().to(device)
-    del model, base
+            alone = model(**batch).logits.float().to(job.device)
+    del model
     models.release_memory(models.local_device())
     return adapted, alone
 

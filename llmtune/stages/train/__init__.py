@@ -102,7 +102,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         console.print("train: fp16 with loss scaling on the CPU (what pre-Ampere GPUs run); "
                       "bf16 or fp32 are the CPU's own choices")
     distributed.prepare_sharded_loading(strategy)
-    model = build.adapter_model(recipe, ref, job.precision)
+    model = build.adapter_model(recipe, ref, job.precision, tokenizer.pad_token_id)
     trainable, total = model.get_nb_trainable_parameters()
     _say_what_trains(job, trainable, total)
     train_set, validation = build.datasets(prepared_dir, row, recipe.train.seed, recipe.train.group_by_length)
@@ -122,7 +122,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     if recipe.distributed.strategy == "fsdp" and distributed.world_size() > 1:
         console.print(f"train: FSDP2 sharded {distributed.sharded_parameters(trainer.model_wrapped)} "
                       f"parameter tensors across {distributed.world_size()} processes")
-    eval_after, eval_rewards = evaluate(trainer, "after training")
+    eval_after, eval_rewards = evaluate(trainer, "after training", row)
     # FSDP and ZeRO-3 shard the weights: every rank takes part in gathering the trained ones
     state_dict = distributed.trainable_state_dict(trainer)
     if not distributed.is_main():

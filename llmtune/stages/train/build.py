@@ -64,15 +64,17 @@ def collator(row, tokenizer):
     return PadCollator(pad_id) if row.trl is None else trl.collator(row, pad_id)
 
 
-def adapter_model(recipe, ref, precision: str):
+def adapter_model(recipe, ref, precision: str, pad_token_id: int | None = None):
     """The base (quantized for QLoRA), frozen weights in the compute dtype, with a fresh
-    LoRA/DoRA adapter on it."""
+    LoRA/DoRA adapter on it; with a score head for an objective that trains a reward model
+    (`pad_token_id` marks where each sequence ends)."""
     quantize = recipe.model.quantize
     sharded = distributed.shards(recipe.distributed)  # FSDP and DeepSpeed place the weights themselves
     base = models.load_model(ref, precision, quantize=quantize, double_quant=recipe.model.double_quant,
                              compute_dtype=recipe.model.compute_dtype,
                              shardable=distributed.shards_quantized_weights(recipe.distributed, quantize),
-                             device=None if sharded else "local")
+                             device=None if sharded else "local", head=objective(recipe.train.objective).head,
+                             pad_token_id=pad_token_id)
     # With a cache, transformers does not read packed position ids as sequence boundaries, and
     # packed examples would attend to each other; training never uses the cache anyway.
     # (GRPO generates its completions: there the cache is what makes generation fast.)
@@ -177,6 +179,7 @@ def lora_config(recipe, model=None) -> LoraConfig:
         use_dora=adapter.method == "dora",
         use_rslora=adapter.rslora,
         init_lora_weights=_INIT[adapter.init],
-        task_type="CAUSAL_LM",
+        # a score head is trained in full beside the adapter (peft adds it to modules_to_save)
+        task_type="SEQ_CLS" if objective(recipe.train.objective).head == "score" else "CAUSAL_LM",
         **extra,
     )

@@ -15,17 +15,15 @@ from transformers import TrainerCallback
 
 from llmtune.console import console
 from llmtune.errors import Diverged
+from llmtune.objectives import logged_metrics
 from llmtune.stages.collate import PadCollator
 from llmtune.stages.train import checkpoints, distributed
 
-# What TRL's trainers log -> the names in metrics.jsonl (and the training curves): the preference
-# objectives' rewards of the chosen and rejected answers (KTO logs no accuracy, and a margin only
-# when a batch has good and bad answers), KL; GRPO's mean reward and per reward function,
-# completion length and the share of completions that ended (EOS) within max_completion_length.
-TRL_METRICS = {"rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
-               "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy", "kl": "kl",
-               "reward": "reward_mean", "reward_std": "reward_std",
-               "completions/mean_length": "completion_length"}
+# What TRL's trainers log -> the names in metrics.jsonl (and the training curves), each
+# objective's in its row (objectives.py); besides, GRPO's rewards per function and the share of
+# completions that ended (EOS) within max_completion_length, read below.
+TRL_METRICS = logged_metrics()
+EVAL_METRICS = logged_metrics(evaluation=True)
 
 
 def trl_metrics(logs: dict) -> dict:
@@ -109,9 +107,8 @@ class TrainProgress(TrainerCallback):
             self.record({"step": state.global_step, "eval_loss": loss})
             # perplexity means something for a language-model loss only (not DPO's)
             perplexity = f" (perplexity {math.exp(loss):.2f})" if self.collator.__class__ is PadCollator else ""
-            rewards = "".join(f", {label} {metrics[key]:.3f}" for key, label in
-                              (("eval_rewards/margins", "margin"), ("eval_rewards/accuracies", "accuracy"))
-                              if key in metrics)
+            rewards = "".join(f", {name.rsplit('_', 1)[1]} {metrics[key]:.3f}"
+                              for key, name in EVAL_METRICS.items() if key in metrics)
             if state.global_step == 0:
                 console.print(f"train: eval loss before training: {loss:.4f}{perplexity}{rewards}")
             elif self.training:

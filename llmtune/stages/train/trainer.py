@@ -165,20 +165,19 @@ def fit(trainer, checkpoint: Path | None, stop):
         stop.uninstall()
 
 
-def evaluate(trainer: Trainer, when: str) -> tuple[float | None, dict]:
-    """The eval loss, and a preference objective's reward margin and accuracy on the validation set."""
+def evaluate(trainer: Trainer, when: str, row) -> tuple[float | None, dict]:
+    """The eval loss, and what the objective's trainer measures besides on the validation set
+    (a preference objective's reward margin and accuracy), under the summary's names."""
     if trainer.eval_dataset is None:
         return None, {}
     metrics = trainer.evaluate()
     loss = round(metrics["eval_loss"], 5)
-    rewards = [f"{label} {metrics[key]:.3f}" for key, label in
-               (("eval_rewards/margins", "margin"), ("eval_rewards/accuracies", "accuracy")) if key in metrics]
+    rewards = [f"{name.rsplit('_', 1)[1]} {metrics[key]:.3f}" for key, name in row.eval_logs.items() if key in metrics]
     if trainer.args.__class__ is not TrainingArguments:  # a preference objective's loss is no perplexity
         console.print(f"train: eval loss {when}: {loss:.4f}" + "".join(f", {r}" for r in rewards))
     else:
         console.print(f"train: eval loss {when}: {loss:.4f} (perplexity {math.exp(loss):.2f})")
-    names = {"eval_rewards/margins": "eval_reward_margin", "eval_rewards/accuracies": "eval_reward_accuracy"}
-    return loss, {name: round(metrics[key], 5) for key, name in names.items() if key in metrics}
+    return loss, {name: round(metrics[key], 5) for key, name in row.eval_logs.items() if key in metrics}
 
 
 # train.optimizer -> transformers' `optim`: each from the library that implements it.
