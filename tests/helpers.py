@@ -140,3 +140,44 @@ def llmtune(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
         text=True,
         timeout=timeout,
     )
+
+
+# --- preference data: a learnable preference on the tiny model -------------------------------
+
+WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "ocean", "piano", "amber"]
+
+
+def pairs(count: int) -> list[dict]:
+    """A learnable preference: repeat the word asked for (chosen), not another word (rejected)."""
+    rows = []
+    for i in range(count):
+        word, other = WORDS[i % 10], WORDS[(i * 3 + 1) % 10]
+        other = other if other != word else WORDS[(i + 5) % 10]
+        rows.append({"prompt": f"Repeat {word} three times. (#{i})", "chosen": f"{word} {word} {word}",
+                     "rejected": f"{other} {other} {other}"})
+    return rows
+
+
+def kto_rows(count: int) -> list[dict]:
+    return [{"prompt": row["prompt"], "completion": row[answer], "label": answer == "chosen"}
+            for row in pairs(count // 2) for answer in ("chosen", "rejected")]
+
+
+def write_preference_recipe(folder, base, objective="dpo", rows=None, **sections):
+    fmt = "kto" if objective == "kto" else "preference"
+    write_jsonl(folder / "data" / "train.jsonl", rows if rows is not None else
+                (kto_rows(40) if fmt == "kto" else pairs(40)))
+    recipe = {
+        "name": "tiny",
+        "model": {"path": str(base)},
+        "data": {"train": [{"path": "data/train.jsonl", "format": fmt}], "validation": {"fraction": 0.1},
+                 "max_seq_len": 128},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"objective": objective, "epochs": 1, "batch_size": 4, "lr": 5e-3, "seed": 0, "precision": "fp32"},
+        "preview": {"count": 0},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path

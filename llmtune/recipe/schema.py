@@ -218,8 +218,9 @@ class GrpoSection(Section):
 
 class TrainSection(Section):
     objective: ObjectiveName = "sft"
-    """sft: supervised | dpo, orpo, simpo: chosen vs rejected answers (format preference) | kto: answers
-    marked good or bad (format kto); all but sft run on TRL's trainers"""
+    """what training optimises, a row of llmtune/objectives.py: sft (supervised), dpo, orpo, simpo (chosen vs
+    rejected answers), kto (answers marked good or bad), grpo (rewards on sampled completions), and the rest
+    listed there (docs/objectives.md); all but sft run on TRL's trainers"""
     beta: float | None = Field(default=None, gt=0)
     """dpo/orpo/simpo/kto strength; unset: TRL's default"""
     dpo_loss: DpoLoss = "sigmoid"

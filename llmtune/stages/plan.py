@@ -11,6 +11,7 @@ where the tokenizer or the data cannot be read here, they are reported unknown.
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from pathlib import Path
@@ -116,9 +117,12 @@ def _model_counts(config, recipe: Recipe) -> dict:
     """Parameter counts from the model built on the meta device with the recipe's adapter:
     total and trainable (peft's), the base alone, the linear layers quantization applies to,
     the shapes of the trainable tensors and each optimizer's state for them."""
-    loader = AutoModelForSequenceClassification if objective(recipe.train.objective).head == "score" else AutoModelForCausalLM
+    loader = AutoModelForCausalLM
+    if objective(recipe.train.objective).head == "score":  # a reward model: one score per sequence
+        loader, config = AutoModelForSequenceClassification, copy.deepcopy(config)
+        config.num_labels = 1
     with torch.device("meta"):
-        base = loader.from_config(config, **({"num_labels": 1} if loader is AutoModelForSequenceClassification else {}))
+        base = loader.from_config(config)
         base_params = sum(p.numel() for p in base.parameters())
         # quantization applies to the linear layers of the blocks, not the output head
         linear = sum(m.weight.numel() for name, m in base.named_modules()
