@@ -84,6 +84,11 @@ def _simpo(recipe) -> dict:
     return {**_beta(recipe), "loss_type": "simpo", "cpo_alpha": 0.0, "max_length": recipe.data.max_seq_len}
 
 
+def _reward(recipe) -> dict:
+    # prepare has cut each pair to max_seq_len already; the adapter's dropout is the recipe's
+    return {"max_length": None, "disable_dropout": False}
+
+
 def _grpo(recipe) -> dict:
     grpo = recipe.train.grpo
     own = {key: value for key, value in grpo.model_dump().items() if key in TRL_GRPO_KEYS and value is not None}
@@ -138,6 +143,11 @@ OBJECTIVES: dict[str, Objective] = {row.name: row for row in (
               reference=lambda recipe: _ADAPTER_DISABLED,
               trained_sequences=1, forward_only=3, forward_only_for="reference, KL", fused_logps=True, eval="kto",
               logs=_PREFERENCE_LOGS, eval_logs=_PREFERENCE_EVAL),
+    Objective("reward", "a reward model: a score head trained to score the chosen answer above the rejected",
+              formats=("preference",), kind="preference", trl=("trl:RewardTrainer", "trl:RewardConfig"),
+              settings=_reward, rows="sequences", head="score", trained_sequences=2, fused_logps=False,
+              eval="preference", logs={"accuracy": "reward_accuracy", "margin": "reward_margin"},
+              eval_logs={"eval_margin": "eval_reward_margin", "eval_accuracy": "eval_reward_accuracy"}),
     Objective("grpo", "completions sampled per prompt and scored by reward functions",
               formats=("prompt",), kind="prompt", trl=("trl:GRPOTrainer", "trl:GRPOConfig"), settings=_grpo,
               rows="prompts", batches="trainer", evaluates=False, rewards=True, generates=True,

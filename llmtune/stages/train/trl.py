@@ -7,6 +7,7 @@ trainer class, its config, and how the prepared rows reach it, by the row's `row
   takes it reshaped as its `tokenize_row` would have written it.
 - "prompts" (GRPO): the trainer batches the prompts itself; prepare tokenised them with the chat
   template and the generation prompt, and they are not tokenised again.
+- "sequences" (reward models): each answer with its prompt as one sequence, scored at its end.
 
 Everything else (losses, the reference model as the base with the adapter disabled, metrics) is
 TRL's. A new objective whose rows come in a new shape adds an entry to ROWS.
@@ -191,6 +192,25 @@ class _PreparedRows:
         return feature
 
 
+class _PreparedSequences:
+    """Reward models: each answer with its prompt, one whole sequence each (RewardTrainer's
+    chosen_ids and rejected_ids), scored at its last token."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        def whole(rows):
+            for name in ("chosen_ids", "rejected_ids"):
+                rows[name] = [prompt + answer for prompt, answer in zip(rows["prompt_ids"], rows[name])]
+            return rows
+
+        return dataset.map(whole, batched=True, desc=None)
+
+
+def _reward_collator(pad_id: int):
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    return DataCollatorForPreference(pad_token_id=pad_id)
+
+
 def _dpo_collator(pad_id: int):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -215,4 +235,5 @@ ROWS = {
     "answers": {"mixin": _PreparedTokens, "collator": _kto_collator},
     "orpo": {"mixin": _PreparedRows, "collator": _orpo_collator, "to_rows": _orpo_row},
     "prompts": {"mixin": _PreparedPrompts, "collator": None},
+    "sequences": {"mixin": _PreparedSequences, "collator": _reward_collator},
 }
