@@ -74,6 +74,7 @@ def test_other_stages_refuse_to_run_under_a_launcher(tiny_model, tmp_path):
     assert not (tmp_path / "runs" / "tiny" / "prepared").exists()
 
 
+@pytest.mark.slow
 def test_launch_checks_its_inputs_before_starting_torchrun(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model)
     result = llmtune("launch", recipe, "--nnodes", "2", cwd=tmp_path)
@@ -83,6 +84,7 @@ def test_launch_checks_its_inputs_before_starting_torchrun(tiny_model, tmp_path)
     assert "run: llmtune prepare" in unprepared.stderr and "launch:" not in unprepared.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(one_process, tiny_model, tmp_path):
     recipe = _recipe(tmp_path, tiny_model)
     result = llmtune("launch", recipe, "--nproc", "2", cwd=tmp_path)
@@ -110,6 +112,7 @@ def test_qlora_under_fsdp_stores_its_4bit_weights_in_the_compute_dtype(tiny_mode
         assert packed == {storage}
 
 
+@pytest.mark.slow
 def test_accelerate_launch_trains_the_same(one_process, tiny_model, tmp_path):
     """`llmtune train` unchanged under accelerate's launcher (its --multi_gpu mode is torchrun
     underneath; on a CPU-only machine the ranks use gloo)."""
@@ -133,6 +136,7 @@ def _wait_for_mark(process: subprocess.Popen, folder: Path, step: int) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_every_rank_at_one_step_then_resumes(one_process, tiny_model, tmp_path):
     recipe = _recipe(tmp_path, tiny_model)
     job = subprocess.Popen([sys.executable, "-m", "llmtune", "launch", str(recipe), "--nproc", "2"],
@@ -173,6 +177,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sbatch_script_survives_preemption_and_requeue(one_process, tiny_model, tmp_path):
     recipe = _recipe(tmp_path, tiny_model)
     made = llmtune("slurm", recipe, "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",

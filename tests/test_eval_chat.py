@@ -39,6 +39,7 @@ def trained(tiny_model, tmp_path_factory):
     return folder, recipe
 
 
+@pytest.mark.slow
 def test_eval_compares_base_adapter_and_merged(trained):
     folder, recipe = trained
     result = llmtune("eval", recipe, cwd=folder)
@@ -69,6 +70,7 @@ def test_training_curves_png(trained):
     assert result.returncode == 0 and png.is_file()
 
 
+@pytest.mark.slow
 def test_generate_writes_one_answer_per_prompt(trained, tmp_path):
     folder, _ = trained
     write_jsonl(tmp_path / "in.jsonl", [
@@ -87,6 +89,7 @@ def test_generate_writes_one_answer_per_prompt(trained, tmp_path):
     assert bad.returncode == 2 and "bad.jsonl:2: unknown role" in bad.stderr
 
 
+@pytest.mark.slow
 def test_chat_streams_answers_and_understands_commands(trained):
     folder, _ = trained
     session = "Repeat apple three times.\n/system Be brief.\nAgain?\n/reset\n/exit\n"

@@ -25,6 +25,7 @@ def exported(tiny_model, tmp_path_factory):
     return folder / "runs" / "tiny", recipe, result
 
 
+@pytest.mark.slow
 def test_gguf_is_checked_in_llama_cpp_and_the_figures_are_in_the_manifest(exported):
     run, _, result = exported
     summary = json.loads((run / "exported" / "manifest.json").read_text())["summary"]
@@ -72,6 +73,7 @@ def test_adapter_export_loads_with_peft(exported, tiny_model):
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
 
 
+@pytest.mark.slow
 def test_no_verify_is_recorded_and_a_later_run_checks(exported):
     run, recipe, _ = exported
     skipped = llmtune("export", recipe, "--force", "--no-verify", cwd=recipe.parent)
@@ -165,6 +167,7 @@ def test_the_round_trip_check_sees_a_wrong_rotary_layout(tmp_path, monkeypatch):
     assert verify_gguf(tmp_path / "f32.gguf", model, tokenizer, rows)["top1_agreement"] < 0.9
 
 
+@pytest.mark.slow
 def test_ollama_alone_keeps_its_gguf_beside_the_modelfile(exported):
     run, recipe, _ = exported
     result = llmtune("export", recipe, "--set", "export.formats=[ollama]", cwd=recipe.parent)

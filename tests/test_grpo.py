@@ -158,6 +158,7 @@ def test_grpo_trains_and_logs_rewards_kl_length_and_eos(tiny_model, tmp_path, ca
     assert (run / "training_curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_match_reward_on_prompts_without_answers_is_refused_before_training(tiny_model, tmp_path):
     recipe = write_grpo_recipe(tmp_path, tiny_model, rows=prompts(10, answers=False))
     prepare(load_recipe(recipe), tmp_path / "runs" / "tiny")  # in-process: the CLI is tested elsewhere
@@ -167,6 +168,7 @@ def test_a_match_reward_on_prompts_without_answers_is_refused_before_training(ti
     assert not (tmp_path / "runs" / "tiny" / "adapter.partial").exists()
 
 
+@pytest.mark.slow
 def test_eval_scores_each_reward_per_model(tiny_model, tmp_path):
     recipe = write_grpo_recipe(tmp_path, tiny_model, max_steps=2)
     prepare(load_recipe(recipe), tmp_path / "runs" / "tiny")  # in-process: the CLI is tested elsewhere
@@ -184,6 +186,7 @@ def test_eval_scores_each_reward_per_model(tiny_model, tmp_path):
 RESUMABLE = {"max_steps": 8, "save_every": 4, "keep_checkpoints": 2}
 
 
+@pytest.mark.slow
 def test_grpo_resumed_after_sigkill_ends_with_the_uninterrupted_adapter(tiny_model, tmp_path):
     """Sampling is seeded and the checkpoint carries the RNG states: a resumed CPU run in fp32
     draws the same completions and ends with the same adapter (docs/objectives.md, "GRPO")."""

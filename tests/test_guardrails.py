@@ -18,6 +18,7 @@ ROW = re.compile(r"train\.jsonl:\d+")
 
 # --- non-finite loss or gradients --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_learning_rate_that_blows_up_stops_training_with_exit_5(tiny_model, tmp_path):
     """As a user meets it: lr 1e30. Without the guard the Trainer logged the NaN loss as 0.0,
     training "succeeded", and merge and export went on with a broken adapter."""
@@ -66,6 +67,7 @@ def test_an_injected_nan_loss_stops_at_its_step_and_names_its_rows(tiny_model, t
 
 # --- servers that never stop -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_base_llama3_served_after_export_stops_where_its_turns_end(tmp_path):
     """A base Llama 3's EOS is <|end_of_text|>, the Llama 3 chat template ends turns with
     <|eot_id|>: vLLM and TGI stop on the tokenizer's EOS and generation_config's ids, so the
@@ -201,6 +203,7 @@ def test_control_token_text_on_a_llama3_tokenizer_matches_the_tokenizer_without_
 
 # --- serving defaults that match training; prompts that silently produce nothing ---------------
 
+@pytest.mark.slow
 def test_generate_and_chat_serve_prompts_as_training_saw_them(tiny_model, tmp_path):
     """A {"prompt": ...} row on a chat-trained run is a user turn with the training's system
     prompt: its answer equals that of the same question as a conversation; chat starts with
@@ -273,6 +276,7 @@ def test_empty_answers_are_counted_and_warned_about(capsys):
 
 # --- adapters that servers refuse --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_an_adapter_with_whole_modules_is_flagged_at_export_and_refused_under_strict(tiny_model, tmp_path):
     import json
 
@@ -311,11 +315,12 @@ def test_numeric_checks_count_a_nan_as_a_failure(tiny_model):
     broken[0, 2, 3] = float("nan")
     mask = torch.ones(1, 4, dtype=torch.bool)
     with pytest.raises(VerificationError):
-        merge_check.check_logits(broken, logits, logits, mask, "float32")
+        merge_check.check_logits(broken, logits, logits, mask, "fp32")
 
 
 # --- evaluation that runs out of memory --------------------------------------------------------
 
+@pytest.mark.slow
 def test_plan_reports_eval_and_generation_batches_shrink_to_what_fits(tiny_model, tmp_path, monkeypatch, capsys):
     import json
 

@@ -34,6 +34,7 @@ def llama3_run(tmp_path_factory):
     return folder, recipe, base
 
 
+@pytest.mark.slow
 def test_run_keeps_one_bos_the_vocabulary_and_every_end_of_turn_id(llama3_run):
     from datasets import load_from_disk
 
@@ -91,6 +92,7 @@ def test_a_bf16_merge_missing_one_modules_delta_fails_its_check(llama3_run, monk
     assert merge_stage.merge(load_recipe(recipe_file), run, force=True).manifest["summary"]["max_abs_logit_diff"] == 0
 
 
+@pytest.mark.slow
 def test_eval_generate_and_chat_need_no_pad_token_of_their_own(llama3_run, tmp_path):
     folder, recipe, _ = llama3_run
     evaluated = llmtune("eval", recipe, cwd=folder)

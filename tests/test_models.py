@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtune import model_sources, models
+from llmtune import model_ref, model_sources, models
 from llmtune.errors import InputError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -142,8 +142,8 @@ def test_stored_dtype_is_read_from_the_folder(tiny_model, tmp_path):
 def test_file_hashes_are_remembered_by_file_identity(tiny_model, tmp_path, monkeypatch):
     folder = shutil.copytree(tiny_model, tmp_path / "copy")
     hashed = []
-    real = model_sources.sha256_file
-    monkeypatch.setattr(model_sources, "sha256_file", lambda path: hashed.append(path) or real(path))
+    real = model_ref.sha256_file  # where fingerprints hash files (model_sources re-exports them)
+    monkeypatch.setattr(model_ref, "sha256_file", lambda path: hashed.append(path) or real(path))
     first = model_sources.folder_fingerprint(folder)
     assert len(hashed) == len([p for p in folder.iterdir() if p.is_file()])
     hashed.clear()

@@ -25,6 +25,7 @@ def tiny_run(tiny_model, tmp_path_factory):
     return folder, recipe, result
 
 
+@pytest.mark.slow
 def test_run_writes_every_stage_with_astage_manifest(tiny_run):
     folder, _, result = tiny_run
     run = folder / "runs" / "tiny"
@@ -57,6 +58,7 @@ def test_run_writes_every_stage_with_astage_manifest(tiny_run):
     assert stats["rows_read"] == 40 == stats["rows_kept"] + stats["rows_skipped"]
 
 
+@pytest.mark.slow
 def test_second_run_is_up_to_date_and_set_reruns_only_downstream(tiny_run):
     folder, recipe, _ = tiny_run
     again = llmtune("run", recipe, cwd=folder)
@@ -103,6 +105,7 @@ def test_inspect_verifies_hashes(tiny_run, tmp_path):
     assert damaged.returncode == 3 and "adapter_config.json modified" in damaged.stdout
 
 
+@pytest.mark.slow
 def test_killed_training_leaves_nothing_merge_accepts(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model, rows=40, train={"max_steps": 100000, "batch_size": 1})
     assert llmtune("prepare", recipe, cwd=tmp_path).returncode == 0
@@ -122,6 +125,7 @@ def test_killed_training_leaves_nothing_merge_accepts(tiny_model, tmp_path):
     assert "Traceback" not in merge.stderr
 
 
+@pytest.mark.slow
 def test_merge_refuses_a_different_base(tiny_model, tmp_path):
     from llmtune.testing import build_tiny_model
 

@@ -104,6 +104,7 @@ def test_pairs_are_masked_as_sft_masks_the_answer(tiny_model, tmp_path, tokenize
             assert tokenizer.decode(row[f"{answer}_ids"]) == sample[answer] + "<|im_end|>"
 
 
+@pytest.mark.slow
 def test_bad_rows_error_names_the_line_and_wrong_objectives_are_refused(tiny_model, tmp_path):
     rows = pairs(4) + [{"prompt": "q", "chosen": "a"}]
     recipe = write_preference_recipe(tmp_path, tiny_model, rows=rows)
@@ -120,6 +121,7 @@ def test_bad_rows_error_names_the_line_and_wrong_objectives_are_refused(tiny_mod
     assert kto.returncode == 2 and "objective kto needs batch_size 2 or more" in kto.stderr
 
 
+@pytest.mark.slow
 def test_overlong_pairs_are_cut_dropped_or_refused(tiny_model, tmp_path):
     long_prompt = {"prompt": "word " * 200, "chosen": "a", "rejected": "b"}
     long_answer = {"prompt": "q", "chosen": "long " * 200, "rejected": "b"}
@@ -168,6 +170,7 @@ def test_every_objective_trains_and_logs_its_rewards(tiny_model, tmp_path, objec
     assert (run / "training_curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_preference_accuracy_in_eval(tiny_model, tmp_path):
     """eval scores base, adapter and merged on held-out pairs: the adapter prefers the chosen
     answers more than the base did, and merged agrees with the adapter."""
@@ -209,6 +212,7 @@ def dpo_uninterrupted(tiny_model, tmp_path_factory):
     return adapter_weights(folder / "runs" / "tiny")
 
 
+@pytest.mark.slow
 def test_dpo_killed_then_stopped_resumes_to_the_uninterruptedadapter_weights(dpo_uninterrupted, tiny_model, tmp_path):
     """SIGKILL after checkpoint 10, resume; SIGTERM after checkpoint 20 (exit 75, saved where it
     stopped), resume again: the adapter of the uninterrupted run, every step logged once."""
@@ -233,6 +237,7 @@ def test_dpo_killed_then_stopped_resumes_to_the_uninterruptedadapter_weights(dpo
     assert steps == list(range(1, 41))  # every step logged once, none twice after the resumes
 
 
+@pytest.mark.slow
 def test_dpo_on_two_processes_equals_one_with_the_same_global_batch(tiny_model, tmp_path):
     """DDP under torchrun (`llmtune launch`, gloo on CPU): 2 processes x 1 pair = 1 x 2 pairs."""
     adapters = []

@@ -170,6 +170,7 @@ def test_sources_of_every_file_type_mix_with_weights(tiny_model, tmp_path):
     assert outcome.manifest["summary"]["train_examples"] == 4 + 8 + 4 + halved + 2
 
 
+@pytest.mark.slow
 def test_bad_rows_stop_with_file_and_line_or_are_counted(tiny_model, tmp_path):
     lines = [json.dumps(r) for r in chat_rows(10)]
     lines[6] = '{"messages": [broken'
@@ -246,6 +247,7 @@ def test_editing_a_data_file_reprepares(tiny_model, tmp_path):
     assert not prepare(load_recipe(recipe_file, ["data.template=chatml"]), run).up_to_date
 
 
+@pytest.mark.slow
 def test_packing_in_prepare_and_training(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model, rows=40, data={"packing": True, "max_seq_len": 256},
                           train={"max_steps": 3}, preview={"count": 1})

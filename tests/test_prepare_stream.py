@@ -155,6 +155,7 @@ def test_a_long_prepare_prints_progress_with_an_eta(tiny_model, tmp_path, monkey
     assert "tokens/s" in lines[-1] and "100% of" in lines[-1] and "ETA 0m00s" in lines[-1]
 
 
+@pytest.mark.slow
 def test_worker_processes_prepare_what_one_process_prepares(tiny_model, tmp_path):
     recipe_file = write_recipe(tmp_path, tiny_model, data=_mixed_data(tmp_path))
     prepare(load_recipe(recipe_file), tmp_path / "one")

@@ -39,6 +39,7 @@ def _llmtune(args, cwd, env, hub=None):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_push_uploads_the_run_with_its_card_and_recipe_and_no_secrets(finished_run, tmp_path):
     folder, _ = finished_run
     with Hub() as hub:
@@ -112,6 +113,7 @@ def test_push_refuses_a_changed_output_an_unfinished_stage_and_a_missing_token(f
         push(unfinished, "me/x")
 
 
+@pytest.mark.slow
 def test_export_hub_pushes_at_the_end_of_run(finished_run, tmp_path):
     folder, recipe = finished_run
     with Hub() as hub:

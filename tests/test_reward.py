@@ -33,6 +33,7 @@ def reward_run(tiny_model, tmp_path_factory):
     return folder, recipe_file, run, summary
 
 
+@pytest.mark.slow
 def test_a_reward_model_learns_to_rank_the_chosen_answer_first(reward_run):
     folder, recipe_file, run, summary = reward_run
     assert summary["objective"] == "reward"
@@ -70,6 +71,7 @@ def test_the_merged_reward_model_scores_as_base_and_adapter_do(reward_run):
         assert float((merged(input_ids=ids).logits - tuned(input_ids=ids).logits).abs().max()) < 1e-4
 
 
+@pytest.mark.slow
 def test_a_reward_model_is_refused_where_a_language_model_is_needed(reward_run, tiny_model, tmp_path):
     folder, recipe_file, run, _ = reward_run
     with pytest.raises(RecipeError, match="gguf hold a language model, and train.objective reward trains a reward"):

@@ -53,6 +53,7 @@ def test_pickle_weights_are_refused_before_they_are_opened(tiny_model, tmp_path)
     assert not sentinel.exists()
 
 
+@pytest.mark.slow
 def test_a_pickle_beside_safetensors_is_never_loaded(tiny_model, tmp_path):
     sentinel = tmp_path / "pwned"
     model = _malicious_folder(tiny_model, tmp_path / "mixed", sentinel, keep_safetensors=True)
@@ -151,6 +152,7 @@ SECRET_VARIABLES = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "
                     "NEPTUNE_API_TOKEN"]
 
 
+@pytest.mark.slow
 def test_tokens_in_the_environment_are_never_written_or_printed(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model, rows=12, train={"max_steps": 2})
     env = {**os.environ, **{name: SECRET for name in SECRET_VARIABLES}}
@@ -192,6 +194,7 @@ def _limited(max_bytes: int):
     return apply
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_finished_stages_and_prints_one_line(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model, rows=12, train={"max_steps": 1}, preview={"count": 0})
     assert llmtune("run", recipe, cwd=tmp_path).returncode == 0

@@ -215,6 +215,7 @@ def tool_rows(count: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_prepare_counts_tools_and_reasoning_and_preview_highlights_them(tmp_path, tiny_model):
     import yaml
 
@@ -256,6 +257,7 @@ def test_prepare_counts_tools_and_reasoning_and_preview_highlights_them(tmp_path
         prepare(load_recipe(tmp_path / "recipe.yaml", ["data.bad_rows=error"]), tmp_path / "runs" / "tools", force=True)
 
 
+@pytest.mark.slow
 def test_eval_scores_tool_calls_and_generate_returns_them(tmp_path, tiny_model):
     """eval: tool_call_accuracy per model on the validation tool calls; generate --tools: each
     answer's calls as structured output (the tiny model's calls are noise: the shape is tested

@@ -13,6 +13,7 @@ from helpers import llmtune, write_recipe
 SECRET = "sekrit-llmtune-test-key-4f1d"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("tensorboard") is None,
                     reason="the dev set-up installs tensorboard and wandb")
 def test_tensorboard_and_wandb_log_the_run_and_never_see_the_key_written(tiny_model, tmp_path, monkeypatch):
@@ -34,6 +35,7 @@ def test_tensorboard_and_wandb_log_the_run_and_never_see_the_key_written(tiny_mo
     assert SECRET not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_a_tracker_that_is_not_installed_stops_before_training(tiny_model, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model, rows=24, train={"max_steps": 2, "report_to": ["mlflow"]})
     if importlib.util.find_spec("mlflow") is not None:

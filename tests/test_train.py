@@ -93,6 +93,7 @@ def _killed_after(tiny_model, tmp_path, step: int):
     return recipe, tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints"
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model, tmp_path):
     recipe, root = _killed_after(tiny_model, tmp_path, 40)
     assert checkpoints.newest_good(root) is not None
@@ -102,6 +103,7 @@ def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model, tmp
     assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_skipped_and_rotation_keeps_a_good_one(uninterrupted, tiny_model, tmp_path):
     recipe, root = _killed_after(tiny_model, tmp_path, 60)
     good = [c for c in checkpoints.checkpoints(root) if checkpoints.is_good(c)]
@@ -120,6 +122,7 @@ def test_corrupt_checkpoint_is_skipped_and_rotation_keeps_a_good_one(uninterrupt
     assert len(final) == 2 and all(checkpoints.is_good(c) for c in final)  # no corrupt leftovers
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tiny_model, tmp_path):
     recipe = _fresh(tiny_model, tmp_path)
     process = start_training_until(tmp_path, recipe, 20)
@@ -182,6 +185,7 @@ def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
     assert chunked_mean == pytest.approx(mean_token_loss(model, rows, tokenizer.pad_token_id, batch_size=2), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_plan_counts_parameters_and_steps_before_training(tiny_model, tmp_path):
     import json as json_module
 
@@ -217,6 +221,7 @@ def test_plan_counts_parameters_and_steps_before_training(tiny_model, tmp_path):
     assert nf4_plan["memory_bytes"]["weights"] < memory["weights"] / 2
 
 
+@pytest.mark.slow
 def test_no_validation_split_trains_without_eval(tiny_model, tmp_path):
     recipe_file = write_recipe(tmp_path, tiny_model, rows=16, data={"validation": {"fraction": 0.0}},
                                train={"max_steps": 2}, preview={"count": 0})
@@ -255,6 +260,7 @@ def test_length_grouped_batches_are_seeded_by_epoch_and_pad_less():
     assert padding(list(small)) < 0.05
 
 
+@pytest.mark.slow
 def test_an_8bit_optimizer_checkpoints_and_resumes_exactly(tiny_model, tmp_path):
     """bitsandbytes' 8-bit AdamW runs on this CPU; its quantized states go into the checkpoint
     and a resumed run ends with the same adapter as an uninterrupted one. (r 64: bitsandbytes
@@ -338,6 +344,7 @@ def test_loraplus_gives_the_b_matrices_their_own_learning_rate(tiny_model, tmp_p
     assert rates == {1e-3, 16e-3}
 
 
+@pytest.mark.slow
 def test_plan_shows_each_optimizers_state(tiny_model, tmp_path):
     import json
 
