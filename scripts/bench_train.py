@@ -247,8 +247,15 @@ def main() -> None:
               *(["--steps", str(args.steps)] if args.steps else []),
               *[f"--llmtune-set={item}" for item in args.llmtune_set]]
     results = {}
+    # MFU against the matmul peak in the precision training computes in: auto is bf16 where it is
+    # native (a CPU without native bf16 emulates it, and its "peak" took minutes to measure)
+    peak_precision = args.precision
+    if peak_precision == "auto":
+        from llmtune.models import precision
+
+        peak_precision = precision("auto", args.device) if args.device == "cpu" else "bf16"
     for name in ["peak", *args.variants]:
-        extra = ["--peak-precision", "bf16" if args.precision == "auto" else args.precision] if name == "peak" else []
+        extra = ["--peak-precision", peak_precision] if name == "peak" else []
         command = [sys.executable, __file__, *passed, "--child", name, *extra]
         try:
             done = measure(command, Path.cwd(), env)
