@@ -33,6 +33,19 @@ class Diverged(LlmtuneError):
     exit_code = 5
 
 
+class GotWorse(LlmtuneError):
+    """Training made the held-out loss worse than before it: `llmtune run` stops before merge
+    and export rather than ship the worse model."""
+
+    exit_code = 7
+
+
+class RunBusy(LlmtuneError):
+    """Another llmtune command is writing the same run folder (run_lock.py)."""
+
+    exit_code = 6
+
+
 class Interrupted(LlmtuneError):
     """Training stopped on a signal after saving a checkpoint: run again with --resume auto."""
 

@@ -7,6 +7,8 @@ a finished stage; anything else is not, and is never picked up as one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
 import hashlib
 import json
@@ -154,13 +156,39 @@ def upstream_dir(out_dir: Path, manifest: dict[str, Any], name: str) -> Path:
     return (out_dir / manifest["inputs"][name]["path"]).resolve()
 
 
+# Whether is_up_to_date re-hashes every output (`llmtune run --rehash`). Without it, a stage is
+# up to date when its manifest's recipe hash and inputs match and each output file is there at
+# its recorded size: fast, and blind to a file changed in place at the same size (which
+# `llmtune inspect` and --rehash catch by hashing).
+_rehash: contextvars.ContextVar[bool] = contextvars.ContextVar("rehash", default=False)
+
+
+@contextlib.contextmanager
+def rehashing(on: bool = True):
+    """Within this block, up-to-date checks hash every output file (slow on large models)."""
+    token = _rehash.set(on)
+    try:
+        yield
+    finally:
+        _rehash.reset(token)
+
+
 def is_up_to_date(out_dir: Path, stage: str, recipe_sha256: str, inputs: dict[str, Any]) -> bool:
-    """True when `<out>` finished with the same recipe hash and inputs, and its files are there."""
+    """True when `<out>` finished with the same recipe hash and inputs, and its files are there
+    (at their recorded sizes; under rehashing(), with their recorded hashes)."""
     manifest = read_manifest(out_dir)
     if manifest is None or manifest.get("stage") != stage:
         return False
     if manifest.get("recipe_sha256") != recipe_sha256 or manifest.get("inputs") != inputs:
         return False
+    if _rehash.get():
+        changed = [name for name, state in verify_outputs(out_dir, manifest).items() if state != "ok"]
+        if changed:
+            from llmtune.console import console
+
+            console.print(f"{stage}: {out_dir / changed[0]} changed since it was written"
+                          f"{f' (and {len(changed) - 1} more files)' if len(changed) > 1 else ''}: running it again")
+        return not changed
     for name, info in manifest.get("outputs", {}).items():
         path = out_dir / name
         if not path.is_file() or path.stat().st_size != info.get("bytes"):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmtune.errors import LlmtuneError
+from llmtune.errors import GotWorse, LlmtuneError
 from llmtune.manifest import Outcome
 from llmtune.recipe import Recipe
 
@@ -55,15 +55,26 @@ class RunResult:
 
 
 def run(recipe: Recipe, run_path: Path, force: bool = False, resume: bool = False, verify: bool = True,
-        on_stage: Callable[[str, Outcome], None] | None = None) -> RunResult:
+        on_stage: Callable[[str, Outcome], None] | None = None, rehash: bool = False) -> RunResult:
     """Every stage (each up to date is skipped), then the preview and the push. `on_stage` is
-    told each stage's outcome as it ends (the CLI prints it)."""
+    told each stage's outcome as it ends (the CLI prints it). `rehash` re-hashes every output
+    before calling a stage up to date (manifest.rehashing)."""
+    from llmtune.manifest import rehashing
+
+    with rehashing(rehash):
+        return _run(recipe, run_path, force, resume, verify, on_stage)
+
+
+def _run(recipe: Recipe, run_path: Path, force: bool, resume: bool, verify: bool,
+         on_stage: Callable[[str, Outcome], None] | None) -> RunResult:
     result = RunResult()
     for stage in PIPELINE:
         outcome = run_stage(stage, recipe, run_path, force, resume=resume and stage == "train", verify=verify)
         result.outcomes[stage] = outcome
         if on_stage is not None:
             on_stage(stage, outcome)
+        if stage == "train" and not force:
+            _refuse_a_worse_model(outcome.manifest["summary"], recipe, run_path)
     from llmtune.serve.preview import preview
 
     result.preview = preview(recipe, run_path)
@@ -71,6 +82,17 @@ def run(recipe: Recipe, run_path: Path, force: bool = False, resume: bool = Fals
     if hub is not None:  # a cluster job publishes its result
         result.pushed = push(run_path, hub.repo, hub.what, hub.private, hub.revision)
     return result
+
+
+def _refuse_a_worse_model(summary: dict, recipe: Recipe, run_path: Path) -> None:
+    """Merge and export would ship a model worse than its base on the held-out data: stop."""
+    if summary.get("eval_loss_rose"):
+        recipe_file = run_path / "recipe.yaml"
+        raise GotWorse(
+            f"training made the eval loss worse ({summary['eval_loss_before']} before, {summary['eval_loss']} "
+            "after); merge and export were not run",
+            hint="lower train.lr or check that the validation data is like the training data, then train "
+            f"again (--force); to ship it anyway: llmtune merge {recipe_file} and llmtune export {recipe_file}")
 
 
 def push(run_path: Path, repo: str, what: str = "all", private: bool = True, revision: str | None = None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -149,3 +150,28 @@ def test_missing_upstream_names_the_command(tiny_model, tmp_path):
     result = llmtune("export", recipe, cwd=tmp_path)
     assert result.returncode == 2
     assert "no finished merge stage" in result.stderr and "llmtune merge" in result.stderr
+
+
+@pytest.mark.slow
+def test_run_trusts_sizes_and_run_rehash_catches_a_byte_changed_in_place(tiny_model, tmp_path):
+    """One flipped byte in merged/model.safetensors, its modification time restored: `run`
+    checks sizes (fast; the README says so) and calls it up to date, `run --rehash` re-hashes,
+    says which file changed and merges again."""
+    copy = tmp_path  # a run of its own: the shared one changes with the tests above
+    write_recipe(copy, tiny_model, rows=16, train={"max_steps": 2}, preview={"count": 0})
+    assert llmtune("run", "recipe.yaml", cwd=copy).returncode == 0
+    weights = copy / "runs" / "tiny" / "merged" / "model.safetensors"
+    stat = weights.stat()
+    with open(weights, "r+b") as handle:
+        handle.seek(stat.st_size - 3)
+        byte = handle.read(1)
+        handle.seek(stat.st_size - 3)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    plain = llmtune("run", "recipe.yaml", cwd=copy)
+    assert plain.returncode == 0 and "merge: up to date" in plain.stdout
+    rehashed = llmtune("run", "recipe.yaml", "--rehash", cwd=copy)
+    assert rehashed.returncode == 0, rehashed.stderr
+    assert "merged/model.safetensors changed since it was written: running it again" in rehashed.stdout
+    assert "prepare: up to date" in rehashed.stdout and "merge: done" in rehashed.stdout
+    assert llmtune("inspect", "runs/tiny", cwd=copy).returncode == 0

@@ -4,6 +4,7 @@ adapter as an uninterrupted run; corrupt checkpoints are never resumed from."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import pytest
@@ -73,8 +74,8 @@ def uninterrupted(tiny_model, tmp_path_factory):
                           preview={"count": 0})
     # in-process: the CLI is what the interrupted runs use, and they must end with this adapter
     prepare(load_recipe(recipe), folder / "runs" / "tiny")
-    train(load_recipe(recipe), folder / "runs" / "tiny")
-    return adapter_weights(folder / "runs" / "tiny")
+    summary = train(load_recipe(recipe), folder / "runs" / "tiny").manifest["summary"]
+    return {"weights": adapter_weights(folder / "runs" / "tiny"), "train_loss": summary["train_loss"]}
 
 
 def _fresh(tiny_model, tmp_path):
@@ -94,13 +95,25 @@ def _killed_after(tiny_model, tmp_path, step: int):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(uninterrupted, tiny_model, tmp_path):
-    recipe, root = _killed_after(tiny_model, tmp_path, 40)
+def test_sigkill_then_the_same_command_resumes_and_equals_uninterrupted(uninterrupted, tiny_model, tmp_path):
+    """A re-run after a crash resumes by default (it used to start over and delete the
+    checkpoint without a word), and reports the whole run's training loss, not the resumed part's.
+    While it trains, a second command on its run folder is refused (two used to interleave)."""
+    recipe = _fresh(tiny_model, tmp_path)
+    process = start_training_until(tmp_path, recipe, 40)
+    busy = llmtune("run", recipe, cwd=tmp_path)
+    assert busy.returncode == 6 and f"is in use by another llmtune command (pid {process.pid}: llmtune train" in busy.stderr
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    root = tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints"
     assert checkpoints.newest_good(root) is not None
-    resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
+    resumed = llmtune("train", recipe, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout
-    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
+    step = re.search(r"resuming from \S+ \(step (\d+)\)", resumed.stdout)  # it trained on while refused
+    assert step and int(step.group(1)) >= 40
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted["weights"]) <= 1e-5
+    summary = json.loads((tmp_path / "runs" / "tiny" / "adapter" / "manifest.json").read_text())["summary"]
+    assert summary["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-3)
 
 
 @pytest.mark.slow
@@ -117,7 +130,7 @@ def test_corrupt_checkpoint_is_skipped_and_rotation_keeps_a_good_one(uninterrupt
     assert checkpoints.newest_good(root) in (good[1:] or [None])
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted["weights"]) <= 1e-5
     final = checkpoints.checkpoints(tmp_path / "runs" / "tiny" / "adapter" / checkpoints.CHECKPOINTS)
     assert len(final) == 2 and all(checkpoints.is_good(c) for c in final)  # no corrupt leftovers
 
@@ -138,7 +151,17 @@ def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tiny_model, tmp_path)
     assert changed.returncode == 2 and "cannot resume: train section changed" in changed.stderr
     resumed = llmtune("train", recipe, "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted) <= 1e-5
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted["weights"]) <= 1e-5
+
+    # a --force retraining stopped by Ctrl-C resumes on the next plain command, where it used to
+    # be called up to date (the adapter of the run before was)
+    again = start_training_until(tmp_path, recipe, 20, "--force")
+    again.send_signal(signal.SIGINT)
+    again.communicate(timeout=120)
+    assert again.returncode == 75
+    resumed = llmtune("train", recipe, cwd=tmp_path)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout and "up to date" not in resumed.stdout
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted["weights"]) <= 1e-5
 
 
 def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):

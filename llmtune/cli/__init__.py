@@ -15,6 +15,8 @@ import sys
 
 from rich.markup import escape
 
+from llmtune import run_lock
+
 # Importing the command modules registers their commands, in this order in `llmtune --help`.
 from llmtune.cli import cluster, inference, recipes, stages  # noqa: F401,I001
 from llmtune.cli.options import app
@@ -23,10 +25,14 @@ from llmtune.errors import LlmtuneError
 
 __all__ = ["app", "main", "run_cli"]
 
-# Exit codes: 0 done, 2 a problem with the input (message and hint, no traceback), 3 an output
-# failed its check, 4 the disk is full, 5 training diverged (a NaN or infinite loss or
-# gradient), 75 training interrupted and resumable, 1 a bug.
+# Exit codes (README's table): 0 done, 2 a problem with the input (message and hint, no
+# traceback), 3 an output failed its check, 4 the disk is full, 5 training diverged (a NaN or
+# infinite loss or gradient), 6 the run folder is in use by another command, 7 training made the
+# eval loss worse (`run` stops before merge), 75 training interrupted and resumable, 1 a bug.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# torch.save (a training checkpoint's optimizer.pt) failing part-way through a file: its C++
+# writer says "[enforce fail at inline_container.cc:…] . unexpected pos …" and nothing more.
+_TORCH_WRITE_FAILED = re.compile(r"inline_container\.cc.*(unexpected pos|file write failed)|PytorchStreamWriter failed writing")
 
 
 def main() -> None:
@@ -39,6 +45,13 @@ def run_cli(args: list[str]) -> int:
 
     if os.environ.get("RANK", "0") != "0":
         console.quiet = True  # under torchrun, rank 0 alone reports progress (errors still print)
+    try:
+        return _run_command(args)
+    finally:
+        run_lock.release_all()  # the run folder this command wrote is free again
+
+
+def _run_command(args: list[str]) -> int:
     try:
         app(args=args, prog_name="llmtune")  # usage errors print and exit 2 (SystemExit)
     except SystemExit as exc:
@@ -71,6 +84,8 @@ def _disk_full_cause(exc: BaseException) -> str | None:
             return f"{exc.strerror} writing {exc.filename or 'a file'}"
         if re.search(r"os error (%s)\b" % "|".join(map(str, DISK_FULL_ERRNOS)), str(exc)):
             return str(exc).splitlines()[0]
+        if _TORCH_WRITE_FAILED.search(str(exc)):  # torch.save's C++ writer keeps no errno
+            return f"torch could not write a file ({str(exc).splitlines()[0]}); the disk is most likely full"
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -60,12 +60,37 @@ def open_run(recipe_file: Path, sets: list[str], run_dir: Path | None, record: b
         loaded = load_recipe(recipe_file, [*sets, f"model.revision={locked_revision}"])
     run_path = default_run_dir(loaded, run_dir)
     if record:
-        run_path.mkdir(parents=True, exist_ok=True)
-        tmp = run_path / f"recipe.yaml.{os.getpid()}.tmp"  # ranks of a distributed job write it at once
-        tmp.write_text(dump_recipe(loaded), encoding="utf-8")
-        os.replace(tmp, run_path / "recipe.yaml")
+        _record(run_path, dump_recipe(loaded))
     quiet_libraries()
     return loaded, run_path
+
+
+def _record(run_path: Path, recipe_text: str) -> None:
+    """Take the run folder for this command (one command at a time writes it: run_lock.py) and
+    write the resolved recipe there, unless it is there already: a run whose stages are all up
+    to date writes nothing, so it works on a read-only folder."""
+    import sys
+
+    from llmtune import run_lock
+
+    if run_path.exists() and not run_path.is_dir():
+        raise LlmtuneError(f"{run_path}: not a folder, so it cannot be a run directory",
+                           hint="give --run-dir a folder (it is made when missing)")
+    try:
+        run_path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LlmtuneError(f"{run_path}: cannot make the run directory ({exc.strerror})") from None
+    run_lock.hold(run_path, " ".join(["llmtune", *sys.argv[1:]]))
+    target = run_path / "recipe.yaml"
+    if target.is_file() and target.read_text(encoding="utf-8") == recipe_text:
+        return
+    tmp = run_path / f"recipe.yaml.{os.getpid()}.tmp"  # ranks of a distributed job write it at once
+    try:
+        tmp.write_text(recipe_text, encoding="utf-8")
+        os.replace(tmp, target)
+    except PermissionError:
+        raise LlmtuneError(f"{run_path} is not writable, and this command has to write there",
+                           hint="make it writable, or give another folder: --run-dir") from None
 
 
 def resume_flag(value: str | None) -> bool:

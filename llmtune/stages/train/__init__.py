@@ -78,11 +78,6 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         ref.fingerprint
     inputs = {"prepared": upstream_ref(prepared_dir, out_dir), "base_model": ref.as_manifest()}
     recipe_sha = section_sha256(recipe, "model", "adapter", "train", "distributed")
-    if not force and is_up_to_date(out_dir, "train", recipe_sha, inputs):
-        return Outcome(read_manifest(out_dir), up_to_date=True)
-
-    row = objective(recipe.train.objective)
-    strategy = _check_before_loading(recipe, row, device, prepared_dir, command)
     depends_on = {
         "model section": section_sha256(recipe, "model"),
         "adapter section": section_sha256(recipe, "adapter"),
@@ -91,8 +86,15 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         "prepared data": inputs["prepared"]["manifest_sha256"],
         "base model weights": ref.fingerprint,
     }
+    # an interrupted training of this same run is resumed, even where an older adapter is up to date
+    resumable = not force and _resumable(out_dir, depends_on)
+    if not force and not resumable and is_up_to_date(out_dir, "train", recipe_sha, inputs):
+        return Outcome(read_manifest(out_dir), up_to_date=True)
+
+    row = objective(recipe.train.objective)
+    strategy = _check_before_loading(recipe, row, device, prepared_dir, command)
     partial, state, checkpoint = distributed.share_from_main(
-        lambda: _open_partial(out_dir, resume and not force, depends_on, command))
+        lambda: _open_partial(out_dir, resume, force, depends_on, command))
     job = TrainingJob(recipe, row, run, prepared_dir, partial, device, models.precision(recipe.train.precision, device),
                       strategy, state, checkpoint, command)
 
@@ -123,6 +125,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         console.print(f"train: FSDP2 sharded {distributed.sharded_parameters(trainer.model_wrapped)} "
                       f"parameter tensors across {distributed.world_size()} processes")
     eval_after, eval_rewards = evaluate(trainer, "after training", row)
+    rose = _eval_loss_rose(state.get("eval_loss_before"), eval_after)
     # FSDP and ZeRO-3 shard the weights: every rank takes part in gathering the trained ones
     state_dict = distributed.trainable_state_dict(trainer)
     if not distributed.is_main():
@@ -135,9 +138,10 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     summary = {
         "steps": result.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
-        "train_loss": round(result.training_loss, 5),
+        "train_loss": round(_whole_run_loss(result, checkpoint, partial / "metrics.jsonl"), 5),
         "eval_loss_before": state.get("eval_loss_before"),
         "eval_loss": eval_after,
+        "eval_loss_rose": rose,  # `llmtune run` stops before merge and export then
         **eval_rewards,  # preference objectives: eval_reward_margin, eval_reward_accuracy
         "objective": row.name,
         "trainable_params": trainable,
@@ -163,6 +167,16 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         console.print(f"train: no training curves: {missing.message} ({missing.hint})")
     distributed.barrier()
     return Outcome(manifest, up_to_date=False)
+
+
+def _eval_loss_rose(before: float | None, after: float | None) -> bool:
+    """Whether training made the held-out loss worse (a learning rate too high, data unlike the
+    validation set); said in one line with both figures."""
+    rose = before is not None and after is not None and after > before
+    if rose:
+        console.print(f"[yellow]train: the eval loss rose from {before:.4f} before training to {after:.4f}: "
+                      "this adapter is worse than the base on the held-out data[/yellow]")
+    return rose
 
 
 def _check_before_loading(recipe: Recipe, row: Objective, device: str, prepared_dir: Path, command: str) -> dict:
@@ -203,29 +217,70 @@ def _interrupted(job: TrainingJob, trainer) -> None:
     raise Interrupted(
         f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved "
         f"in {job.partial / checkpoints.CHECKPOINTS}",
-        hint=f"resume with: {job.command} --resume auto",
+        hint=f"resume with: {job.command} (training resumes by default; --resume auto insists on it, "
+        "--force starts over)",
     )
 
 
-def _open_partial(out_dir: Path, resume: bool, depends_on: dict, command: str):
-    """`<adapter>.partial/` to train into: (folder, resume state, checkpoint to resume from)."""
-    partial, checkpoint = partial_dir(out_dir), None
-    state = checkpoints.read_resume_state(partial) if resume else None
-    if state is not None:
-        checkpoints.check_same_run(state["depends_on"], depends_on, command)
-        checkpoint = checkpoints.newest_good(partial / checkpoints.CHECKPOINTS)
+def _resumable(out_dir: Path, depends_on: dict) -> bool:
+    """Whether `<adapter>.partial/` holds a good checkpoint of a training of this same run."""
+    partial = partial_dir(out_dir)
+    state = checkpoints.read_resume_state(partial)
+    return (state is not None and state.get("depends_on") == depends_on
+            and checkpoints.newest_good(partial / checkpoints.CHECKPOINTS) is not None)
+
+
+def _open_partial(out_dir: Path, resume: bool, force: bool, depends_on: dict, command: str):
+    """`<adapter>.partial/` to train into: (folder, resume state, checkpoint to resume from).
+    A good checkpoint of this same run is resumed by default, and never dropped without a word:
+    --force starts over saying so; a checkpoint of another recipe or data is refused under
+    --resume auto and otherwise left saying why."""
+    partial = partial_dir(out_dir)
+    state = checkpoints.read_resume_state(partial)
+    checkpoint = checkpoints.newest_good(partial / checkpoints.CHECKPOINTS) if state is not None else None
+    if checkpoint is not None:
+        found = f"the checkpoint at step {checkpoints.step_of(checkpoint)} ({checkpoint})"
+        changed = [name for name in depends_on if state["depends_on"].get(name) != depends_on[name]]
+        if force:
+            console.print(f"train: --force: starting over; {found} is discarded")
+            checkpoint = None
+        elif changed:
+            if resume:
+                checkpoints.check_same_run(state["depends_on"], depends_on, command)
+            console.print(f"train: starting over: {found} was trained with another {', '.join(changed)}")
+            checkpoint = None
+    elif resume:
+        console.print("train: no good checkpoint to resume from; starting from the beginning")
     if checkpoint is None:
-        if resume:
-            console.print("train: no good checkpoint to resume from; starting from the beginning")
         partial = start_stage(out_dir)
         state = {"depends_on": depends_on}
     else:
-        console.print(f"train: resuming from {checkpoint}")
+        console.print(f"train: resuming from {checkpoint} (step {checkpoints.step_of(checkpoint)}); "
+                      "--force starts over")
         checkpoints.discard_after(partial / checkpoints.CHECKPOINTS, checkpoints.step_of(checkpoint))
         _drop_metrics_after(partial / "metrics.jsonl", checkpoints.step_of(checkpoint))
         state.pop("interrupted_at_step", None)
     checkpoints.write_resume_state(partial, state)
     return partial, state, checkpoint
+
+
+def _whole_run_loss(result, checkpoint: Path | None, metrics: Path) -> float:
+    """The mean training loss over every step of the run. After a resume, the Trainer's covers
+    the resumed steps only: the steps before come from metrics.jsonl (each logged loss is the
+    mean since the one before)."""
+    if checkpoint is None or not result.global_step:
+        return result.training_loss
+    resumed = checkpoints.step_of(checkpoint)
+    logged = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    before = sorted((entry["step"], entry["loss"]) for entry in logged if "loss" in entry and entry["step"] <= resumed)
+    if not before:
+        return result.training_loss
+    summed, previous = 0.0, 0
+    for step, loss in before:
+        summed += loss * (step - previous)
+        previous = step
+    summed *= resumed / previous  # steps after the last logged one, before the checkpoint
+    return (summed + result.training_loss * (result.global_step - resumed)) / result.global_step
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
