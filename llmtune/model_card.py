@@ -13,8 +13,11 @@ import yaml
 from llmtune.recipe import Recipe, dump_recipe
 
 
-def render_model_card(recipe: Recipe, base: dict, train_summary: dict, merge_summary: dict) -> str:
-    """`base` holds source, hub_id and license; the summaries come from the stage manifests."""
+def render_model_card(recipe: Recipe, base: dict, train_summary: dict, merge_summary: dict,
+                      code_files: list[tuple[str, str]] = ()) -> str:
+    """`base` holds source, hub_id and license; the summaries come from the stage manifests.
+    `code_files`: the Python files (name, sha256) saved with a model that needs remote code."""
+    trust = ", trust_remote_code=True" if recipe.model.trust_remote_code else ""
     method = recipe.adapter.method.upper() if recipe.adapter.method == "dora" else "LoRA"
     if recipe.model.quantize != "none":
         method = f"QLoRA ({recipe.model.quantize} base, merged into the float base)"
@@ -62,13 +65,14 @@ def render_model_card(recipe: Recipe, base: dict, train_summary: dict, merge_sum
         f"tokens: max difference {merge_summary['max_abs_logit_diff']:.2e}, top-1 agreement "
         f"{merge_summary['top1_agreement']:.2%}.",
         "",
+        *_remote_code_section(recipe, code_files),
         "## Use",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")',
+        f'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER"{trust})',
+        f'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER"{trust})',
         "```",
         "",
         "## Recipe",
@@ -87,6 +91,21 @@ _TRAIN_KEYS = ("steps", "epochs", "train_loss", "eval_loss_before", "eval_loss",
                "total_params")
 
 
+def _remote_code_section(recipe: Recipe, code_files) -> list[str]:
+    if not recipe.model.trust_remote_code:
+        return []
+    listed = ", ".join(f"`{name}` (sha256 `{digest[:16]}…`)" for name, digest in code_files)
+    return [
+        "## Remote code",
+        "",
+        "The base model was loaded with `trust_remote_code=True`"
+        + (f", and this folder carries its code: {listed}. That code runs when the model is loaded "
+           "with `trust_remote_code=True`: read it before you do." if code_files else
+           "; this folder carries no Python files, so transformers' own classes load it."),
+        "",
+    ]
+
+
 def _describe_source(source) -> str:
     where = f"hub dataset `{source.hub}`" if source.hub else f"`{Path(source.path).name}`"
     return f"{where}, format `{source.format}`" + (f", weight {source.weight}" if source.weight != 1 else "")
@@ -94,4 +113,7 @@ def _describe_source(source) -> str:
 
 def write_model_card(folder: Path, recipe: Recipe, base: dict, train_summary: dict,
                      merge_summary: dict) -> None:
-    (folder / "README.md").write_text(render_model_card(recipe, base, train_summary, merge_summary))
+    from llmtune.models import remote_code_files
+
+    code = remote_code_files(folder) if recipe.model.trust_remote_code else []
+    (folder / "README.md").write_text(render_model_card(recipe, base, train_summary, merge_summary, code))

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
 import transformers
+from rich.markup import escape
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -34,6 +36,7 @@ from transformers import (
 )
 
 from llmtune.console import console
+from llmtune.errors import InputError
 from llmtune.model_ref import CONVERTED_MARKER, ModelRef
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -267,10 +270,15 @@ def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: st
     if head == "score":
         extra["num_labels"] = 1  # a new score head on a language model: initialised, and trained in full
     loader = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
-    model = loader.from_pretrained(
-        folder, dtype=dtype, use_safetensors=None if allow_pickle else True,
-        trust_remote_code=trust, **extra,
-    )
+    try:
+        model = loader.from_pretrained(
+            folder, dtype=dtype, use_safetensors=None if allow_pickle else True,
+            trust_remote_code=trust, **extra,
+        )
+    except pickle.UnpicklingError:  # model.allow_pickle on a file that holds more than tensors
+        raise InputError(f"{folder}: a pickle file there holds more than weights, and torch's weights-only "
+                         "loader refused it (nothing in it ran)",
+                         hint="convert the weights to safetensors where you trust them, or use another model") from None
     if head == "score" and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     _contiguous_head_input(model)
@@ -314,6 +322,13 @@ def load_adapter(model, adapter_dir: Path):
     weights in fp32 on a 16-bit base (autocast_adapter_dtype)."""
     from peft import PeftModel
 
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        pickled = sorted(p.name for p in adapter_dir.glob("adapter_model.*") if p.suffix in (".bin", ".pt", ".pth"))
+        if pickled:  # a pickle can run code when opened; llmtune writes and loads safetensors only
+            raise InputError(f"{adapter_dir / pickled[0]}: a pickle-based adapter, which can run code when loaded; "
+                             "llmtune loads adapters in safetensors only",
+                             hint="convert it (load it with peft where you trust it, then save_pretrained "
+                             "with safe_serialization=True)")
     return PeftModel.from_pretrained(model, str(adapter_dir)).eval()
 
 
@@ -387,5 +402,46 @@ def eos_token_ids(tokenizer, model_config) -> list[int]:
 
 def _folder(source: ModelRef | Path) -> tuple[str, bool]:
     if isinstance(source, ModelRef):
+        if source.trust_remote_code:
+            announce_remote_code(source.local_dir)
         return str(source.local_dir), source.trust_remote_code
     return str(source), False
+
+
+def remote_code_files(folder: Path) -> list[tuple[str, str]]:
+    """The Python files in a model folder (what transformers may import under trust_remote_code,
+    the module auto_map names and what it imports beside it), each with its sha256."""
+    from llmtune.model_ref import file_sha256
+
+    return [(path.name, file_sha256(path)) for path in sorted(Path(folder).glob("*.py"))]
+
+
+_announced: set[str] = set()
+
+
+def announce_remote_code(folder: Path) -> None:
+    """Say, once per folder and before transformers imports any of it, which code
+    model.trust_remote_code lets run: its files and their hashes, and code auto_map takes from
+    other repositories. transformers never prompts: llmtune always passes the recipe's choice."""
+    key = str(Path(folder).resolve())
+    if key in _announced:
+        return
+    _announced.add(key)
+    files = remote_code_files(Path(folder))
+    listed = ", ".join(f"{name} (sha256 {digest[:12]}…)" for name, digest in files) or "no Python files"
+    console.print(f"model.trust_remote_code: true: transformers may run the code in {folder}: {escape(listed)}")
+    elsewhere = sorted({value for value in _auto_map_values(Path(folder)) if "--" in value})
+    if elsewhere:
+        console.print(f"  and code from other repositories that its auto_map names: {escape(', '.join(elsewhere))}")
+
+
+def _auto_map_values(folder: Path) -> list[str]:
+    values = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError):
+            continue
+        for value in auto_map.values():
+            values += [item for item in (value if isinstance(value, list) else [value]) if isinstance(item, str)]
+    return values

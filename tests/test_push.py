@@ -89,6 +89,13 @@ def test_push_refuses_a_changed_output_an_unfinished_stage_and_a_missing_token(f
         missing = _llmtune(["push", "runs/tiny", "--repo", "me/x"], folder, env, hub)
         assert missing.returncode == 2 and "no Hugging Face token" in missing.stderr
         assert not hub.repos  # nothing was created
+    # offline, or a Hub that cannot be reached: one line, where it used to be a traceback
+    offline = _llmtune(["push", "runs/tiny", "--repo", "me/x"], folder, {**env, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 2 and "push to me/x: offline (HF_HUB_OFFLINE is set)" in offline.stderr
+    unreachable = _llmtune(["push", "runs/tiny", "--repo", "me/x"], folder,
+                           {**env, "HF_TOKEN": TOKEN, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert unreachable.returncode == 2 and "push to me/x: cannot reach the Hub" in unreachable.stderr
+    assert "Traceback" not in offline.stderr + unreachable.stderr and TOKEN not in unreachable.stderr
     # the other refusals in-process (the CLI's exit codes: 2 for InputError, 3 for VerificationError)
     from llmtune.errors import InputError, VerificationError
     from llmtune.stages.export.push import push

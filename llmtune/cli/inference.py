@@ -94,7 +94,8 @@ def chat(
     while True:
         try:
             line = input("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt
+            print()
             break
         command, _, rest = line.strip().partition(" ")
         if command == "/exit":
@@ -117,6 +118,9 @@ def chat(
             reply = session.tool_result(rest) if command == "/tool" else session.say(line)
         except LlmtuneError as exc:  # data.special_text: error refuses control-token text
             console.print(f"({exc.message})", markup=False)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C while the answer streams stops it; a second one quits
+            console.print("\n(answer stopped and left out of the conversation; Ctrl-C again or /exit quits)")
             continue
         for call in describe_calls(reply):
             console.print(call, markup=False)

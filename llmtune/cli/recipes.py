@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -82,6 +83,10 @@ def recipe_new(
     """Write NAME.yaml: an editable recipe that extends another and overrides what you change."""
     from llmtune.recipe import load_recipe
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+        # a name is a file in --dir and a run folder's name: a path ("../x") would write elsewhere
+        raise LlmtuneError(f"recipe new {name}: a name is letters, digits, '.', '_' and '-' (no folders)",
+                           hint="put the folder in --dir: recipe new NAME --from RECIPE --dir FOLDER")
     base = load_recipe(from_recipe)  # refuse to build on a broken recipe
     target = folder / f"{name}.yaml"
     if target.exists() and not force:

@@ -72,7 +72,10 @@ def export(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force
 
 @app.command()
 def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False,
-        resume: ResumeOpt = None, no_verify: NoVerifyOpt = False):
+        resume: ResumeOpt = None, no_verify: NoVerifyOpt = False,
+        rehash: Annotated[bool, typer.Option(
+            "--rehash", help="Re-hash every output before calling a stage up to date (as inspect does; "
+            "without it, a file's size is checked, not its content).")] = False):
     """Run every stage; stages whose inputs are unchanged are skipped as up to date."""
     loaded, run_path = open_run(recipe, set, run_dir)
     from llmtune.pipeline import run as run_pipeline
@@ -82,7 +85,7 @@ def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: F
         if stage == "export":
             _print_results(run_path)
 
-    result = run_pipeline(loaded, run_path, force, resume_flag(resume), not no_verify, on_stage=after)
+    result = run_pipeline(loaded, run_path, force, resume_flag(resume), not no_verify, on_stage=after, rehash=rehash)
     if result.preview:
         _print_preview(result.preview, loaded.preview.show)
     if result.pushed:
@@ -203,7 +206,7 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory.", sho
 @data_app.command("preview")
 def data_preview(
     recipe: RecipeArg,
-    n: Annotated[int, typer.Option("-n", help="How many rows to show.")] = 3,
+    n: Annotated[int, typer.Option("-n", min=1, help="How many rows to show.")] = 3,
     split: Annotated[str, typer.Option(help="train or validation.")] = "train",
     set: SetOpt = [],
     run_dir: RunDirOpt = None,
@@ -263,9 +266,13 @@ def _print_preview(result: dict, show: int) -> None:
         f"held-out exact match: base {result['base_exact_match']}/{count}, "
         f"tuned {result['tuned_exact_match']}/{count}"
     )
+    for name in (result.get("rewards") or {}).get("tuned", {}):
+        console.print(f"held-out mean reward {name}: base {result['rewards']['base'][name]}, "
+                      f"tuned {result['rewards']['tuned'][name]}")
     if show == 0:
         return
     table = Table("prompt", "expected", "base", "tuned", show_lines=True)
     for example in result["examples"][:show]:
-        table.add_row(example["prompt"], example["reference"], example["base"], example["tuned"])
+        reference = "-" if example["reference"] is None else str(example["reference"])
+        table.add_row(example["prompt"], reference, example["base"], example["tuned"])
     console.print(table)

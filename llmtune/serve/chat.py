@@ -66,9 +66,13 @@ class Chat:
         self.history.append(turn)
         batch = torch.tensor([ids], device=self.model.device)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        output = self.model.generate(input_ids=batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                     eos_token_id=eos_token_ids(self.tokenizer, self.model.config),
-                                     pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
+        try:
+            output = self.model.generate(input_ids=batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                         eos_token_id=eos_token_ids(self.tokenizer, self.model.config),
+                                         pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer: the conversation is as it was before the turn
+            self.history.pop()
+            raise
         answer = self.tokenizer.decode(output[0, batch.shape[1]:], skip_special_tokens=True)
         # the turn as the template renders it back: reasoning, answer and tool calls apart
         reasoning, content = answer_of(answer.strip())

@@ -23,6 +23,7 @@ def generate_file(target: Path, input_path: Path, output: Path, adapter: Path | 
                   template: str | None = None, tools: Path | None = None) -> dict:
     """Answer every prompt of `input_path` with the model of `target` (a run directory or a model
     folder, with `adapter`), into `output`; returns {"answers", "with_tool_calls"}."""
+    check_files(input_path, output)
     serving = serving_defaults(target, adapter)
     if system is not None:
         serving = dataclasses.replace(serving, system_prompt=system or None)
@@ -53,6 +54,21 @@ def generate_file(target: Path, input_path: Path, output: Path, adapter: Path | 
             handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
     os.replace(tmp, output)
     return {"answers": len(results), "with_tool_calls": calling if any(row_tools) else None}
+
+
+def check_files(input_path: Path, output: Path) -> None:
+    """What would fail after the model has loaded and answered, refused before anything loads:
+    a missing input, an output that is a folder, or one that would overwrite the input."""
+    if not input_path.is_file():
+        found = "a folder" if input_path.is_dir() else "no such file"
+        raise InputError(f"--input {input_path}: {found}", hint='give a JSONL file of {"prompt": ...} rows')
+    if output.is_dir():
+        raise InputError(f"--output {output}: a folder", hint="give the path of the JSONL file to write")
+    if output.exists() and output.resolve() == input_path.resolve():
+        raise InputError(f"--output {output} is the --input file: its prompts would be overwritten",
+                         hint="write the answers to another file")
+    if not output.parent.is_dir():
+        raise InputError(f"--output {output}: the folder {output.parent} does not exist", hint="make it first")
 
 
 def read_prompts(path: Path, default_tools: list | None) -> tuple[list[dict], list, list]:

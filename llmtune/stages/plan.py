@@ -122,7 +122,8 @@ def _model_counts(config, recipe: Recipe) -> dict:
         loader, config = AutoModelForSequenceClassification, copy.deepcopy(config)
         config.num_labels = 1
     with torch.device("meta"):
-        base = loader.from_config(config)
+        # the recipe's choice, always: left out, transformers prompts [y/N] for a config with auto_map
+        base = loader.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         base_params = sum(p.numel() for p in base.parameters())
         # quantization applies to the linear layers of the blocks, not the output head
         linear = sum(m.weight.numel() for name, m in base.named_modules()

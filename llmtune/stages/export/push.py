@@ -53,14 +53,34 @@ def push(run: Path, repo: str, what: str = "all", private: bool = False, revisio
         stage_upload(run, finished, what, staged)
         files = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
         api = HfApi(token=token)
-        api.create_repo(repo, private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo, branch=revision, exist_ok=True)
-        console.print(f"push: uploading {len(files)} files to {repo}" + (f" ({revision})" if revision else ""))
-        commit = api.upload_folder(repo_id=repo, folder_path=str(staged), revision=revision,
-                                   commit_message=f"llmtune: {run.name} ({what})")
+        try:
+            api.create_repo(repo, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo, branch=revision, exist_ok=True)
+            console.print(f"push: uploading {len(files)} files to {repo}" + (f" ({revision})" if revision else ""))
+            commit = api.upload_folder(repo_id=repo, folder_path=str(staged), revision=revision,
+                                       commit_message=f"llmtune: {run.name} ({what})")
+        except Exception as exc:
+            raise _hub_failure(exc, repo) from None
     return {"repo": repo, "revision": revision or "main", "files": files,
             "url": getattr(commit, "commit_url", None)}
+
+
+def _hub_failure(exc: Exception, repo: str) -> Exception:
+    """The Hub's refusals and an offline machine as one line (a bug stays a traceback)."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(exc, OfflineModeIsEnabled):
+        return InputError(f"push to {repo}: offline (HF_HUB_OFFLINE is set), so nothing was uploaded",
+                          hint="unset HF_HUB_OFFLINE on a machine that reaches huggingface.co and push again")
+    if isinstance(exc, HfHubHTTPError):
+        return InputError(f"push to {repo}: the Hub refused: {str(exc).splitlines()[0]}",
+                          hint="check the repository name and that the token may write to it")
+    # the HTTP client's own errors (httpx's, or a fork's of it) by their family's name; requests' are OSErrors
+    if isinstance(exc, OSError) or any(cls.__name__ in ("TransportError", "RequestError") for cls in type(exc).__mro__):
+        return InputError(f"push to {repo}: cannot reach the Hub ({type(exc).__name__}: {exc})",
+                          hint="check the network (or a proxy) and push again; nothing was uploaded")
+    return exc
 
 
 def finished_stages(run: Path) -> dict[str, dict]:
