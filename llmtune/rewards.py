@@ -1,12 +1,14 @@
 """Reward functions for train.objective grpo and for eval on prompt data: what a program can check
 in a completion. Each takes the completion's text and its row (prompt, answer, other columns) and
-returns a number; `score` applies one to many completions, turning a reward that raises into 0
+returns a number (a python reward may instead take TRL's batch form: `completions` first, a list
+back); `score` applies one to many completions, turning a reward that raises into 0
 (counted and reported with the row's file:line) or a stop, as train.grpo.reward_errors says.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import re
@@ -82,8 +84,13 @@ class RewardFunction:
     first_error: str | None = None
     stop_on_error: bool = False
     messages: list[str] = field(default_factory=list)
+    # a python reward written for TRL (Axolotl, Unsloth and open-r1 write them so): called once
+    # per batch, `function(completions, prompts=[...], answer=[...], completion_ids=[...], **columns)`
+    batch: Callable[..., list] | None = None
 
     def score(self, completions: list[str], completion_ids: list[list[int]], rows: list[dict]) -> list[float]:
+        if self.batch is not None:
+            return self._score_batch(completions, completion_ids, rows)
         values = []
         for completion, ids, row in zip(completions, completion_ids, rows):
             try:
@@ -102,6 +109,28 @@ class RewardFunction:
             raise InputError(f"reward {self.name} returned {len(values)} values for {len(completions)} completions")
         return values
 
+    def _score_batch(self, completions: list[str], completion_ids: list[list[int]], rows: list[dict]) -> list[float]:
+        columns = [_fields(row) for row in rows]
+        keywords = {name: [fields.get(name) for fields in columns] for name in dict.fromkeys(k for c in columns for k in c)}
+        keywords["prompts"] = keywords.pop("prompt", [row.get("prompt") for row in rows])
+        try:
+            values = self.batch(list(completions), completion_ids=completion_ids, **keywords)
+        except Exception as exc:  # a user's reward code may raise anything
+            where = ", ".join(dict.fromkeys(str(row.get("where", "?")) for row in rows))
+            message = f"reward {self.name} raised on a batch of {len(completions)} completions (for {where}): " \
+                      f"{type(exc).__name__}: {exc}"
+            if self.stop_on_error:
+                raise InputError(message, hint="fix the reward, or set train.grpo.reward_errors: zero "
+                                 "to count such completions as 0") from None
+            self.errors += len(completions)
+            self.messages.append(message)
+            return [0.0] * len(completions)
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(values)[:80]
+            raise InputError(f"reward {self.name} returned {got} for a batch of {len(completions)} completions",
+                             hint="a reward that takes `completions` returns a list with one number per completion")
+        return [self._checked(value, row) for value, row in zip(values, rows)]
+
     def _checked(self, value, row: dict) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise InputError(
@@ -116,9 +145,26 @@ def build(rewards: list[Reward], stop_on_error: bool = False) -> list[RewardFunc
     functions = []
     for index, reward in enumerate(rewards):
         name = names[index] if names.count(names[index]) == 1 else f"{names[index]}_{names[:index + 1].count(names[index])}"
+        compute, batch = _compute(reward), None
+        if reward.type == "python" and _takes_a_batch(compute):
+            compute, batch = None, compute
+        elif reward.type == "python":
+            compute = _per_completion(compute)
         functions.append(RewardFunction(name, reward.weight, 0.0 if reward.type == "length" else 1.0,
-                                        _compute(reward), stop_on_error=stop_on_error))
+                                        compute, stop_on_error=stop_on_error, batch=batch))
     return functions
+
+
+def _takes_a_batch(function) -> bool:
+    """TRL's batch form: a first parameter named `completions` (a list of them)."""
+    try:
+        return list(inspect.signature(function).parameters)[:1] == ["completions"]
+    except (TypeError, ValueError):  # a builtin without a signature: the per-completion form
+        return False
+
+
+def _per_completion(function) -> Callable[[str, list[int], dict], float]:
+    return lambda completion, ids, row: function(completion, **_fields(row))
 
 
 def needs_answer(rewards: list[Reward]) -> list[str]:
@@ -126,7 +172,8 @@ def needs_answer(rewards: list[Reward]) -> list[str]:
     return [reward.name or reward.type for reward in rewards if reward.type == "match"]
 
 
-def _compute(reward: Reward) -> Callable[[str, list[int], dict], float]:
+def _compute(reward: Reward) -> Callable:
+    """How a reward scores one completion (completion, ids, row); for `python`, the user's function."""
     if reward.type == "match":
         pattern = re.compile(reward.answer_regex)
         return lambda completion, ids, row: match(completion, row, pattern)
@@ -138,8 +185,7 @@ def _compute(reward: Reward) -> Callable[[str, list[int], dict], float]:
         return lambda completion, ids, row: parses_as_json(completion, validator)
     if reward.type == "length":
         return lambda completion, ids, row: length_penalty(ids, reward.max_tokens)
-    function = load_python(reward.path, reward.function)
-    return lambda completion, ids, row: function(completion, **_fields(row))
+    return load_python(reward.path, reward.function)
 
 
 def _fields(row: dict) -> dict:
@@ -170,7 +216,16 @@ def _validator(path: str):
 
 def load_python(path: str, name: str):
     """The function `name` from the file at `path`. This runs the file's code (docs/security.md):
-    only here, when a recipe that names it trains or evaluates."""
+    only here, when a recipe that names it trains or evaluates, and says so first."""
+    import hashlib
+
+    from llmtune.console import console
+
+    try:
+        digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the reward file ({exc.strerror})") from None
+    console.print(f"reward: running the code of {path} (sha256 {digest[:16]}…) for {name}()", markup=False)
     spec = importlib.util.spec_from_file_location(f"llmtune_reward_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -180,5 +235,6 @@ def load_python(path: str, name: str):
     function = getattr(module, name, None)
     if not callable(function):
         raise InputError(f"{path}: no function named {name!r}",
-                         hint=f"define def {name}(completion, **row) -> float in that file")
+                         hint=f"define def {name}(completion, **row) -> float (or TRL's "
+                         f"def {name}(completions, **kwargs) -> list[float]) in that file")
     return function

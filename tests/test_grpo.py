@@ -14,6 +14,7 @@ from helpers import adapter_weights, llmtune, max_difference, start_training_unt
 from llmtune import rewards
 from llmtune.errors import InputError
 from llmtune.recipe import Reward, load_recipe
+from llmtune.serve.preview import preview
 from llmtune.stages.prepare import prepare
 from llmtune.stages.train import train
 
@@ -100,6 +101,30 @@ def test_a_python_reward_that_raises_counts_as_zero_or_stops(tmp_path):
         rewards.build([Reward(type="python", path=str(code), function="missing")])
 
 
+def test_a_reward_written_for_trl_takes_the_batch_and_reports_as_the_per_completion_form(tmp_path):
+    """TRL, Axolotl, Unsloth and open-r1 write `reward(completions, **kwargs) -> list[float]`,
+    with the prompts and the dataset's columns as lists: told apart by the first parameter."""
+    code = tmp_path / "trl_rewards.py"
+    code.write_text("def exact(completions, prompts, answer, bonus, **kwargs):\n"
+                    "    return [float(c == a) + b for c, a, b in zip(completions, answer, bonus)]\n"
+                    "def boom(completions, **kwargs):\n    raise ValueError('no scorer')\n"
+                    "def short(completions, **kwargs):\n    return [1.0]\n")
+    rows = [{"prompt": f"p{i}", "answer": "4", "extra": json.dumps({"bonus": 0.5}), "where": f"train.jsonl:{i}"}
+            for i in (1, 2)]
+    [exact] = rewards.build([Reward(type="python", path=str(code), function="exact")])
+    assert exact.score(["4", "5"], [[], []], rows) == [1.5, 0.5]
+    [lenient] = rewards.build([Reward(type="python", path=str(code), function="boom")])
+    assert lenient.score(["4", "5"], [[], []], rows) == [0.0, 0.0] and lenient.errors == 2
+    assert "reward python raised on a batch of 2 completions (for train.jsonl:1, train.jsonl:2): " \
+        "ValueError: no scorer" in lenient.messages[0]
+    [strict] = rewards.build([Reward(type="python", path=str(code), function="boom")], stop_on_error=True)
+    with pytest.raises(InputError, match="ValueError: no scorer"):
+        strict.score(["4"], [[]], rows[:1])
+    [short] = rewards.build([Reward(type="python", path=str(code), function="short")])
+    with pytest.raises(InputError, match="reward python returned 1 values for a batch of 2 completions"):
+        short.score(["4", "5"], [[], []], rows)
+
+
 def test_reward_recipes_are_checked_before_anything_loads(tiny_model, tmp_path):
     recipe = write_grpo_recipe(tmp_path, tiny_model)
     cases = {
@@ -139,14 +164,21 @@ def test_grpo_trains_and_logs_rewards_kl_length_and_eos(tiny_model, tmp_path, ca
     flaky = tmp_path / "flaky.py"  # raises on every other call: reported, counted, scored 0
     flaky.write_text("calls = []\ndef score(completion, **row):\n    calls.append(1)\n"
                      "    if len(calls) % 2:\n        raise RuntimeError('flaky')\n    return 1.0\n")
-    recipe = load_recipe(write_grpo_recipe(tmp_path, tiny_model, rewards_=[
+    batch = tmp_path / "trl_rewards.py"  # TRL's form: a batch in, a list out (used to be refused)
+    batch.write_text("def has_digit(completions, prompts, answer, id, completion_ids, **kwargs):\n"
+                     "    assert len(prompts) == len(answer) == len(id) == len(completion_ids) == len(completions)\n"
+                     "    return [float(any(ch.isdigit() for ch in c)) for c in completions]\n")
+    path = write_grpo_recipe(tmp_path, tiny_model, rewards_=[
         {"type": "match", "answer_regex": "(-?[0-9]+)"}, {"type": "length", "max_tokens": 3, "weight": 0.5},
-        {"type": "python", "path": str(flaky), "function": "score", "name": "flaky"}]))
+        {"type": "python", "path": str(flaky), "function": "score", "name": "flaky"},
+        {"type": "python", "path": str(batch), "function": "has_digit"}])
+    recipe = load_recipe(path)
     run = tmp_path / "runs" / "tiny"
     prepare(recipe, run)
     summary = train(recipe, run).manifest["summary"]
     out = capsys.readouterr().out
     assert "reward flaky raised on the completion for " in out and "train.jsonl:" in out and "RuntimeError: flaky" in out
+    assert f"reward: running the code of {batch}" in out  # the file whose code runs is named first
     assert summary["steps"] == 3 and summary["objective"] == "grpo"
     steps = [json.loads(line) for line in (run / "adapter" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 3
@@ -155,7 +187,15 @@ def test_grpo_trains_and_logs_rewards_kl_length_and_eos(tiny_model, tmp_path, ca
                 "kl", "completion_length", "ended_with_eos"} <= entry.keys()
         assert entry["tokens_seen"] > 0
         assert entry["reward_errors_flaky"] > 0 and entry["reward_flaky_mean"] == 0.5  # half raised
+        assert 0 <= entry["reward_python_mean"] <= 1
     assert (run / "training_curves.png").is_file()
+
+    # the preview of a prompt-only run: prompt, reference answer, and the rewards of base and tuned
+    # (it used to crash with KeyError: 'completion')
+    shown = preview(load_recipe(path, ["preview.count=2"]), run)
+    assert shown["count"] >= 1 and shown["examples"][0]["reference"] is not None
+    assert set(shown["rewards"]["base"]) == set(shown["rewards"]["tuned"]) == {"match", "length", "flaky", "python"}
+    assert set(shown["examples"][0]["tuned_rewards"]) == {"match", "length", "flaky", "python"}
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""preview: base vs tuned answers to held-out prompts, scored by exact match (after `run`).
+"""preview: base vs tuned answers to held-out prompts, scored by exact match (after `run`); on
+prompt data (grpo), also by the recipe's rewards.
 
 Reads the adapter and the prepared validation set; the result is cached in `<run>/preview.json`
 against the adapter manifest, so a `run` with nothing to do prints it again in no time.
@@ -38,8 +39,13 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
 
     prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
     held_out = load_from_disk(str(prepared / "validation"))
-    pairs = [prompt_and_answer(json.loads(s)) for s in held_out["sample"] if s]  # "": a row's later example
-    pairs = [p for p in pairs if p is not None][: cfg.count]
+    prompt_rows = "extra" in held_out.column_names  # grpo: prompts, their reference answers, the rewards
+    if prompt_rows:
+        held_out = held_out.select(range(min(cfg.count, len(held_out))))
+        pairs = [(json.loads(s)["prompt"], answer) for s, answer in zip(held_out["sample"], held_out["answer"])]
+    else:
+        pairs = [prompt_and_answer(json.loads(s)) for s in held_out["sample"] if s]  # "": a row's later example
+        pairs = [p for p in pairs if p is not None][: cfg.count]
     if not pairs:
         console.print("preview: no held-out prompts (empty validation set, or text data)")
         return None
@@ -64,8 +70,8 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
             "reference": reference,
             "base": b,
             "tuned": t,
-            "base_exact": answer_of(b)[1].strip() == reference.strip(),
-            "tuned_exact": answer_of(t)[1].strip() == reference.strip(),
+            "base_exact": reference is not None and answer_of(b)[1].strip() == str(reference).strip(),
+            "tuned_exact": reference is not None and answer_of(t)[1].strip() == str(reference).strip(),
         }
         for prompt, reference, b, t in zip(prompts, references, untuned, tuned)
     ]
@@ -76,10 +82,30 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
         "tuned_exact_match": sum(e["tuned_exact"] for e in examples),
         "count": len(examples),
     }
+    if prompt_rows and recipe.rewards:
+        result["rewards"] = _rewards(recipe, held_out, tokenizer, examples)
     tmp = run / (PREVIEW_FILE + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.rename(run / PREVIEW_FILE)
     return result
+
+
+def _rewards(recipe: Recipe, held_out, tokenizer, examples: list[dict]) -> dict:
+    """Prompt data (grpo): the recipe's rewards on the base's and the tuned model's answers, each
+    example's and the means {"base": {reward: mean}, "tuned": {...}}, as eval computes them."""
+    from llmtune.rewards import build
+
+    rows = [{"prompt": row["prompt"], "answer": row["answer"], "extra": row["extra"], "where": row.get("where", "?")}
+            for row in held_out]
+    means, functions = {}, build(recipe.rewards)
+    for label in ("base", "tuned"):
+        texts = [example[label] for example in examples]
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        scores = {function.name: function.score(texts, ids, rows) for function in functions}
+        for i, example in enumerate(examples):
+            example[f"{label}_rewards"] = {name: values[i] for name, values in scores.items()}
+        means[label] = {name: round(sum(values) / len(values), 4) for name, values in scores.items()}
+    return means
 
 
 def _read_json(path: Path) -> dict | None:
