@@ -113,16 +113,19 @@ def module_names(model_type: str, config: dict | None = None) -> dict[str, str]:
 def check_recipe(recipe) -> list[str]:
     """Problems of `recipe` against its model's architecture (empty when it fits, or when the
     model is neither in the library table nor a local folder we can read the config of)."""
+    from llmtune.model_sources import source_problems
+
+    problems = source_problems(recipe.model)
     config = known_config(recipe.model.path)
     if config is None:
-        return []
+        return problems
+    problems += _context_problems(recipe, config)
     modules = module_names(config["model_type"], config)
     names = list(modules)
     leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
     # what LoRA can wrap: linear (and fused linear) layers and embeddings
     adaptable = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items()
                         if kind in ("Linear", "Embedding", "Conv1D")})
-    problems = []
     targets = recipe.adapter.target_modules
     if isinstance(targets, list):
         for target in targets:
@@ -143,6 +146,16 @@ def check_recipe(recipe) -> list[str]:
                             f"{recipe.model.path}'s tokenizer does not have as special tokens; "
                             "use auto (the model's own template)")
     return problems
+
+
+def _context_problems(recipe, config: dict) -> list[str]:
+    """data.max_seq_len beyond the longest sequence the model's config says it takes."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        context = config.get(key) or (config.get("text_config") or {}).get(key)
+        if isinstance(context, int) and recipe.data.max_seq_len > context:
+            return [f"data.max_seq_len: {recipe.data.max_seq_len} is beyond the {context} tokens "
+                    f"{recipe.model.path} takes ({key} in its config); lower it to {context} or less"]
+    return []
 
 
 def known_config(path: str) -> dict | None:

@@ -84,6 +84,31 @@ def resolve(source: str, revision: str | None = None, allow_pickle: bool = False
     return _from_hub(source, revision, flags, weights)
 
 
+def source_problems(section) -> list[str]:
+    """What `resolve` would refuse about a recipe's model section, found without fetching,
+    converting or loading anything (`llmtune recipe validate`)."""
+    source = section.path
+    if source.startswith("embedded:"):
+        return []  # the recipe schema already checked the name
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        return [] if path.is_file() else [f"model.path: GGUF file not found: {source}"]
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return [f"model.path: {source} is a folder without config.json"]
+        try:
+            check_weight_files(path, section.allow_pickle)
+        except InputError as exc:
+            return [exc.message]
+        return []
+    if source.startswith((".", "/", "~")) or path.exists():
+        return [f"model.path: not found: {source} (a local model is a folder with config.json, or a .gguf file)"]
+    if section.trust_remote_code and not (section.revision and re.fullmatch(r"[0-9a-f]{40}", section.revision)):
+        return [f"model.trust_remote_code: true runs code from {source!r}; pin model.revision to a "
+                "full 40-character commit hash so the code cannot change under you"]
+    return []
+
+
 def check_weight_files(folder: Path, allow_pickle: bool) -> None:
     """Refuse pickle-based weights (they can run code when opened) unless the recipe opts in.
     Only names are looked at: nothing is opened before this check."""

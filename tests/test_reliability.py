@@ -295,3 +295,36 @@ def test_remote_code_is_named_before_it_runs_never_prompts_and_the_merged_card_s
     assert "## Remote code" in card and "`custom_model.py`" in card and digest[:16] in card
     assert 'from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)' in card
     assert (run / "merged" / "custom_model.py").read_text() == _EVIL
+
+
+def test_recipe_validate_finds_what_the_stages_would_refuse(tiny_model, tmp_path, monkeypatch, capsys):
+    """validate said "valid" for a missing local model or GGUF, remote code without a pinned
+    commit, and a max_seq_len beyond the model's context; each is now named, without loading."""
+    monkeypatch.chdir(tmp_path)
+    context = json.loads((tiny_model / "config.json").read_text())["max_position_embeddings"]
+    cases = {
+        "model.path: not found:": {"path": "./no-such-model"},
+        "model.path: GGUF file not found:": {"path": "./missing.gguf"},
+        "pin model.revision": {"path": "someone/custom-model", "trust_remote_code": True},
+    }
+    for message, model in cases.items():
+        recipe = write_recipe(tmp_path, tiny_model, rows=8, model=model)
+        assert run_cli(["recipe", "validate", str(recipe)]) == 2, message
+        assert message in " ".join(capsys.readouterr().err.split())
+    recipe = write_recipe(tmp_path, tiny_model, rows=8, data={"max_seq_len": context * 2})
+    assert run_cli(["recipe", "validate", str(recipe)]) == 2
+    assert f"data.max_seq_len: {context * 2} is beyond the {context} tokens" in " ".join(capsys.readouterr().err.split())
+    recipe = write_recipe(tmp_path, tiny_model, rows=8, data={"max_seq_len": context})
+    assert run_cli(["recipe", "validate", str(recipe)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_plan_warns_on_a_size_beyond_any_machine(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model, rows=8, train={"batch_size": 10**9})
+    assert run_cli(["plan", str(recipe), "--device", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "GB per process is beyond any machine: check train.batch_size (1000000000)" in out
+    recipe = write_recipe(tmp_path, tiny_model, rows=8)
+    assert run_cli(["plan", str(recipe), "--device", "cpu"]) == 0
+    assert "WARNING" not in capsys.readouterr().out

@@ -166,6 +166,9 @@ def plan(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None,
     for note in result["notes"]:
         table.add_row("note", note)
     console.print(table)
+    for note in result["notes"]:
+        if note.startswith("WARNING"):
+            console.print(note, style="yellow", markup=False)
 
 
 @app.command()

@@ -72,11 +72,24 @@ def plan(recipe: Recipe, run: Path, processes: int = 1, device: str = "auto",
         "eval_memory_bytes": memory.eval_memory(config, recipe, precision, counts, target),
         "peak_bytes_by_stage": stages["peaks"],
         "stages_on_the_cpu": stages["on_cpu"],
-        "notes": stages["notes"],
+        "notes": _size_notes(estimate, recipe, target) + stages["notes"],
     }
     if target == "cuda":
         result["peak_gpu_bytes_by_stage"] = stages["peaks"]
     return result
+
+
+# Per process: no GPU has this much memory, and few machines have it as RAM (2 TB).
+_BEYOND_ANY_MACHINE = {"cuda": 1e12, "cpu": 2e12}
+
+
+def _size_notes(estimate: dict, recipe: Recipe, target: str) -> list[str]:
+    """A warning when the estimate is beyond any machine: a batch size or sequence length typo."""
+    total = estimate["total"]
+    if total <= _BEYOND_ANY_MACHINE.get(target, 2e12):
+        return []
+    return [f"WARNING: {total / 1e9:,.0f} GB per process is beyond any {'GPU' if target == 'cuda' else 'machine'}: "
+            f"check train.batch_size ({recipe.train.batch_size}) and data.max_seq_len ({recipe.data.max_seq_len})"]
 
 
 def _sequences(row) -> str:
