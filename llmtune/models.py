@@ -188,6 +188,8 @@ def load_tokenizer(source: ModelRef | Path, chat_template: str | None = None):
     the pad-token rule applied and, when given, the chat template the data was prepared with."""
     folder, trust = _folder(source)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
+    if isinstance(source, ModelRef):  # what messages call it (data/probe.py): the recipe's name for it
+        tokenizer.llmtune_source = source.source
     ensure_pad_token(tokenizer)
     if chat_template is not None:
         tokenizer.chat_template = chat_template

@@ -173,3 +173,10 @@ def test_config_and_tokenizer_of_a_hub_model_are_fetched_without_its_weights(mon
     assert not any(pattern.endswith(".safetensors") for pattern in asked[0])
     model_sources.resolve("acme/tokenizer-only")
     assert "*.safetensors" in asked[1]
+
+
+def test_a_base_models_tokenizer_is_named_as_the_recipe_names_it(tiny_model):
+    """Template errors name the model the recipe gives, not the folder it was loaded from."""
+    ref = model_sources.resolve(str(tiny_model), weights=False)
+    assert models.load_tokenizer(ref).llmtune_source == str(tiny_model)
+    assert getattr(models.load_tokenizer(tiny_model), "llmtune_source", None) is None  # a folder we wrote

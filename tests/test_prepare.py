@@ -279,3 +279,17 @@ def test_validation_sources_and_dedup_across_splits(tiny_model, tmp_path):
     assert summary["train_examples"] == 10 and summary["validation_examples"] == 2
     stats = json.loads((tmp_path / "runs" / "tiny" / "prepared" / "stats.json").read_text())
     assert stats["skipped_by_reason"] == {"duplicate": 2} and stats["rows_read"] == 14
+
+
+def test_an_empty_data_file_is_named(tiny_model, tmp_path):
+    """An empty train file said "no training example is left… check data.train" without naming
+    it; an empty file among others is named too, and the rest is prepared."""
+    recipe_file = write_recipe(tmp_path, tiny_model, rows=8,
+                               data={"train": [{"path": "data/empty.jsonl", "format": "chat"}]})
+    (tmp_path / "data" / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match=r"no rows to train on: .*empty\.jsonl is empty"):
+        prepare(load_recipe(recipe_file), tmp_path / "run")
+    recipe_file = write_recipe(tmp_path, tiny_model, rows=8, data={"train": [
+        {"path": "data/empty.jsonl", "format": "chat"}, {"path": "data/train.jsonl", "format": "chat"}]})
+    summary = prepare(load_recipe(recipe_file), tmp_path / "run2").manifest["summary"]
+    assert summary["train_examples"] + summary["validation_examples"] == 8

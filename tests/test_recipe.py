@@ -105,6 +105,13 @@ def test_errors_name_the_file_that_set_the_key(tmp_path):
     assert "--set: train.epochs:" in message
 
 
+def test_an_unknown_section_that_only_set_wrote_is_blamed_on_set(tmp_path):
+    recipe_file = _write(tmp_path / "r.yaml", _minimal(tmp_path))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe_file, ["nosuch.key=1"])
+    assert "--set: nosuch: unknown key" in caught.value.message
+
+
 def test_yaml_syntax_error_names_line(tmp_path):
     recipe_file = _write(tmp_path / "r.yaml", "name: x\ndata: [unclosed\n")
     with pytest.raises(RecipeError, match=r"r.yaml:\d+: not valid YAML"):

@@ -83,7 +83,7 @@ def test_yaml_duplicate_keys_and_alias_bombs_are_refused(tmp_path):
 def test_duplicate_key_message_names_both_lines(tmp_path, capsys):
     (tmp_path / "dup.yaml").write_text("name: a\ntrain: {lr: 1}\nname: b\n")
     run_cli(["recipe", "validate", str(tmp_path / "dup.yaml")])
-    assert "dup.yaml:3: not valid YAML: duplicate key 'name'" in capsys.readouterr().err
+    assert "dup.yaml:3: not valid YAML: duplicate key 'name' (also on line 1)" in capsys.readouterr().err
 
 
 # --- fuzzing -----------------------------------------------------------------------------------

@@ -148,7 +148,11 @@ def test_templates_that_cannot_carry_tools_or_reasoning_are_refused():
                                         {"role": "assistant", "content": "a", "reasoning_content": "r"}]})
     with pytest.raises(InputError, match="does not render reasoning") as error:
         encode_sample(tokenizer, reasoning)
-    assert "data.reasoning: drop" in error.value.hint
+    assert error.value.hint.startswith("set data.reasoning: drop") and "tool call" not in error.value.hint
+    named = build_tiny_tokenizer()
+    named.llmtune_source = "embedded:smollm2-135m-instruct"  # as models.load_tokenizer marks a base's
+    with pytest.raises(InputError, match="the chat template of embedded:smollm2-135m-instruct does not render"):
+        encode_sample(named, reasoning)
     assert trained_segments(encode_sample(tokenizer, reasoning, reasoning="drop"))  # drop: trains the answer
 
 

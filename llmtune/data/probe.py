@@ -74,7 +74,14 @@ def require(tokenizer, template: str | None, features: tuple[str, ...]) -> None:
         raise InputError(
             f"{describe(tokenizer, template)} does not render {' or '.join(missing)}: training on this "
             "data with it would drop them from what the model sees",
-            hint="set data.template: chatml-tools (tool calls in <tool_call> blocks, as Qwen2.5) or llama-3.1 "
+            hint=_hint(missing))
+
+
+def _hint(missing: list[str]) -> str:
+    if missing == ["reasoning"]:
+        return ("set data.reasoning: drop to train without the reasoning, or data.template: chatml-tools or "
+                "llama-3.1 (both render reasoning_content), or a .jinja file that renders it")
+    return ("set data.template: chatml-tools (tool calls in <tool_call> blocks, as Qwen2.5) or llama-3.1 "
             "(Llama 3.1's JSON tool calls), or a .jinja file that renders them"
             + ("; or data.reasoning: drop to train without the reasoning" if "reasoning" in missing else ""))
 
@@ -99,5 +106,8 @@ def describe(tokenizer, template: str | None) -> str:
         if template == source:
             return f"the built-in template {name!r}"
     if template is None or template == tokenizer.chat_template:
-        return f"the chat template of the tokenizer ({getattr(tokenizer, 'name_or_path', '') or 'its own'})"
+        # the model as the recipe names it (models.load_tokenizer), not the folder it was loaded
+        # from (a hub snapshot, or a GGUF converted in llmtune's cache)
+        named = getattr(tokenizer, "llmtune_source", None) or getattr(tokenizer, "name_or_path", "")
+        return f"the chat template of {named or 'the tokenizer'}"
     return "the chat template given in data.template"

@@ -42,6 +42,7 @@ class RowStream:
         self.stopped_at_max_samples = False
         self.special = Counter()  # rows taken, and occurrences, holding control-token text
         self.digests: set[bytes] = set()
+        self.empty_sources: list[str] = []  # sources that gave no row at all (an empty file)
 
     def batches(self, size: int) -> Iterator[list[Row]]:
         batch = []
@@ -70,6 +71,12 @@ class RowStream:
             yield from self._source_rows(source, -1, 0.0)
 
     def _source_rows(self, source, index: int, fraction: float) -> Iterator[Row]:
+        read_before = self.read
+        yield from self._records(source, index, fraction)
+        if self.read == read_before:
+            self.empty_sources.append(str(source.path or source.hub))
+
+    def _records(self, source, index: int, fraction: float) -> Iterator[Row]:
         data = self.data
         for record in read_source(source):
             self.read += 1

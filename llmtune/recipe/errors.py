@@ -42,6 +42,10 @@ def _origin_of(loc: tuple, origins: Origins, top: Path) -> str:
         origin = origins.get(loc[:end])
         if origin is not None:
             return origin if origin == SET_ORIGIN else shown_path(Path(origin))
+    # an unknown key that only --set wrote (--set nosuch.key=1): its origin is recorded below it
+    below = {origin for key, origin in origins.items() if key[:len(loc)] == loc and len(key) > len(loc)}
+    if below == {SET_ORIGIN}:
+        return SET_ORIGIN
     return shown_path(Path(os.path.abspath(top)))
 
 

@@ -78,6 +78,8 @@ def _load_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict, Origins]:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if problem.startswith("duplicate key") and getattr(exc, "context", None):
+            problem += f" ({exc.context}); keep one of the two"  # the context names the first line
         raise RecipeError(f"{label}{line}: not valid YAML: {problem}") from None
     if raw is None:
         raw = {}
@@ -121,7 +123,7 @@ class _RecipeLoader(yaml.SafeLoader):
                     None, None, "a mapping key must be a plain value", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    f"key {key!r} first given on line {seen[key] + 1}", node.start_mark,
+                    f"also on line {seen[key] + 1}", node.start_mark,
                     f"duplicate key {key!r}", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)

@@ -106,11 +106,17 @@ def _prepare(recipe: Recipe, run: Path, force: bool) -> Outcome:
             progress.update(rows.read, rows.bytes_read, out.tokens)
     packing = out.close()
     console.print(f"prepare: {rows.read} rows read from {len(sources)} source(s)")
+    for empty in rows.empty_sources:
+        console.print(f"prepare: {empty}: no rows in it", markup=False)
     if not out.train_stats.lengths:
         if out.validation_stats.lengths and data.validation.sources is None:
             raise InputError(f"all {out.kept} rows kept were drawn for validation "
                              f"(data.validation.fraction {data.validation.effective_fraction})",
                              hint="lower data.validation.fraction, or give more rows")
+        if rows.read == 0:
+            raise InputError(f"no rows to train on: {', '.join(rows.empty_sources)} "
+                             f"{'is' if len(rows.empty_sources) == 1 else 'are'} empty",
+                             hint="point data.train at data with rows in it")
         raise InputError("no training example is left after preparation", hint=_skip_hint(rows.skipped, data))
 
     stats = _stats(rows, out, data, packing, kind)
