@@ -328,3 +328,17 @@ def test_plan_warns_on_a_size_beyond_any_machine(tiny_model, tmp_path, monkeypat
     recipe = write_recipe(tmp_path, tiny_model, rows=8)
     assert run_cli(["plan", str(recipe), "--device", "cpu"]) == 0
     assert "WARNING" not in capsys.readouterr().out
+
+
+def test_ctrl_c_outside_training_is_exit_130_and_frees_the_run_folder(tiny_model, tmp_path, monkeypatch, capsys):
+    from llmtune import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_stage", interrupted)
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, tiny_model, rows=8)
+    assert run_cli(["run", str(recipe)]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+    assert run_cli(["run", str(recipe)]) == 130  # not 6: the folder's lock went with the command

@@ -28,7 +28,8 @@ __all__ = ["app", "main", "run_cli"]
 # Exit codes (README's table): 0 done, 2 a problem with the input (message and hint, no
 # traceback), 3 an output failed its check, 4 the disk is full, 5 training diverged (a NaN or
 # infinite loss or gradient), 6 the run folder is in use by another command, 7 training made the
-# eval loss worse (`run` stops before merge), 75 training interrupted and resumable, 1 a bug.
+# eval loss worse (`run` stops before merge), 75 training interrupted and resumable, 130 Ctrl-C
+# outside training (typer's), 1 a bug.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 # torch.save (a training checkpoint's optimizer.pt) failing part-way through a file: its C++
 # writer says "[enforce fail at inline_container.cc:…] . unexpected pos …" and nothing more.
