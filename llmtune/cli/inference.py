@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from llmtune.cli.options import ForceOpt, RecipeArg, RunDirOpt, SetOpt, app, open_run
@@ -22,13 +23,18 @@ TemplateOpt = Annotated[str | None, typer.Option(
 
 
 @app.command("eval")
-def eval_(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False):
-    """Compare base, adapter and merged: loss, perplexity, exact/contains/regex match, EOS rate."""
+def eval_(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False,
+          only: Annotated[str | None, typer.Option(
+              help="benchmarks: run only eval.benchmarks (lm-eval), not the eval sets.")] = None):
+    """Compare base, adapter and merged: loss, perplexity, exact/contains/regex match, EOS rate;
+    and standard benchmarks through lm-eval (eval.benchmarks), forgetting flagged."""
+    if only not in (None, "benchmarks"):
+        raise LlmtuneError(f"--only {only}: the only choice is benchmarks")
     loaded, run_path = open_run(recipe, set, run_dir)
     from llmtune.manifest import stage_dir
     from llmtune.serve.eval import evaluate
 
-    outcome = evaluate(loaded, run_path, force=force)
+    outcome = evaluate(loaded, run_path, force=force, only=only)
     state = "up to date" if outcome.up_to_date else "done"
     report = json.loads((stage_dir(run_path, "eval") / "report.json").read_text())
     for name, result in report["sets"].items():
@@ -42,7 +48,35 @@ def eval_(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force:
         for key in keys:
             table.add_row(key, *[_cell(flat[m].get(key)) for m in models_])
         console.print(table)
+    if "benchmarks" in report:
+        _print_benchmarks(report["benchmarks"])
     console.print(f"[bold]eval:[/] {state} -> {stage_dir(run_path, 'eval') / 'report.json'}", markup=True)
+
+
+def _print_benchmarks(benchmarks: dict) -> None:
+    """A line per task and metric: base -> adapter -> merged, the change +- its standard error,
+    and forgetting (worse by more than two standard errors) in red."""
+    console.print("[bold]benchmarks (lm-eval):[/]", markup=True)
+    for row in benchmarks["comparison"]:
+        figures = " -> ".join(f"{m} {_cell(row[m])}" for m in ("base", "adapter", "merged") if m in row)
+        change = "" if row["change"] is None else f"; change {row['change']:+.4f}"
+        if row["change"] is not None and row["change_stderr"] is not None:
+            change += f" ± {row['change_stderr']:.4f}"
+        better = "higher" if row.get("higher_is_better", True) else "lower"
+        flag = ": [red]forgetting[/]" if row["forgetting"] else ""
+        console.print(f"  {escape(row['task'])} {escape(row['metric'])} ({better} is better): {figures}{change}{flag}",
+                      markup=True)
+    settings = benchmarks["settings"]
+    for name, reason in settings.get("skipped", {}).items():
+        console.print(f"  {name}: {reason}", markup=False)
+    console.print(f"  lm-eval {settings['lm_eval_version']}, chat template "
+                  f"{'on' if settings['apply_chat_template'] else 'off'}, limit {settings['limit']}, "
+                  f"{', '.join(f'{m} {s:.0f} s' for m, s in settings['seconds'].items())}; the lm_eval command "
+                  "that reproduces each model's figures: report.json, benchmarks.settings.commands", markup=False)
+    forgotten = [f"{row['task']} {row['metric']}" for row in benchmarks["comparison"] if row["forgetting"]]
+    if forgotten:
+        console.print(f"[yellow]forgetting:[/] {escape(', '.join(forgotten))} got worse than the base model by more "
+                      "than two standard errors", markup=True)
 
 
 @app.command()

@@ -54,7 +54,8 @@ OTHER_NAMES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alph
                "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
                "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
                "gradient_accumulation_steps": "grad_accum", "optim": "optimizer", "sequence_len": "max_seq_len",
-               "cutoff_len": "max_seq_len", "max_length": "max_seq_len", "lora_target_modules": "target_modules"}
+               "cutoff_len": "max_seq_len", "max_length": "max_seq_len", "lora_target_modules": "target_modules",
+               "lm_eval_tasks": "benchmarks"}
 
 
 def _did_you_mean(loc: tuple) -> str:

@@ -27,6 +27,7 @@ _PATH_KEYS = [
     ("eval", "sources", "*", "path"),
     ("rewards", "*", "path"),
     ("rewards", "*", "schema"),
+    ("eval", "benchmarks", "include", "*"),
 ]
 
 

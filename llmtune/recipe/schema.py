@@ -375,6 +375,31 @@ class PreviewSection(Section):
     """generation length per answer"""
 
 
+class BenchmarksSection(Section):
+    """Standard benchmarks through EleutherAI's lm-evaluation-harness (pip install 'llmtune[bench]'),
+    on base, adapter and merged model."""
+
+    tasks: list[str] = Field(min_length=1)
+    """lm-eval task, group or tag names (lm_eval ls tasks), or of tasks in `include`"""
+    include: list[str] = []
+    """task YAML files or folders of them, relative to this file (lm-eval's include_path)"""
+    num_fewshot: int | None = Field(default=None, ge=0)
+    """examples shown before each question; null: each task's own setting"""
+    limit: float | None = Field(default=None, gt=0)
+    """documents per task: a count (>= 1), or a fraction of each task's set (< 1); null: all"""
+    batch_size: int = Field(default=8, gt=0)
+    """documents scored together"""
+    chat_template: Literal["auto"] | bool = "auto"
+    """auto: the training chat template and system prompt for runs trained on conversations, none for text"""
+
+    @field_validator("limit")
+    @classmethod
+    def _whole_count(cls, value: float | None) -> float | None:
+        if value is not None and value >= 1 and value != int(value):
+            raise ValueError("a count of documents is a whole number; a fraction is below 1")
+        return value
+
+
 class EvalSection(Section):
     """`llmtune eval`: base vs adapter vs merged on the validation set and these sources."""
 
@@ -388,8 +413,8 @@ class EvalSection(Section):
     """prompts generated together"""
     answer_regex: str | None = None
     """Extracts the answer from reference and generation, e.g. GSM8K: '#### *(-?[0-9.,]+)'"""
-    lm_eval_tasks: list[str] = []
-    """passed to lm-eval (pip install lm-eval) on the merged model"""
+    benchmarks: BenchmarksSection | None = None
+    """lm-eval tasks on base, adapter and merged, forgetting flagged (docs/eval.md)."""
 
     @field_validator("answer_regex")
     @classmethod

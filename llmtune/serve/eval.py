@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -50,22 +51,107 @@ from llmtune.serve.inference import (
 from llmtune.serve.serving import as_prompt, report_empty, serving_defaults
 
 
-def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
+def evaluate(recipe: Recipe, run: Path, force: bool = False, only: str | None = None) -> Outcome:
+    """`only`: "benchmarks" runs eval.benchmarks alone (lm-eval), not the eval sets."""
     adapter_dir, merged_dir, out_dir = (stage_dir(run, stage) for stage in ("train", "merge", "eval"))
     adapter_manifest = require_stage(adapter_dir, "train", f"llmtune train {run / 'recipe.yaml'}")
+    cfg = recipe.eval
+    if only == "benchmarks" and cfg.benchmarks is None:
+        raise InputError("--only benchmarks: the recipe has no eval.benchmarks",
+                         hint="add eval.benchmarks: {tasks: [...]} (docs/eval.md)")
     inputs = {"adapter": upstream_ref(adapter_dir, out_dir)}
     if read_manifest(merged_dir) is not None:
         inputs["merged"] = upstream_ref(merged_dir, out_dir)
     inputs["eval_files"] = {s.path: sha256_file(s.path) for s in recipe.eval.sources
                             if s.path and Path(s.path).is_file()}
+    if cfg.benchmarks is not None:
+        inputs["benchmark_files"] = _files_sha256(cfg.benchmarks.include)
+    if only is not None:
+        inputs["only"] = only
     recipe_sha = section_sha256(recipe, "eval", "data", "rewards")
     if not force and is_up_to_date(out_dir, "eval", recipe_sha, inputs):
         return Outcome(read_manifest(out_dir), up_to_date=True)
 
+    manager = None
+    if cfg.benchmarks is not None:  # unknown tasks and unreachable datasets: refused before any model loads
+        if models.head_of(adapter_dir) == "score":
+            raise InputError("eval.benchmarks: a reward model scores sequences; lm-eval's tasks need a language model",
+                             hint="remove eval.benchmarks from a reward model's recipe")
+        from llmtune.serve import benchmarks
+
+        manager = benchmarks.task_manager(cfg.benchmarks)
     partial = start_stage(out_dir)
+    serving = serving_defaults(adapter_dir)  # prompts as training saw them
+    precision = trained_precision(adapter_dir)
+    base = model_sources.resolve_section(adapter_manifest["inputs"]["base_model"])
+    report: dict = {"sets": {}}
+    summary: dict = {}
+    if only != "benchmarks":
+        report, summary = _eval_sets(recipe, partial, adapter_dir, merged_dir, adapter_manifest, inputs, serving,
+                                     precision, base)
+    if cfg.benchmarks is not None:
+        report["benchmarks"] = _benchmarks(cfg.benchmarks, manager, base.local_dir, adapter_dir,
+                                           merged_dir if "merged" in inputs else None, serving, precision)
+        summary["forgetting"] = sum(row["forgetting"] for row in report["benchmarks"]["comparison"])
+    (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    manifest = finish_stage(partial, out_dir, stage="eval", recipe_sha256=recipe_sha,
+                            inputs=inputs, summary=summary)
+    return Outcome(manifest, up_to_date=False)
+
+
+def _files_sha256(paths: list[str]) -> dict[str, str]:
+    """The content hash of every file under `paths` (files or folders): a changed task re-runs."""
+    hashes = {}
+    for path in map(Path, paths):
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                     and "__pycache__" not in p.parts)
+        hashes.update({str(file): sha256_file(file) for file in files})
+    return hashes
+
+
+def _benchmarks(cfg, manager, base_dir: Path, adapter_dir: Path, merged_dir: Path | None, serving,
+                precision: str) -> dict:
+    from llmtune.serve import benchmarks
+
+    device = str(models.local_device())
+    run = benchmarks.settings(cfg, benchmarks.model_args(base_dir, adapter_dir, merged_dir, precision), device,
+                              serving.chat, serving.system_prompt)
+    results, identity, higher, seconds, skipped = {}, {}, {}, {}, {}
+    for name in run["model_args"]:
+        started = time.monotonic()
+        try:
+            output = benchmarks.evaluate_one(run, name, manager)
+        except Exception as exc:
+            # lm-eval's peft= path ties the base's embeddings after loading the adapter, which
+            # fails on peft's modules_to_save copy of a tied output head (transformers 5): the
+            # merged model holds the same weights, so it stands for the adapter.
+            saved = json.loads((adapter_dir / "adapter_config.json").read_text()).get("modules_to_save")
+            if name != "adapter" or merged_dir is None or not saved:
+                raise
+            skipped[name] = f"lm-eval could not load the adapter with peft= ({type(exc).__name__}: {exc}); " \
+                            "the merged model stands for it"
+            console.print(f"eval: benchmarks: {skipped[name]}", markup=False)
+            continue
+        seconds[name] = round(time.monotonic() - started, 1)
+        results[name] = benchmarks.scores(output)
+        identity = identity or benchmarks.task_identity(output)
+        higher = higher or output.get("higher_is_better", {})
+    lm_eval = benchmarks.lm_eval_module()
+    return {
+        "settings": {**run, "lm_eval_version": getattr(lm_eval, "__version__", None), "task_identity": identity,
+                     "commands": {name: benchmarks.command_line(run, name) for name in results},
+                     "seconds": seconds, "skipped": skipped},
+        "results": results,
+        "comparison": benchmarks.compare(results, higher),
+    }
+
+
+def _eval_sets(recipe: Recipe, partial: Path, adapter_dir: Path, merged_dir: Path, adapter_manifest: dict,
+               inputs: dict, serving, precision: str, base) -> tuple[dict, dict]:
+    """The eval sets (validation and eval.sources) scored on base, adapter and merged: the
+    report's `sets`, and the summary's figures; generations.jsonl is written beside them."""
     cfg = recipe.eval
     tokenizer = models.load_tokenizer(adapter_dir)  # with the template trained with
-    serving = serving_defaults(adapter_dir)  # prompts as training saw them
     prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
     eval_sets = {"validation": _prepared_rows(prepared / "validation", cfg.max_samples)}
     for index, source in enumerate(cfg.sources):
@@ -80,8 +166,6 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     # One model in memory at a time: base and adapter are the same PEFT model (the adapter
     # disabled for the base; a QLoRA base quantized as trained), then it is dropped and the
     # merged model loaded, on the GPU where it fits.
-    precision = trained_precision(adapter_dir)
-    base = model_sources.resolve_section(adapter_manifest["inputs"]["base_model"])
     results: dict[str, dict] = {name: {} for name in eval_sets}
     generations: list[dict] = []
     tuned = adapter_on_base(adapter_dir, base, precision)
@@ -106,9 +190,6 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
                                 hint="a model with non-finite weights or an fp16 overflow; evaluate "
                                 "in bf16 or fp32, and retrain if the adapter itself holds NaN")
 
-    if cfg.lm_eval_tasks:
-        report["lm_eval"] = _lm_eval(merged_dir if "merged" in inputs else None, cfg)
-    (partial / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(partial / "generations.jsonl", "w", encoding="utf-8") as handle:
         for entry in generations:
             handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -117,9 +198,7 @@ def evaluate(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
                for key, value in metrics.items()
                if key in ("loss", "exact_match", "regex_match", "preference_accuracy", "margin",
                           "tool_call_accuracy")}
-    manifest = finish_stage(partial, out_dir, stage="eval", recipe_sha256=recipe_sha,
-                            inputs=inputs, summary=summary)
-    return Outcome(manifest, up_to_date=False)
+    return report, summary
 
 
 def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards) -> dict:
@@ -308,19 +387,6 @@ def _source_pairs(source, recipe: Recipe, tokenizer, special_text: str) -> list[
         if pair is not None:
             rows.append({**pair.columns(), "sample": sample})
     return rows
-
-
-def _lm_eval(merged_dir: Path | None, cfg) -> dict:
-    try:
-        import lm_eval
-    except ImportError:
-        raise InputError("eval.lm_eval_tasks needs the lm-eval package",
-                         hint="pip install lm-eval, or remove eval.lm_eval_tasks") from None
-    if merged_dir is None:
-        raise InputError("eval.lm_eval_tasks runs on the merged model", hint="run llmtune merge first")
-    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={merged_dir}",
-                                      tasks=list(cfg.lm_eval_tasks), limit=cfg.max_samples)
-    return results.get("results", {})
 
 
 def _round(value: float | None) -> float | None:
