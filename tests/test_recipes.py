@@ -13,7 +13,8 @@ from llmtune.architectures import KNOWN_MODELS, check_recipe
 from llmtune.recipe import load_recipe
 from llmtune.recipe.docs import reference_markdown, schema_json
 
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+# recipes/benchmarks holds lm-eval task files, not recipes (llmtune recipe list skips it too)
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "benchmarks" not in p.relative_to(REPO / "recipes").parts)
 LIBRARY = sorted((REPO / "recipes" / "library").glob("*.yaml"))
 
 

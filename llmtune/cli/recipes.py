@@ -52,7 +52,8 @@ def recipe_list(
     if not folder.is_dir():
         raise LlmtuneError(f"{folder}: no such folder")
     count = 0
-    for path in sorted(folder.rglob("*.yaml")):
+    # a `benchmarks` folder holds lm-eval task files (eval.benchmarks.include), not recipes
+    for path in sorted(p for p in folder.rglob("*.yaml") if "benchmarks" not in p.relative_to(folder).parts):
         shown = _shown(path)
         try:
             loaded = load_recipe(path)
