@@ -431,7 +431,8 @@ def announce_remote_code(folder: Path) -> None:
     _announced.add(key)
     files = remote_code_files(Path(folder))
     listed = ", ".join(f"{name} (sha256 {digest[:12]}…)" for name, digest in files) or "no Python files"
-    console.print(f"model.trust_remote_code: true: transformers may run the code in {folder}: {escape(listed)}")
+    console.print(f"model.trust_remote_code: true: transformers may run the code in {escape(str(folder))}: "
+                  f"{escape(listed)}")
     elsewhere = sorted({value for value in _auto_map_values(Path(folder)) if "--" in value})
     if elsewhere:
         console.print(f"  and code from other repositories that its auto_map names: {escape(', '.join(elsewhere))}")

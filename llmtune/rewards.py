@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmtune.errors import InputError
 from llmtune.recipe import Reward
@@ -222,7 +223,7 @@ def load_python(path: str, name: str):
     from llmtune.console import console
 
     try:
-        digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError as exc:
         raise InputError(f"{path}: cannot read the reward file ({exc.strerror})") from None
     console.print(f"reward: running the code of {path} (sha256 {digest[:16]}…) for {name}()", markup=False)

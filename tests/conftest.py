@@ -16,6 +16,11 @@ def isolated_environment(tmp_path_factory):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["COLUMNS"] = "200"  # rich wraps at the terminal width; keep messages on one line
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh runs two workers on two cores:
+        os.environ["OMP_NUM_THREADS"] = "1"  # one thread each (and in the CLI subprocesses), not two
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
