@@ -101,6 +101,7 @@ def test_sigkill_then_the_same_command_resumes_and_equals_uninterrupted(uninterr
     While it trains, a second command on its run folder is refused (two used to interleave)."""
     recipe = _fresh(tiny_model, tmp_path)
     process = start_training_until(tmp_path, recipe, 40)
+    process.send_signal(signal.SIGSTOP)  # frozen, lock held: it cannot finish while the check runs
     busy = llmtune("run", recipe, cwd=tmp_path)
     assert busy.returncode == 6 and f"is in use by another llmtune command (pid {process.pid}: llmtune train" in busy.stderr
     process.send_signal(signal.SIGKILL)
@@ -109,7 +110,7 @@ def test_sigkill_then_the_same_command_resumes_and_equals_uninterrupted(uninterr
     assert checkpoints.newest_good(root) is not None
     resumed = llmtune("train", recipe, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    step = re.search(r"resuming from \S+ \(step (\d+)\)", resumed.stdout)  # it trained on while refused
+    step = re.search(r"resuming from \S+ \(step (\d+)\)", resumed.stdout)
     assert step and int(step.group(1)) >= 40
     assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), uninterrupted["weights"]) <= 1e-5
     summary = json.loads((tmp_path / "runs" / "tiny" / "adapter" / "manifest.json").read_text())["summary"]
