@@ -58,13 +58,37 @@ def resolve(source: str, revision: str | None = None, allow_pickle: bool = False
     """Find the model a recipe names, converting or downloading it once when needed.
     weights=False: config and tokenizer are enough (a hub model's weights are not fetched)."""
     flags = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    check_source(source, revision, allow_pickle, trust_remote_code)
     if source.startswith("embedded:"):
         return _from_gguf(embedded_file(source), source, "embedded", flags)
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
+        return _from_gguf(path, source, "gguf", flags)
+    if path.is_dir():
+        return ModelRef(source, "local", path, None, **flags)
+    return _from_hub(source, revision, flags, weights)
+
+
+def source_problems(section) -> list[str]:
+    """What `resolve` would refuse about a recipe's model section, found without fetching,
+    converting or loading anything (`llmtune recipe validate`)."""
+    try:
+        check_source(section.path, section.revision, section.allow_pickle, section.trust_remote_code)
+    except InputError as exc:
+        return [exc.message]
+    return []
+
+
+def check_source(source: str, revision: str | None, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Refuse a model source before anything is fetched or converted: a missing local file or
+    folder, a folder that is no transformers model or holds pickles, remote code not pinned."""
+    if source.startswith("embedded:"):
+        return  # the recipe schema checks the name
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
         if not path.is_file():
             raise InputError(f"model.path: GGUF file not found: {source}")
-        return _from_gguf(path, source, "gguf", flags)
+        return
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise InputError(
@@ -72,7 +96,7 @@ def resolve(source: str, revision: str | None = None, allow_pickle: bool = False
                 hint="point model.path at a transformers model folder (config.json, *.safetensors)",
             )
         check_weight_files(path, allow_pickle)
-        return ModelRef(source, "local", path, None, **flags)
+        return
     if source.startswith((".", "/", "~")) or path.exists():
         raise InputError(f"model.path: not found: {source}")
     if trust_remote_code and not (revision and re.fullmatch(r"[0-9a-f]{40}", revision)):
@@ -81,32 +105,6 @@ def resolve(source: str, revision: str | None = None, allow_pickle: bool = False
             "full 40-character commit hash so the code cannot change under you",
             hint="find the commit on the model's hub page (Files and versions), then set model.revision",
         )
-    return _from_hub(source, revision, flags, weights)
-
-
-def source_problems(section) -> list[str]:
-    """What `resolve` would refuse about a recipe's model section, found without fetching,
-    converting or loading anything (`llmtune recipe validate`)."""
-    source = section.path
-    if source.startswith("embedded:"):
-        return []  # the recipe schema already checked the name
-    path = Path(source).expanduser()
-    if source.endswith(".gguf"):
-        return [] if path.is_file() else [f"model.path: GGUF file not found: {source}"]
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            return [f"model.path: {source} is a folder without config.json"]
-        try:
-            check_weight_files(path, section.allow_pickle)
-        except InputError as exc:
-            return [exc.message]
-        return []
-    if source.startswith((".", "/", "~")) or path.exists():
-        return [f"model.path: not found: {source} (a local model is a folder with config.json, or a .gguf file)"]
-    if section.trust_remote_code and not (section.revision and re.fullmatch(r"[0-9a-f]{40}", section.revision)):
-        return [f"model.trust_remote_code: true runs code from {source!r}; pin model.revision to a "
-                "full 40-character commit hash so the code cannot change under you"]
-    return []
 
 
 def check_weight_files(folder: Path, allow_pickle: bool) -> None:

@@ -28,7 +28,6 @@ from llmtune.console import console
 from llmtune.errors import InputError
 
 LM_EVAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-MODELS = ("base", "adapter", "merged")
 
 
 def lm_eval_module():
