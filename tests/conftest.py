@@ -35,3 +35,16 @@ def tiny_model(tmp_path_factory) -> Path:
     from llmtune.testing import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, tmp_path_factory):
+    """The adapter one process trains on helpers.ddp_recipe with the global batch (2): what the
+    launchers' two processes must train."""
+    from helpers import adapter_weights, ddp_recipe, llmtune
+
+    folder = tmp_path_factory.mktemp("one-process")
+    recipe = ddp_recipe(folder, tiny_model)
+    result = llmtune("train", recipe, "--set", "train.batch_size=2", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    return adapter_weights(folder / "runs" / "tiny")

@@ -181,3 +181,23 @@ def write_preference_recipe(folder, base, objective="dpo", rows=None, **sections
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+# --- several processes: torchrun, accelerate, SLURM, Ray (test_cluster.py, test_ray.py) ------------
+
+# 2 processes x batch 1 per process; the 1-process reference (the one_process fixture) runs batch 2:
+# the same global batch. Enough steps that a signal sent after the first checkpoint lands well
+# before the end.
+DDP_TRAIN = {"max_steps": 160, "batch_size": 1, "save_every": 20, "keep_checkpoints": 2, "lr": 1e-3}
+# fp32 on CPU; measured 8e-7 after 6 steps (gradient all-reduce order is the only difference)
+DDP_TOLERANCE = 1e-5
+
+
+def ddp_recipe(folder: Path, tiny_model) -> Path:
+    """DDP_TRAIN's recipe in `folder` (run "tiny"), prepared in-process: the launchers are what is tested."""
+    from llmtune.recipe import load_recipe
+    from llmtune.stages.prepare import prepare
+
+    recipe = write_recipe(folder, tiny_model, rows=40, train=DDP_TRAIN, preview={"count": 0})
+    prepare(load_recipe(recipe), folder / "runs" / "tiny")
+    return recipe

@@ -13,45 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from helpers import llmtune, write_recipe
+from helpers import DDP_TOLERANCE, DDP_TRAIN, adapter_weights, ddp_recipe, llmtune, max_difference, write_recipe
 from llmtune import cluster
 from llmtune.stages.train import checkpoints
-
-# 2 processes x batch 1 per process; the 1-process reference runs batch 2: the same global batch.
-# Enough steps that a signal sent after the first checkpoint lands well before the end.
-DDP_TRAIN = {"max_steps": 160, "batch_size": 1, "save_every": 20, "keep_checkpoints": 2, "lr": 1e-3}
-# fp32 on CPU; measured 8e-7 after 6 steps (gradient all-reduce order is the only difference)
-TOLERANCE = 1e-5
-
-
-def _recipe(folder: Path, tiny_model) -> Path:
-    from llmtune.recipe import load_recipe
-    from llmtune.stages.prepare import prepare
-
-    recipe = write_recipe(folder, tiny_model, rows=40, train=DDP_TRAIN, preview={"count": 0})
-    prepare(load_recipe(recipe), folder / "runs" / "tiny")  # in-process: the launchers are what is tested
-    return recipe
-
-
-def _adapter(folder: Path):
-    return load_file(str(folder / "runs" / "tiny" / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_difference(a, b) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-@pytest.fixture(scope="module")
-def one_process(tiny_model, tmp_path_factory):
-    """The adapter one process trains with the global batch (2)."""
-    folder = tmp_path_factory.mktemp("one-process")
-    recipe = _recipe(folder, tiny_model)
-    result = llmtune("train", recipe, "--set", "train.batch_size=2", cwd=folder)
-    assert result.returncode == 0, result.stderr
-    return _adapter(folder)
 
 
 def test_torchrun_command_lines():
@@ -86,7 +51,7 @@ def test_launch_checks_its_inputs_before_starting_torchrun(tiny_model, tmp_path)
 
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(one_process, tiny_model, tmp_path):
-    recipe = _recipe(tmp_path, tiny_model)
+    recipe = ddp_recipe(tmp_path, tiny_model)
     result = llmtune("launch", recipe, "--nproc", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "launch: " in result.stdout and "--nproc-per-node=2 --standalone" in result.stdout
@@ -94,7 +59,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(one_process, tiny_mo
     assert result.stdout.count("train: done") == 1  # rank 0 alone reports and writes
     metrics = (tmp_path / "runs" / "tiny" / "adapter" / "metrics.jsonl").read_text().splitlines()
     assert sum('"loss"' in line for line in metrics) == DDP_TRAIN["max_steps"]  # one row per step
-    assert _max_difference(_adapter(tmp_path), one_process) <= TOLERANCE
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), one_process) <= DDP_TOLERANCE
 
 
 def test_qlora_under_fsdp_stores_its_4bit_weights_in_the_compute_dtype(tiny_model):
@@ -116,7 +81,7 @@ def test_qlora_under_fsdp_stores_its_4bit_weights_in_the_compute_dtype(tiny_mode
 def test_accelerate_launch_trains_the_same(one_process, tiny_model, tmp_path):
     """`llmtune train` unchanged under accelerate's launcher (its --multi_gpu mode is torchrun
     underneath; on a CPU-only machine the ranks use gloo)."""
-    recipe = _recipe(tmp_path, tiny_model)
+    recipe = ddp_recipe(tmp_path, tiny_model)
     accelerate = Path(sys.executable).with_name("accelerate")
     result = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -124,7 +89,7 @@ def test_accelerate_launch_trains_the_same(one_process, tiny_model, tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "2 processes (ddp)" in result.stdout
-    assert _max_difference(_adapter(tmp_path), one_process) <= TOLERANCE
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), one_process) <= DDP_TOLERANCE
 
 
 def _wait_for_mark(process: subprocess.Popen, folder: Path, step: int) -> None:
@@ -138,7 +103,7 @@ def _wait_for_mark(process: subprocess.Popen, folder: Path, step: int) -> None:
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_every_rank_at_one_step_then_resumes(one_process, tiny_model, tmp_path):
-    recipe = _recipe(tmp_path, tiny_model)
+    recipe = ddp_recipe(tmp_path, tiny_model)
     job = subprocess.Popen([sys.executable, "-m", "llmtune", "launch", str(recipe), "--nproc", "2"],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_mark(job, tmp_path, 20)
@@ -153,7 +118,7 @@ def test_sigterm_checkpoints_every_rank_at_one_step_then_resumes(one_process, ti
     resumed = llmtune("launch", recipe, "--nproc", "2", "--resume", "auto", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
-    assert _max_difference(_adapter(tmp_path), one_process) <= TOLERANCE
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), one_process) <= DDP_TOLERANCE
 
 
 STAND_IN_SRUN = """#!/bin/bash
@@ -179,7 +144,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_sbatch_script_survives_preemption_and_requeue(one_process, tiny_model, tmp_path):
-    recipe = _recipe(tmp_path, tiny_model)
+    recipe = ddp_recipe(tmp_path, tiny_model)
     made = llmtune("slurm", recipe, "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
                    "--time", "00:30:00", "--partition", "debug", "--port", str(_free_port()), cwd=tmp_path)
     assert made.returncode == 0, made.stderr
@@ -216,7 +181,7 @@ def test_sbatch_script_survives_preemption_and_requeue(one_process, tiny_model, 
     out, _ = second.communicate(timeout=600)
     assert second.returncode == 0, out
     assert "resuming from" in out and "merge: done" in out and "export: done" in out
-    assert _max_difference(_adapter(tmp_path), one_process) <= TOLERANCE
+    assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), one_process) <= DDP_TOLERANCE
 
     third = job(SLURM_RESTART_COUNT="2")  # a finished job run again
     out, _ = third.communicate(timeout=300)

@@ -39,18 +39,34 @@ def launch(
     rdzv_id: Annotated[str, typer.Option("--rdzv-id", help="Names this job at the rendezvous.")] = "llmtune",
     shutdown_timeout: Annotated[int, typer.Option(
         help="Seconds the ranks get to save a checkpoint after SIGTERM/SIGINT before torchrun kills them.")] = 120,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the torchrun command, run nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run (the torchrun command), run nothing.")] = False,
+    engine: Annotated[str, typer.Option(
+        help="torchrun: processes on this machine (or --nnodes machines); ray: workers on a Ray cluster, "
+        "restarted from the newest checkpoint when one is lost.")] = "torchrun",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="ray: training workers (one per GPU).")] = 2,
+    gpus_per_worker: Annotated[float | None, typer.Option(
+        "--gpus-per-worker", min=0, help="ray: GPUs per worker (default: 1 where the cluster has GPUs, else 0).")] = None,
+    cpus_per_worker: Annotated[float, typer.Option("--cpus-per-worker", min=0.1, help="ray: CPUs per worker.")] = 1,
+    address: Annotated[str | None, typer.Option(
+        "--address", help="ray: the cluster to join (auto, or HOST:PORT of its head); default: "
+        "a Ray instance on this machine for this run.")] = None,
     set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False, resume: ResumeOpt = None,
 ):
-    """Train on several processes with torchrun (DDP): prints the torchrun command and runs it.
-    Exit 75: interrupted and resumable (run again with --resume auto)."""
+    """Train on several processes: with torchrun (DDP; prints the torchrun command and runs it) or
+    on a Ray cluster (--engine ray). Exit 75: interrupted and resumable (run again with --resume auto)."""
     resume_flag(resume)
+    if engine not in ("torchrun", "ray"):
+        raise InputError(f"--engine {engine}: the choices are torchrun and ray")
     loaded, run_path = open_run(recipe, set, run_dir)  # checks the recipe once, before N processes do
     if nnodes > 1 and rdzv_endpoint is None:
         raise InputError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT",
                          hint="use the first node's address and a free port, the same on every node")
     require_stage(stage_dir(run_path, "prepare"), "prepare",  # once here, not once per rank
                   shlex.join(["llmtune", "prepare", str(recipe), *_pass_on(set, run_dir)]))
+    if engine == "ray":
+        _launch_on_ray(recipe, loaded, run_path, set, run_dir, workers, gpus_per_worker, cpus_per_worker,
+                       address, force, resume, dry_run)
+        return
     train_args = [*_pass_on(set, run_dir), *(["--force"] if force else []),
                   *(["--resume", resume] if resume else [])]
     features = cluster.torchrun_features()
@@ -76,6 +92,31 @@ def launch(
     failed = LlmtuneError(f"torchrun exited with {code}: a rank failed (its error is above)")
     failed.exit_code = code  # torchrun's own: 1 whatever the rank's was
     raise failed
+
+
+def _launch_on_ray(recipe: Path, loaded, run_path: Path, sets: list[str], run_dir: Path | None, workers: int,
+                   gpus_per_worker: float | None, cpus_per_worker: float, address: str | None,
+                   force: bool, resume: str | None, dry_run: bool) -> None:
+    from llmtune import ray_launch
+
+    console.print(f"launch: {workers} Ray worker(s) on {address or 'a Ray instance started on this machine'}, "
+                  f"each running `llmtune train {recipe}`; global batch "
+                  f"{loaded.train.batch_size * loaded.train.grad_accum * workers} sequences per step")
+    if dry_run:
+        return
+    ray_launch.launch(ray_launch.RayJob(
+        recipe=str(recipe.resolve()), sets=tuple(sets), run_dir=str(run_path.resolve()), workdir=os.getcwd(),
+        workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, address=address,
+        force=force, resume=resume_flag(resume), max_failures=loaded.distributed.max_failures,
+        timeout_minutes=loaded.distributed.timeout_minutes, keep_checkpoints=loaded.train.keep_checkpoints))
+    step = _interrupted_at(run_path)
+    if step is not None:
+        again = shlex.join(["llmtune", "launch", str(recipe), "--engine", "ray", "--workers", str(workers),
+                            *(["--address", address] if address else []), *_pass_on(sets, run_dir),
+                            "--resume", "auto"])
+        raise Interrupted(f"training interrupted at step {step}; every worker saved that checkpoint",
+                          hint=f"resume with: {again}")
+    console.print(f"[bold]launch:[/] done -> {stage_dir(run_path, 'train')}", markup=True)
 
 
 def _pass_on(sets: list[str], run_dir: Path | None) -> list[str]:

@@ -312,6 +312,10 @@ class DistributedSection(Section):
     timeout_minutes: int = Field(default=30, gt=0)
     """how long a rank waits for the others at a collective (rank 0 may be downloading, converting or hashing
     the base model meanwhile); torch's own default is 10 minutes"""
+    max_failures: int = Field(default=3, ge=-1)
+    """how many times a run that lost a worker restarts from its newest checkpoint: Ray's `FailureConfig`
+    under `llmtune launch --engine ray`, the Job's `backoffLimit` in `llmtune k8s` manifests (-1: Ray retries
+    without limit); not part of what is trained, so changing it leaves the adapter up to date"""
 
 
 class MergeSection(Section):

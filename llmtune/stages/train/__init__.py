@@ -40,6 +40,7 @@ from llmtune.stages.train.callbacks import (
     EarlyStop,
     MarkCheckpoints,
     RecordEvalBefore,
+    ReportCheckpointsToRay,
     StopOnNonFinite,
     StopOnSignal,
     TrainProgress,
@@ -66,8 +67,16 @@ class TrainingJob:
     command: str
 
 
-def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) -> Outcome:
-    """Train the adapter; under torchrun/accelerate launch every rank runs this, rank 0 writes."""
+# what a lost worker costs (restarts), not what is trained: changing it leaves the adapter up to date
+NOT_TRAINING = {"distributed": {"max_failures"}}
+
+
+def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False,
+          stop_request: Path | None = None) -> Outcome:
+    """Train the adapter; under torchrun/accelerate launch every rank runs this, rank 0 writes.
+    Under Ray (llmtune/ray_launch.py) each worker runs it with `stop_request`: the file whose
+    appearance stops training at a checkpoint, as a signal does elsewhere; each checkpoint is
+    reported to Ray as it is written."""
     prepared_dir, out_dir = stage_dir(run, "prepare"), stage_dir(run, "train")
     command = f"llmtune train {run / 'recipe.yaml'}"
     require_stage(prepared_dir, "prepare", f"llmtune prepare {run / 'recipe.yaml'}")
@@ -77,12 +86,12 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
         ref = model_sources.resolve_section(recipe.model)
         ref.fingerprint
     inputs = {"prepared": upstream_ref(prepared_dir, out_dir), "base_model": ref.as_manifest()}
-    recipe_sha = section_sha256(recipe, "model", "adapter", "train", "distributed")
+    recipe_sha = section_sha256(recipe, "model", "adapter", "train", "distributed", exclude=NOT_TRAINING)
     depends_on = {
         "model section": section_sha256(recipe, "model"),
         "adapter section": section_sha256(recipe, "adapter"),
         "train section": section_sha256(recipe, "train"),
-        "distributed section": section_sha256(recipe, "distributed"),
+        "distributed section": section_sha256(recipe, "distributed", exclude=NOT_TRAINING),
         "prepared data": inputs["prepared"]["manifest_sha256"],
         "base model weights": ref.fingerprint,
     }
@@ -110,10 +119,12 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False) 
     train_set, validation = build.datasets(prepared_dir, row, recipe.train.seed, recipe.train.group_by_length)
     collator = build.collator(row, tokenizer)
     progress = TrainProgress(partial / "metrics.jsonl", collator)
-    stop = StopOnSignal()
+    stop = StopOnSignal(stop_request)
     callbacks = [progress, stop, MarkCheckpoints(partial / checkpoints.CHECKPOINTS, recipe.train.keep_checkpoints),
                  RecordEvalBefore(partial, state),
                  StopOnNonFinite(collator, job.precision, partial / checkpoints.CHECKPOINTS)]
+    if stop_request is not None:  # a Ray worker
+        callbacks.append(ReportCheckpointsToRay(partial))
     if recipe.train.early_stopping_patience:
         callbacks.append(EarlyStop(recipe.train.early_stopping_patience))
     with trackers.tracker_environment(recipe.train.report_to, run, recipe.name):

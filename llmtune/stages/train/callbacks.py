@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -137,30 +138,47 @@ class RecordEvalBefore(TrainerCallback):
 class StopOnSignal(TrainerCallback):
     """SIGTERM, SIGINT or SIGUSR1 (SLURM's warning before the time limit): finish the current
     step, save a checkpoint, stop. With several processes, a signal that reached any rank stops
-    every rank after the same step (one all-reduce per step)."""
+    every rank after the same step (one all-reduce per step).
+
+    Under Ray the training runs outside the worker's main thread, where Python takes no signal
+    handlers: the launcher asks for the stop by writing `request_file` (rank 0 looks for it
+    once per step, and the all-reduce tells the others)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, request_file: Path | None = None):
         self.received: int | None = None
         self.stopped = False
+        self.request_file = request_file
         self._previous = {}
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal would raise there; request_file is how to ask
         for number in self.SIGNALS:
             self._previous[number] = signal.signal(number, self._handle)
 
     def uninstall(self) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        self._previous = {}
 
     def _handle(self, number, frame) -> None:
         if self.received is None:
             console.print(f"\ntrain: {signal.Signals(number).name} received; saving at the end of this step")
         self.received = number
 
+    def _requested(self) -> bool:
+        if self.received is not None:
+            return True
+        if self.request_file is not None and distributed.is_main() and self.request_file.exists():
+            console.print("\ntrain: the launcher asked to stop; saving at the end of this step")
+            self.received = signal.SIGTERM
+            return True
+        return False
+
     def on_step_end(self, args, state, control, **kwargs):
-        if distributed.any_rank(self.received is not None):
+        if distributed.any_rank(self._requested()):
             self.stopped = True
             control.should_save = True
             control.should_training_stop = True
@@ -260,3 +278,29 @@ class MarkCheckpoints(TrainerCallback):
             checkpoints.mark_good(folder)
             checkpoints.rotate(self.root, self.keep)
         distributed.barrier()  # no rank exits (and has the launcher stop the others) mid-mark
+
+
+class ReportCheckpointsToRay(TrainerCallback):
+    """Under `llmtune launch --engine ray`: each checkpoint, once marked good (MarkCheckpoints
+    runs first), is reported to Ray Train (`ray.train.report`), which keeps a copy in its storage
+    and hands it back (`ray.train.get_checkpoint`) to the worker group it starts after losing a
+    worker. Every rank calls report at every checkpoint (Ray waits for all of them); rank 0 gives
+    the folder, with the resume state beside it (resuming needs both)."""
+
+    def __init__(self, partial: Path):
+        self.partial = partial
+
+    def on_save(self, args, state, control, **kwargs):
+        import shutil
+
+        import ray.train
+
+        folder = self.partial / checkpoints.CHECKPOINTS / f"checkpoint-{state.global_step}"
+        checkpoint = None
+        if distributed.is_main() and (folder / checkpoints.MARK).is_file():
+            # the mark lists the files it vouches for: one more beside them does not unmark it
+            shutil.copy2(self.partial / checkpoints.RESUME_STATE, folder / checkpoints.RESUME_STATE)
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        loss = next((entry["loss"] for entry in reversed(state.log_history) if "loss" in entry), None)
+        ray.train.report({"step": state.global_step, **({"loss": loss} if loss is not None else {})},
+                         checkpoint=checkpoint, checkpoint_dir_name=folder.name)
