@@ -57,7 +57,9 @@ def launch(
     resume_flag(resume)
     if engine not in ("torchrun", "ray"):
         raise InputError(f"--engine {engine}: the choices are torchrun and ray")
-    loaded, run_path = open_run(recipe, set, run_dir)  # checks the recipe once, before N processes do
+    # checks the recipe once, before N processes do; on one of several nodes, rank 0 (wherever it
+    # runs) holds the run folder: a launcher on each node would refuse the others
+    loaded, run_path = open_run(recipe, set, run_dir, lock=nnodes == 1)
     if nnodes > 1 and rdzv_endpoint is None:
         raise InputError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT",
                          hint="use the first node's address and a free port, the same on every node")
@@ -200,3 +202,52 @@ def slurm(
     console.print(f"slurm: {path}: {nodes} node(s) x {nproc} process(es) = {world}; global batch "
                   f"{loaded.train.batch_size * loaded.train.grad_accum * world} sequences per step")
     console.print(f"submit with: sbatch {path}")
+
+
+@app.command()
+def k8s(
+    recipe: RecipeArg,
+    image: Annotated[str, typer.Option(help="Container image with llmtune installed (and CUDA torch for GPUs).")],
+    nodes: Annotated[int, typer.Option(min=1, help="Pods (nodes) that train together.")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(min=0, help="GPUs per pod (nvidia.com/gpu).")] = 1,
+    nproc_per_node: Annotated[int | None, typer.Option(
+        min=1, help="Training processes per pod (default: one per GPU).")] = None,
+    namespace: Annotated[str, typer.Option(help="Namespace of the Jobs and the Service.")] = "default",
+    pvc: Annotated[str, typer.Option(
+        help="PersistentVolumeClaim holding this folder (recipe, data) and the runs; ReadWriteMany for "
+        "several nodes.")] = "llmtune-workspace",
+    mount_path: Annotated[str, typer.Option(help="Where the pods mount it, and run.")] = "/workspace",
+    hf_token_secret: Annotated[str, typer.Option(
+        help="Secret whose key `token` becomes HF_TOKEN (optional: public models need none).")] = "hf-token",
+    set: SetOpt = [], run_dir: RunDirOpt = None,
+):
+    """Write Kubernetes manifests into <run>/k8s/: train.yaml (a headless Service and an Indexed Job:
+    torchrun in every pod, pod 0 prepares first; exit 75 and evictions retried and resumed, exits
+    2/3/5 fail the Job) and finish.yaml (merge and export, applied once training is complete)."""
+    from llmtune import k8s as manifests
+
+    loaded, run_path = open_run(recipe, set, run_dir)
+    here = Path.cwd().resolve()
+    paths = {}
+    for label, path in (("the recipe", recipe), ("the run folder", run_path)):
+        try:
+            paths[label] = path.resolve().relative_to(here).as_posix()
+        except ValueError:
+            raise InputError(f"{label} ({path}) is outside this folder, which the pods see at {mount_path}",
+                             hint="run llmtune k8s in the folder you put on the volume (--pvc), with the recipe, "
+                             "its data and the runs inside it") from None
+    job = manifests.K8sJob(
+        name=loaded.name, recipe=paths["the recipe"], run_dir=paths["the run folder"], image=image,
+        llmtune_args=tuple(_pass_on(set, None)), nodes=nodes, gpus_per_node=gpus_per_node,
+        nproc_per_node=nproc_per_node or max(gpus_per_node, 1), namespace=namespace, pvc=pvc,
+        mount_path=mount_path, hf_token_secret=hf_token_secret, max_failures=loaded.distributed.max_failures)
+    folder = run_path / "k8s"
+    folder.mkdir(exist_ok=True)
+    for name, objects in (("train.yaml", manifests.train_manifests(job)), ("finish.yaml", manifests.finish_manifests(job))):
+        (folder / name).write_text(manifests.to_yaml(objects), encoding="utf-8")
+    world = nodes * job.nproc_per_node
+    console.print(f"k8s: {folder}: train.yaml ({nodes} pod(s) x {job.nproc_per_node} process(es) = {world}; "
+                  f"global batch {loaded.train.batch_size * loaded.train.grad_accum * world} sequences per step) "
+                  "and finish.yaml (merge, export)")
+    console.print(f"k8s: the pods run in {mount_path}, the volume {pvc}: put this folder on it")
+    console.print("run with:\n  " + "\n  ".join(manifests.apply_commands(job, paths["the run folder"] + "/k8s")))

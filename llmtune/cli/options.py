@@ -7,6 +7,7 @@ Stages (and with them torch/transformers) are imported inside the commands, so `
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -46,8 +47,9 @@ ResumeOpt = Annotated[
 ]
 
 
-def open_run(recipe_file: Path, sets: list[str], run_dir: Path | None, record: bool = True):
-    """Load the recipe and (with `record`) write it, resolved, as <run>/recipe.yaml."""
+def open_run(recipe_file: Path, sets: list[str], run_dir: Path | None, record: bool = True, lock: bool = True):
+    """Load the recipe and (with `record`) write it, resolved, as <run>/recipe.yaml, holding the
+    run folder (with `lock`; a launcher on one of several nodes leaves that to rank 0)."""
     from llmtune.models import quiet_libraries
     from llmtune.recipe import dump_recipe, load_recipe
     from llmtune.recipe import run_dir as default_run_dir
@@ -60,12 +62,12 @@ def open_run(recipe_file: Path, sets: list[str], run_dir: Path | None, record: b
         loaded = load_recipe(recipe_file, [*sets, f"model.revision={locked_revision}"])
     run_path = default_run_dir(loaded, run_dir)
     if record:
-        _record(run_path, dump_recipe(loaded))
+        _record(run_path, dump_recipe(loaded), lock)
     quiet_libraries()
     return loaded, run_path
 
 
-def _record(run_path: Path, recipe_text: str) -> None:
+def _record(run_path: Path, recipe_text: str, lock: bool = True) -> None:
     """Take the run folder for this command (one command at a time writes it: run_lock.py) and
     write the resolved recipe there, unless it is there already: a run whose stages are all up
     to date writes nothing, so it works on a read-only folder."""
@@ -80,11 +82,13 @@ def _record(run_path: Path, recipe_text: str) -> None:
         run_path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LlmtuneError(f"{run_path}: cannot make the run directory ({exc.strerror})") from None
-    run_lock.hold(run_path, " ".join(["llmtune", *sys.argv[1:]]))
+    if lock:
+        run_lock.hold(run_path, " ".join(["llmtune", *sys.argv[1:]]))
     target = run_path / "recipe.yaml"
     if target.is_file() and target.read_text(encoding="utf-8") == recipe_text:
         return
-    tmp = run_path / f"recipe.yaml.{os.getpid()}.tmp"  # ranks of a distributed job write it at once
+    # the ranks (and the nodes) of a distributed job write it at once: pods on two nodes may share a pid
+    tmp = run_path / f"recipe.yaml.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         tmp.write_text(recipe_text, encoding="utf-8")
         os.replace(tmp, target)
