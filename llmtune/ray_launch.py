@@ -200,6 +200,7 @@ def _train_worker(config: dict) -> None:
         return  # recorded in an earlier attempt: every worker ends here, and the launcher raises it
     rank = ray.train.get_context().get_world_rank()
     console.quiet = rank != 0  # rank 0 alone reports progress, as under torchrun (errors still print)
+    _quiet_reports()
     saved = ray.train.get_checkpoint()  # the newest reported, after a restart
     try:
         if not Path(job.run_dir).is_dir():
@@ -220,3 +221,15 @@ def _train_worker(config: dict) -> None:
             (storage / ERROR_FILE).write_text(json.dumps(
                 {"message": error.message, "hint": error.hint, "exit_code": error.exit_code, "rank": rank}))
         raise  # Ray stops the other workers; the restart finds the record and ends at once
+
+
+def _quiet_reports() -> None:
+    """Ray Train (2.60) logs a line per ray.train.report call through a logger named by its file
+    path, outside the `ray.train` logger that RunConfig's LoggingConfig quiets."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

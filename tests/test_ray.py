@@ -1,4 +1,4 @@
-"""`llmtune launch --engine ray` on this CPU (a local Ray instance, two workers, gloo): the same
+"""`llmtune launch --engine ray` (and `llmtune run --engine ray`) on this CPU (a local Ray instance, two workers, gloo): the same
 adapter as one process with the same global batch (which test_cluster.py shows equals torchrun's
 two processes); a stop asked of the launcher saves a checkpoint (exit 75) and --resume auto
 finishes; a worker killed mid-run is replaced by Ray, which restarts the group from the newest
@@ -53,12 +53,14 @@ def _steps_logged(folder: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_two_ray_workers_train_what_one_process_trains(one_process, tiny_model, tmp_path):
+    """`llmtune run --engine ray`: prepare here, training on Ray, merge and export here."""
     recipe = ddp_recipe(tmp_path, tiny_model)
-    job = _launch(tmp_path, recipe)
-    out, _ = job.communicate(timeout=600)
-    assert job.returncode == 0, out
+    result = llmtune("run", recipe, "--engine", "ray", "--workers", "2", cwd=tmp_path)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
     assert "Ray Train, 2 worker(s) x no GPU (gloo)" in out and "2 processes (ddp)" in out
     assert out.count("train: done") == 1 and "launch: done" in out  # rank 0 alone reports
+    assert "train: up to date" in out and "merge: done" in out and "export: done" in out
     assert _steps_logged(tmp_path) == list(range(1, DDP_TRAIN["max_steps"] + 1))
     assert max_difference(adapter_weights(tmp_path / RUN), one_process) <= DDP_TOLERANCE
     assert not (tmp_path / RUN / "ray" / "train").exists()  # Ray's checkpoint copies, spent

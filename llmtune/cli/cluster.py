@@ -66,7 +66,7 @@ def launch(
     require_stage(stage_dir(run_path, "prepare"), "prepare",  # once here, not once per rank
                   shlex.join(["llmtune", "prepare", str(recipe), *_pass_on(set, run_dir)]))
     if engine == "ray":
-        _launch_on_ray(recipe, loaded, run_path, set, run_dir, workers, gpus_per_worker, cpus_per_worker,
+        launch_on_ray(recipe, loaded, run_path, set, run_dir, workers, gpus_per_worker, cpus_per_worker,
                        address, force, resume, dry_run)
         return
     train_args = [*_pass_on(set, run_dir), *(["--force"] if force else []),
@@ -96,7 +96,7 @@ def launch(
     raise failed
 
 
-def _launch_on_ray(recipe: Path, loaded, run_path: Path, sets: list[str], run_dir: Path | None, workers: int,
+def launch_on_ray(recipe: Path, loaded, run_path: Path, sets: list[str], run_dir: Path | None, workers: int,
                    gpus_per_worker: float | None, cpus_per_worker: float, address: str | None,
                    force: bool, resume: str | None, dry_run: bool) -> None:
     from llmtune import ray_launch

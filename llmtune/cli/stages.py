@@ -75,10 +75,28 @@ def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: F
         resume: ResumeOpt = None, no_verify: NoVerifyOpt = False,
         rehash: Annotated[bool, typer.Option(
             "--rehash", help="Re-hash every output before calling a stage up to date (as inspect does; "
-            "without it, a file's size is checked, not its content).")] = False):
+            "without it, a file's size is checked, not its content).")] = False,
+        engine: Annotated[str, typer.Option(
+            help="local: every stage in this process; ray: training on a Ray cluster (llmtune launch --engine ray), "
+            "the other stages here.")] = "local",
+        workers: Annotated[int, typer.Option("--workers", min=1, help="ray: training workers.")] = 2,
+        gpus_per_worker: Annotated[float | None, typer.Option(
+            "--gpus-per-worker", min=0, help="ray: GPUs per worker (default: 1 where the cluster has GPUs).")] = None,
+        address: Annotated[str | None, typer.Option(
+            "--address", help="ray: the cluster to join (default: a Ray instance on this machine).")] = None):
     """Run every stage; stages whose inputs are unchanged are skipped as up to date."""
+    if engine not in ("local", "ray"):
+        raise LlmtuneError(f"--engine {engine}: the choices are local and ray")
     loaded, run_path = open_run(recipe, set, run_dir)
     from llmtune.pipeline import run as run_pipeline
+
+    if engine == "ray":  # prepare here, train on Ray; the rest below finds training up to date
+        from llmtune.cli.cluster import launch_on_ray
+
+        run_stage("prepare", loaded, run_path, force)
+        launch_on_ray(recipe, loaded, run_path, set, run_dir, workers, gpus_per_worker, 1, address, force, resume,
+                      dry_run=False)
+        force = False  # merge and export follow the new adapter as they would any change
 
     def after(stage, outcome):
         print_outcome(stage, run_path, outcome)
