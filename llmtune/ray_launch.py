@@ -48,6 +48,7 @@ class RayJob:
     max_failures: int = 3
     timeout_minutes: int = 30
     keep_checkpoints: int = 2
+    strategy: str = "ddp"  # the recipe's distributed.strategy: FSDP on GPUs wants gloo beside NCCL
 
 
 def ray_dir(run_dir: Path) -> Path:
@@ -74,7 +75,8 @@ def launch(job: RayJob) -> None:
         shutil.rmtree(storage / EXPERIMENT, ignore_errors=True)
 
     started_here = job.address is None
-    ray.init(address=job.address, include_dashboard=False, logging_level="WARNING",
+    # "local": a new instance, even where RAY_ADDRESS or a running one would otherwise be joined
+    ray.init(address=job.address or "local", include_dashboard=False, logging_level="WARNING",
              **({"num_cpus": max(os.cpu_count() or 1, int(job.workers * job.cpus_per_worker))}
                 if started_here else {}))
     try:
@@ -90,7 +92,10 @@ def launch(job: RayJob) -> None:
             scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=gpus > 0,
                                          resources_per_worker={"CPU": job.cpus_per_worker,
                                                                **({"GPU": gpus} if gpus else {})}),
-            torch_config=TorchConfig(timeout_s=job.timeout_minutes * 60),
+            # Ray picks NCCL on GPUs and gloo on CPUs, as torchrun's ranks do; FSDP needs both on GPUs
+            # (as distributed.process_group_backend gives a torchrun rank)
+            torch_config=TorchConfig(backend="cuda:nccl,cpu:gloo" if gpus and job.strategy == "fsdp" else None,
+                                     timeout_s=job.timeout_minutes * 60),
             run_config=RunConfig(name=EXPERIMENT, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=job.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints),
@@ -233,3 +238,4 @@ def _quiet_reports() -> None:
     except ImportError:
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+

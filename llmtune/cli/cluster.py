@@ -110,7 +110,8 @@ def launch_on_ray(recipe: Path, loaded, run_path: Path, sets: list[str], run_dir
         recipe=str(recipe.resolve()), sets=tuple(sets), run_dir=str(run_path.resolve()), workdir=os.getcwd(),
         workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, address=address,
         force=force, resume=resume_flag(resume), max_failures=loaded.distributed.max_failures,
-        timeout_minutes=loaded.distributed.timeout_minutes, keep_checkpoints=loaded.train.keep_checkpoints))
+        timeout_minutes=loaded.distributed.timeout_minutes, keep_checkpoints=loaded.train.keep_checkpoints,
+        strategy=loaded.distributed.strategy))
     step = _interrupted_at(run_path)
     if step is not None:
         again = shlex.join(["llmtune", "launch", str(recipe), "--engine", "ray", "--workers", str(workers),
