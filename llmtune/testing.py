@@ -138,3 +138,98 @@ def build_llama3_model(path: str | Path, seed: int = 0, base: bool = False) -> P
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# --- tiny vision-language models (issue 31) -------------------------------------------------------
+# Two image-token schemes, both built offline with transformers' PIL image processors (no
+# torchvision): LLaVA repeats one `<image>` token per image feature; Gemma 3 wraps its soft tokens
+# in `<start_of_image>` ... `<end_of_image>` with blank lines around them.
+
+VLM_FAMILIES = {
+    # family: (placeholder the chat template writes, special tokens added to the tiny tokenizer)
+    "llava": ("<image>", {"image_token": "<image>"}),
+    "gemma3": ("<start_of_image>", {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                    "image_token": "<image_soft_token>"}),
+}
+
+
+def vlm_chat_template(placeholder: str) -> str:
+    """ChatML whose message content may be a list of parts: text, and images as `placeholder`."""
+    return (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ '" + placeholder + "' }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
+def build_tiny_vlm_tokenizer(family: str):
+    """The tiny tokenizer with the family's image tokens, named as its processor expects them
+    (`tokenizer.image_token_id`, Gemma 3's `boi_token_id`, ...)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = VLM_FAMILIES[family][1]
+    backend = build_tiny_tokenizer().backend_tokenizer
+    backend.add_special_tokens(list(dict.fromkeys(tokens.values())))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", unk_token="<|endoftext|>", extra_special_tokens=tokens)
+    tokenizer.chat_template = vlm_chat_template(VLM_FAMILIES[family][0])
+    return tokenizer
+
+
+def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, image_size: int = 32) -> Path:
+    """Write a tiny random vision-language model and its processor to `path` (loadable with
+    AutoModelForImageTextToText and AutoProcessor): a 2-layer vision tower on 8-pixel patches of a
+    `image_size` image (16 image tokens at 32), a projector, and a 2-layer language model."""
+    import torch
+
+    path = Path(path)
+    tokenizer = build_tiny_vlm_tokenizer(family)
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": image_size, "patch_size": 8}
+    patches = (image_size // 8) ** 2
+    torch.manual_seed(seed)
+    if family == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                             image_token_index=tokenizer.image_token_id, vision_feature_select_strategy="default",
+                             vision_feature_layer=-1)
+        model = LlavaForConditionalGeneration(config)
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                                  crop_size={"height": image_size, "width": image_size}),
+            tokenizer=tokenizer, chat_template=tokenizer.chat_template, patch_size=8,
+            vision_feature_select_strategy="default", num_additional_image_tokens=1)  # CLIP's CLS, dropped
+    elif family == "gemma3":
+        from transformers import (
+            Gemma3Config,
+            Gemma3ForConditionalGeneration,
+            Gemma3Processor,
+            Gemma3TextConfig,
+            SiglipVisionConfig,
+        )
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        tokens_per_image = patches // 4  # Gemma 3 pools the patches 2 x 2
+        config = Gemma3Config(vision_config=SiglipVisionConfig(**vision),
+                              text_config=Gemma3TextConfig(**text, head_dim=16), mm_tokens_per_image=tokens_per_image,
+                              boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                              image_token_index=tokenizer.image_token_id)
+        model = Gemma3ForConditionalGeneration(config)
+        processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": image_size,
+                                                                                    "width": image_size}),
+                                    tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+                                    image_seq_length=tokens_per_image)
+    else:
+        raise ValueError(f"no tiny {family} model; families: {', '.join(VLM_FAMILIES)}")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

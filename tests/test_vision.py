@@ -1,0 +1,148 @@
+"""Image chats (issue 31, first part): tiny vision-language models of two image-token schemes
+built offline (LLaVA's repeated `<image>`, Gemma 3's `<start_of_image>` + soft tokens); both data
+shapes (content parts, `<image>` placeholders + `images`) read into one conversation; labels after
+the processor's expansion train exactly the assistant's text and end-of-turn, never an image
+token; bad image rows by reason."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+
+from llmtune.data import vision
+from llmtune.data.chat import encode_sample
+from llmtune.testing import VLM_FAMILIES, build_tiny_vlm
+
+
+def _png(colour=(255, 0, 0), size=(40, 30)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module", params=sorted(VLM_FAMILIES))
+def tiny_vlm(request, tmp_path_factory):
+    return request.param, build_tiny_vlm(tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+def _processor(path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(path))
+
+
+def _image(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+PARTS = {"messages": [
+    {"role": "user", "content": [{"type": "image", "path": "red.png"}, {"type": "text", "text": "What colour is it?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "blue.png"}},
+                                 {"type": "text", "text": "And this one?"}]},
+    {"role": "assistant", "content": "blue"},
+]}
+PLACEHOLDERS = {"messages": [
+    {"role": "user", "content": "<image>What colour is it?"},
+    {"role": "assistant", "content": "red"},
+    {"role": "user", "content": "<image>And this one?"},
+    {"role": "assistant", "content": "blue"},
+], "images": ["red.png", "blue.png"]}
+
+
+def _prepared(processor, row, folder):
+    """What prepare will store for an image row: the processor's expanded ids and their labels."""
+    messages = vision.image_messages(row["messages"], row.get("images"))
+    example = encode_sample(processor.tokenizer, {"messages": vision.for_template(messages)},
+                            template=processor.chat_template)
+    text = processor.apply_chat_template(vision.for_template(messages), tokenize=False)
+    images = [_image(source.read(folder)) for source in vision.sources(messages)]
+    expanded = processor(text=[text], images=images)["input_ids"][0]
+    return list(expanded), vision.expanded_labels(example.input_ids, example.labels, list(expanded))
+
+
+def test_tiny_vlms_load_with_the_auto_classes_and_train(tiny_vlm):
+    from transformers import AutoModelForImageTextToText
+
+    family, path = tiny_vlm
+    model = AutoModelForImageTextToText.from_pretrained(str(path))
+    processor = _processor(path)
+    text = processor.apply_chat_template(vision.for_template(vision.image_messages(
+        PLACEHOLDERS["messages"][:2], PLACEHOLDERS["images"][:1])), tokenize=False)
+    batch = processor(text=[text], images=[_image(_png())], return_tensors="pt")
+    counts = {token: int((batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(token)).sum())
+              for token in VLM_FAMILIES[family][1].values()}
+    assert counts == {"llava": {"<image>": 16},
+                      "gemma3": {"<start_of_image>": 1, "<end_of_image>": 1, "<image_soft_token>": 4}}[family]
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    assert loss.item() > 0 and model.get_input_embeddings().weight.grad is not None
+
+
+def test_both_shapes_prepare_to_the_same_ids_training_only_the_answers(tiny_vlm, tmp_path):
+    family, path = tiny_vlm
+    processor = _processor(path)
+    (tmp_path / "red.png").write_bytes(_png((255, 0, 0)))
+    (tmp_path / "blue.png").write_bytes(_png((0, 0, 255)))
+    ids, labels = _prepared(processor, PARTS, tmp_path)
+    assert (ids, labels) == _prepared(processor, PLACEHOLDERS, tmp_path)
+
+    tokenizer = processor.tokenizer
+    image_ids = {tokenizer.convert_tokens_to_ids(t) for t in VLM_FAMILIES[family][1].values()}
+    assert image_ids & set(ids) and not image_ids & {t for t, label in zip(ids, labels) if label != vision.IGNORE}
+    # token for token, what inference renders for each answer: its text and the end of turn
+    runs, run = [], []
+    for token, label in zip(ids, labels):
+        if label != vision.IGNORE:
+            run.append(token)
+        elif run:
+            runs.append(run)
+            run = []
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert runs == [tokenizer("red", add_special_tokens=False)["input_ids"] + [end],
+                    tokenizer("blue", add_special_tokens=False)["input_ids"] + [end]]
+    assert all(label == token for token, label in zip(ids, labels) if label != vision.IGNORE)
+
+
+def test_image_sources_and_bad_rows_by_reason(tmp_path):
+    png = _png()
+    inline = base64.b64encode(png).decode()
+    read = [vision.image_source(part).read(tmp_path) for part in (
+        {"type": "image", "base64": inline},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{inline}"}},
+    )]
+    assert read == [png, png] and vision.content_hash(png).startswith("sha256:")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png)
+    assert vision.image_source("img/a.png").read(tmp_path) == png  # relative to the data file's folder
+
+    def reason(messages, images=None, read_from=None):
+        with pytest.raises(vision.BadImageRow) as caught:
+            for source in vision.sources(vision.image_messages(messages, images)):
+                source.read(read_from or tmp_path)
+        return caught.value.reason
+
+    user = {"role": "user", "content": "<image>Describe it."}
+    assert reason([user], []) == "placeholders and images differ"
+    assert reason([user], ["img/a.png", "img/a.png"]) == "placeholders and images differ"
+    assert reason([user, {"role": "assistant", "content": "<image>"}],
+                  ["img/a.png", "img/a.png"]) == "image in an assistant turn"
+    assert reason([{"role": "assistant", "content": [{"type": "image", "path": "img/a.png"}]}]) == \
+        "image in an assistant turn"
+    assert reason([{"role": "user", "content": [{"type": "image", "path": "img/a.png"}]}],
+                  ["img/a.png"]) == "placeholders and images differ"  # both shapes in one row
+    assert reason([{"role": "user", "content": [{"type": "audio"}]}]) == "bad content part"
+    assert reason([user], ["img/missing.png"]) == "missing image"
+    assert reason([user], ["https://example.com/a.png"]) == "image not fetched"
+    assert reason([user], ["data:image/png;base64,%%%"]) == "unreadable image"
+
+
+def test_an_expansion_that_reaches_a_trained_token_is_an_error():
+    with pytest.raises(ValueError, match="changed 1 trained token"):
+        vision.expanded_labels([1, 9, 2, 3], [-100, -100, 2, 3], [1, 7, 7, 7, 2, 4])
