@@ -196,6 +196,31 @@ def load_tokenizer(source: ModelRef | Path, chat_template: str | None = None):
     return tokenizer
 
 
+def is_vision_language(source: ModelRef | Path) -> bool:
+    """Whether a model folder holds a vision-language model, from its config alone (no recipe
+    switch): a vision tower in the config, and a model type transformers loads as
+    AutoModelForImageTextToText (Qwen2.5-VL, Gemma 3, Idefics3/SmolVLM, LLaVA, mllama, ...).
+    Gemma 3's text-only checkpoints (gemma3_text) are language models."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    try:
+        config = json.loads((Path(_folder(source)[0]) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and "vision_config" in config
+
+
+def load_processor(source: ModelRef | Path):
+    """A vision-language model's processor (image processor, tokenizer, chat template), with the
+    pad-token rule applied to its tokenizer."""
+    from transformers import AutoProcessor
+
+    folder, trust = _folder(source)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
+    ensure_pad_token(processor.tokenizer)
+    return processor
+
+
 def load_config(source: ModelRef | Path):
     folder, trust = _folder(source)
     return AutoConfig.from_pretrained(folder, trust_remote_code=trust)

@@ -146,3 +146,12 @@ def test_image_sources_and_bad_rows_by_reason(tmp_path):
 def test_an_expansion_that_reaches_a_trained_token_is_an_error():
     with pytest.raises(ValueError, match="changed 1 trained token"):
         vision.expanded_labels([1, 9, 2, 3], [-100, -100, 2, 3], [1, 7, 7, 7, 2, 4])
+
+
+def test_a_vision_language_base_is_known_from_its_config(tiny_vlm, tiny_model):
+    from llmtune import models
+
+    family, path = tiny_vlm
+    assert models.is_vision_language(path) and not models.is_vision_language(tiny_model)
+    processor = models.load_processor(path)
+    assert processor.tokenizer.pad_token is not None and processor.chat_template
