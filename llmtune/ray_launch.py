@@ -75,14 +75,20 @@ def launch(job: RayJob) -> None:
         shutil.rmtree(storage / EXPERIMENT, ignore_errors=True)
 
     started_here = job.address is None
-    # "local": a new instance, even where RAY_ADDRESS or a running one would otherwise be joined
+    # "local": a new instance, even where RAY_ADDRESS or a running one would otherwise be joined;
+    # CPUs enough for the workers asked for (more workers than cores share them, as torchrun's would)
     ray.init(address=job.address or "local", include_dashboard=False, logging_level="WARNING",
              **({"num_cpus": max(os.cpu_count() or 1, int(job.workers * job.cpus_per_worker))}
                 if started_here else {}))
     try:
         gpus = job.gpus_per_worker
+        has = ray.cluster_resources().get("GPU", 0)
         if gpus is None:  # use_gpu follows the machine
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+            gpus = 1 if has else 0
+        if started_here and job.workers * gpus > has:  # Ray would wait for them forever
+            raise InputError(f"{job.workers} worker(s) x {gpus:g} GPU need {job.workers * gpus:g} GPU(s); "
+                             f"this machine has {has:g}",
+                             hint="use fewer --workers or --gpus-per-worker, or join a cluster: --address")
         console.print(f"launch: Ray Train, {job.workers} worker(s) x {gpus or 'no'} GPU "
                       f"({'nccl' if gpus else 'gloo'}), up to {job.max_failures} restart(s) from the newest "
                       f"checkpoint; Ray's copies in {storage / EXPERIMENT}")

@@ -97,6 +97,9 @@ def test_a_stop_then_a_lost_worker_still_train_the_uninterrupted_adapter(one_pro
 @pytest.mark.slow
 def test_an_error_a_restart_would_meet_again_ends_the_launch(tiny_model, tmp_path):
     recipe = ddp_recipe(tmp_path, tiny_model)
+    no_gpu = llmtune("launch", recipe, "--engine", "ray", "--workers", "2", "--gpus-per-worker", "1", cwd=tmp_path)
+    assert no_gpu.returncode == 2 and "need 2 GPU(s); this machine has 0" in no_gpu.stderr  # not a wait forever
+
     result = llmtune("launch", recipe, "--engine", "ray", "--workers", "2",
                      "--set", "train.optimizer=paged_adamw_8bit", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr

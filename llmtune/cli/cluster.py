@@ -15,11 +15,14 @@ import typer
 
 from llmtune import cluster
 from llmtune.cli.options import (
+    AddressOpt,
     ForceOpt,
+    GpusPerWorkerOpt,
     RecipeArg,
     ResumeOpt,
     RunDirOpt,
     SetOpt,
+    WorkersOpt,
     app,
     open_run,
     resume_flag,
@@ -43,13 +46,9 @@ def launch(
     engine: Annotated[str, typer.Option(
         help="torchrun: processes on this machine (or --nnodes machines); ray: workers on a Ray cluster, "
         "restarted from the newest checkpoint when one is lost.")] = "torchrun",
-    workers: Annotated[int, typer.Option("--workers", min=1, help="ray: training workers (one per GPU).")] = 2,
-    gpus_per_worker: Annotated[float | None, typer.Option(
-        "--gpus-per-worker", min=0, help="ray: GPUs per worker (default: 1 where the cluster has GPUs, else 0).")] = None,
+    workers: WorkersOpt = 2, gpus_per_worker: GpusPerWorkerOpt = None,
     cpus_per_worker: Annotated[float, typer.Option("--cpus-per-worker", min=0.1, help="ray: CPUs per worker.")] = 1,
-    address: Annotated[str | None, typer.Option(
-        "--address", help="ray: the cluster to join (auto, or HOST:PORT of its head); default: "
-        "a Ray instance on this machine for this run.")] = None,
+    address: AddressOpt = None,
     set: SetOpt = [], run_dir: RunDirOpt = None, force: ForceOpt = False, resume: ResumeOpt = None,
 ):
     """Train on several processes: with torchrun (DDP; prints the torchrun command and runs it) or

@@ -45,6 +45,13 @@ ResumeOpt = Annotated[
     str | None,
     typer.Option("--resume", help="auto: continue an interrupted training from its newest good checkpoint."),
 ]
+# training on Ray (llmtune launch --engine ray, llmtune run --engine ray)
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="ray: training workers (one per GPU).")]
+GpusPerWorkerOpt = Annotated[float | None, typer.Option(
+    "--gpus-per-worker", min=0, help="ray: GPUs per worker (default: 1 where the cluster has GPUs, else 0).")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="ray: the cluster to join (auto, or its head's HOST:PORT); default: a Ray instance "
+    "started on this machine for this run.")]
 
 
 def open_run(recipe_file: Path, sets: list[str], run_dir: Path | None, record: bool = True, lock: bool = True):

@@ -12,12 +12,15 @@ from rich.table import Table
 
 from llmtune import __version__
 from llmtune.cli.options import (
+    AddressOpt,
     ForceOpt,
+    GpusPerWorkerOpt,
     NoVerifyOpt,
     RecipeArg,
     ResumeOpt,
     RunDirOpt,
     SetOpt,
+    WorkersOpt,
     app,
     brief,
     data_app,
@@ -79,11 +82,7 @@ def run(recipe: RecipeArg, set: SetOpt = [], run_dir: RunDirOpt = None, force: F
         engine: Annotated[str, typer.Option(
             help="local: every stage in this process; ray: training on a Ray cluster (llmtune launch --engine ray), "
             "the other stages here.")] = "local",
-        workers: Annotated[int, typer.Option("--workers", min=1, help="ray: training workers.")] = 2,
-        gpus_per_worker: Annotated[float | None, typer.Option(
-            "--gpus-per-worker", min=0, help="ray: GPUs per worker (default: 1 where the cluster has GPUs).")] = None,
-        address: Annotated[str | None, typer.Option(
-            "--address", help="ray: the cluster to join (default: a Ray instance on this machine).")] = None):
+        workers: WorkersOpt = 2, gpus_per_worker: GpusPerWorkerOpt = None, address: AddressOpt = None):
     """Run every stage; stages whose inputs are unchanged are skipped as up to date."""
     if engine not in ("local", "ray"):
         raise LlmtuneError(f"--engine {engine}: the choices are local and ray")
