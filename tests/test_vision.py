@@ -155,3 +155,22 @@ def test_a_vision_language_base_is_known_from_its_config(tiny_vlm, tiny_model):
     assert models.is_vision_language(path) and not models.is_vision_language(tiny_model)
     processor = models.load_processor(path)
     assert processor.tokenizer.pad_token is not None and processor.chat_template
+
+
+@pytest.mark.parametrize("vision", ["frozen", "lora", "train_projector"])
+def test_lora_adapts_the_language_model_only_unless_told(tiny_vlm, vision):
+    """peft's all-linear adapts the vision tower and projector too; llmtune's default does not."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from llmtune.stages.train.build import vision_language_targets
+
+    family, path = tiny_vlm
+    model = AutoModelForImageTextToText.from_pretrained(str(path))
+    targets, to_save = vision_language_targets(model, vision)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, modules_to_save=to_save or None))
+    trained = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert any(".language_model." in name for name in trained)
+    assert any(".vision_tower." in name for name in trained) == (vision == "lora")
+    assert any(".multi_modal_projector." in name for name in trained) == (vision == "train_projector")
+    assert not any("lm_head" in name or "embed_tokens" in name for name in trained)

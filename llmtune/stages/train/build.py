@@ -5,6 +5,7 @@ and the collator that batches them. Each reads the objective's row (llmtune/obje
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -183,3 +184,31 @@ def lora_config(recipe, model=None) -> LoraConfig:
         task_type="SEQ_CLS" if objective(recipe.train.objective).head == "score" else "CAUSAL_LM",
         **extra,
     )
+
+
+# --- vision-language models (issue 31) ------------------------------------------------------------
+VISION_CHOICES = ("frozen", "lora", "train_projector")
+
+
+def vision_language_targets(model, vision: str = "frozen") -> tuple[str, list[str]]:
+    """LoRA's target_modules (a regular expression, which peft matches against whole module
+    names) and modules_to_save for a vision-language model. peft's own `all-linear` also adapts
+    the vision tower and the projector (it did on both tiny families, peft 0.21); here the
+    language model's linear layers are the default, `vision: lora` adds the tower's, and
+    `vision: train_projector` trains the projector in full besides."""
+    if vision not in VISION_CHOICES:
+        raise ValueError(f"vision: {vision} (choices: {', '.join(VISION_CHOICES)})")
+    decoder = model.get_decoder()
+    names = {id(module): name for name, module in model.named_modules()}
+    language = names[id(decoder)]
+    parts = [language]
+    tower = next((name for name, module in model.named_modules() if name.endswith(("vision_tower", "vision_model"))),
+                 None)
+    if vision == "lora" and tower:
+        parts.append(tower)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and any(name.startswith(p + ".") for p in parts)})
+    pattern = rf"({'|'.join(re.escape(p) for p in parts)})\..*\.({'|'.join(map(re.escape, leaves))})"
+    projector = next((name for name, module in model.named_modules() if name.endswith("multi_modal_projector")), None)
+    to_save = [projector.rsplit(".", 1)[-1]] if vision == "train_projector" and projector else []
+    return pattern, to_save
