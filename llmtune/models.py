@@ -196,6 +196,10 @@ def load_tokenizer(source: ModelRef | Path, chat_template: str | None = None):
     return tokenizer
 
 
+# where vision-language models keep their vision tower and projector (transformers 5 names)
+VISION_MODULES = ("vision_tower", "vision_model", "multi_modal_projector")
+
+
 def is_vision_language(source: ModelRef | Path) -> bool:
     """Whether a model folder holds a vision-language model, from its config alone (no recipe
     switch): a vision tower in the config, and a model type transformers loads as
@@ -282,13 +286,18 @@ def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: st
             dtype = DTYPES[DTYPE_NAMES[compute_dtype]]
         from transformers import BitsAndBytesConfig
 
+        # a vision-language model's tower and projector stay in the compute dtype: QLoRA quantizes
+        # the language model (the head is never quantized either way)
+        # (transformers 5 matches these from the name's start, as regular expressions, or as suffixes)
+        skip = ({"llm_int8_skip_modules": [*(f".*{m}" for m in VISION_MODULES), "lm_head"]}
+                if is_vision_language(source) else {})
         if quantize == "int8":
-            extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, **skip)
         else:
             extra["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=quantize,
                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_quant_storage=dtype if shardable else torch.uint8)
+                bnb_4bit_quant_storage=dtype if shardable else torch.uint8, **skip)
     if device is not None and torch.device(device).type == "cuda":
         # bitsandbytes quantizes while loading onto the GPU; plain weights go straight there too
         extra["device_map"] = {"": torch.device(device)}
@@ -297,6 +306,10 @@ def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: st
     if head == "score":
         extra["num_labels"] = 1  # a new score head on a language model: initialised, and trained in full
     loader = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+    if head != "score" and is_vision_language(source):
+        from transformers import AutoModelForImageTextToText
+
+        loader = AutoModelForImageTextToText
     try:
         model = loader.from_pretrained(
             folder, dtype=dtype, use_safetensors=None if allow_pickle else True,

@@ -174,3 +174,22 @@ def test_lora_adapts_the_language_model_only_unless_told(tiny_vlm, vision):
     assert any(".vision_tower." in name for name in trained) == (vision == "lora")
     assert any(".multi_modal_projector." in name for name in trained) == (vision == "train_projector")
     assert not any("lm_head" in name or "embed_tokens" in name for name in trained)
+
+
+def test_qlora_quantizes_the_language_model_and_keeps_the_tower_in_the_compute_dtype(tiny_vlm):
+    import torch
+
+    from llmtune import models
+
+    family, path = tiny_vlm
+    model = models.load_model(path, "bf16", quantize="nf4", device=None)
+    assert type(model).__name__.endswith("ForConditionalGeneration")
+    kinds = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            part = next((p for p in ("language_model", *models.VISION_MODULES, "lm_head") if p in name), "other")
+            kinds.setdefault(part, set()).add(type(module).__name__)
+    assert kinds["language_model"] == {"Linear4bit"}
+    assert "Linear4bit" not in kinds["vision_tower"] and kinds["lm_head"] == {"Linear"}
+    tower = next(p for n, p in model.named_parameters() if ".vision_tower." in n)
+    assert tower.dtype == torch.bfloat16
