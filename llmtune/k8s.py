@@ -19,6 +19,7 @@ into a manifest.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 RDZV_PORT = 29500
@@ -27,6 +28,8 @@ WORKDIR_VOLUME = "workspace"
 RESUMABLE_EXIT = 75  # stopped at a checkpoint on a signal: the replacement pod resumes
 PERMANENT_EXITS = (2, 3, 5)  # bad input, a failed check, diverged: a retry meets them again
 MANIFESTS = ("train.yaml", "finish.yaml")
+# evicted, preempted, drained: the pod saved a checkpoint on SIGTERM; not a failure
+DISRUPTED = {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def to_yaml(objects: list[dict]) -> str:
 
 def train_manifests(job: K8sJob) -> list[dict]:
     """The headless Service and the Indexed Job that trains, one pod per node."""
-    labels = {"app.kubernetes.io/name": "llmtune", "llmtune/run": object_name(job), "llmtune/role": "train"}
+    labels = _labels(job, "train")
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -91,8 +94,8 @@ def train_manifests(job: K8sJob) -> list[dict]:
     prepare = ["llmtune", "prepare", job.recipe, "--run-dir", job.run_dir, *job.llmtune_args]
     prepared = f"{job.run_dir}/prepared/manifest.json"
     # pod 0 prepares (fetching the base model into the shared cache); the others wait for it
-    init_script = (f'if [ "$JOB_COMPLETION_INDEX" = 0 ]; then exec {_shell_join(prepare)}; fi\n'
-                   f'until [ -f {_shell_quote(prepared)} ]; do echo "waiting for pod 0 to prepare the data"; sleep 10; done\n')
+    init_script = (f'if [ "$JOB_COMPLETION_INDEX" = 0 ]; then exec {shlex.join(prepare)}; fi\n'
+                   f'until [ -f {shlex.quote(prepared)} ]; do echo "waiting for pod 0 to prepare the data"; sleep 10; done\n')
     pod = {
         "metadata": {"labels": labels},
         "spec": {
@@ -119,14 +122,10 @@ def train_manifests(job: K8sJob) -> list[dict]:
             "backoffLimit": max(job.max_failures, 0) * job.nodes,
             "podReplacementPolicy": "Failed",  # a replacement starts once the old pod has ended
             "podFailurePolicy": {"rules": [
-                # evicted, preempted, drained: the pod saved a checkpoint on SIGTERM; not a failure
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {"action": "Ignore",
-                 "onExitCodes": {"containerName": "train", "operator": "In", "values": [RESUMABLE_EXIT]}},
-                {"action": "FailJob",
-                 "onExitCodes": {"containerName": "train", "operator": "In", "values": list(PERMANENT_EXITS)}},
-                {"action": "FailJob",
-                 "onExitCodes": {"containerName": "prepare", "operator": "In", "values": list(PERMANENT_EXITS)}},
+                DISRUPTED,
+                _on_exit("Ignore", "train", [RESUMABLE_EXIT]),
+                _on_exit("FailJob", "train", PERMANENT_EXITS),
+                _on_exit("FailJob", "prepare", PERMANENT_EXITS),
             ]},
             "template": pod,
         },
@@ -136,7 +135,7 @@ def train_manifests(job: K8sJob) -> list[dict]:
 
 def finish_manifests(job: K8sJob) -> list[dict]:
     """One pod: `llmtune run` after training (merge, export, the preview; training is up to date)."""
-    labels = {"app.kubernetes.io/name": "llmtune", "llmtune/run": object_name(job), "llmtune/role": "finish"}
+    labels = _labels(job, "finish")
     run = ["llmtune", "run", job.recipe, "--run-dir", job.run_dir, *job.llmtune_args]
     return [{
         "apiVersion": "batch/v1",
@@ -145,10 +144,8 @@ def finish_manifests(job: K8sJob) -> list[dict]:
         "spec": {
             "backoffLimit": max(job.max_failures, 0),
             "podFailurePolicy": {"rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {"action": "FailJob",
-                 "onExitCodes": {"containerName": "finish", "operator": "In",
-                                 "values": [*PERMANENT_EXITS, 7]}},  # 7: training made it worse
+                DISRUPTED,
+                _on_exit("FailJob", "finish", [*PERMANENT_EXITS, 7]),  # 7: training made it worse
             ]},
             "template": {
                 "metadata": {"labels": labels},
@@ -202,11 +199,10 @@ def _volumes(job: K8sJob) -> list[dict]:
             {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
 
 
-def _shell_quote(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
+def _labels(job: K8sJob, role: str) -> dict:
+    return {"app.kubernetes.io/name": "llmtune", "llmtune/run": object_name(job), "llmtune/role": role}
 
 
-def _shell_join(args: list[str]) -> str:
-    return " ".join(_shell_quote(a) for a in args)
+def _on_exit(action: str, container: str, codes) -> dict:
+    """A podFailurePolicy rule: `action` when `container` exits with one of `codes`."""
+    return {"action": action, "onExitCodes": {"containerName": container, "operator": "In", "values": list(codes)}}

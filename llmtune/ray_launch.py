@@ -48,7 +48,7 @@ class RayJob:
     max_failures: int = 3
     timeout_minutes: int = 30
     keep_checkpoints: int = 2
-    strategy: str = "ddp"  # the recipe's distributed.strategy: FSDP on GPUs wants gloo beside NCCL
+    gpu_backend: str | None = None  # the process group's backend on GPUs (distributed.process_group_backend)
 
 
 def ray_dir(run_dir: Path) -> Path:
@@ -98,10 +98,9 @@ def launch(job: RayJob) -> None:
             scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=gpus > 0,
                                          resources_per_worker={"CPU": job.cpus_per_worker,
                                                                **({"GPU": gpus} if gpus else {})}),
-            # Ray picks NCCL on GPUs and gloo on CPUs, as torchrun's ranks do; FSDP needs both on GPUs
-            # (as distributed.process_group_backend gives a torchrun rank)
-            torch_config=TorchConfig(backend="cuda:nccl,cpu:gloo" if gpus and job.strategy == "fsdp" else None,
-                                     timeout_s=job.timeout_minutes * 60),
+            # Ray picks NCCL on GPUs and gloo on CPUs, as torchrun's ranks do, unless the recipe's
+            # strategy needs more (FSDP on GPUs: gloo beside NCCL)
+            torch_config=TorchConfig(backend=job.gpu_backend if gpus else None, timeout_s=job.timeout_minutes * 60),
             run_config=RunConfig(name=EXPERIMENT, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=job.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints),

@@ -5,6 +5,7 @@ running the real CLI as a user does, waiting for a checkpoint, and reading adapt
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -100,17 +101,33 @@ def start_training_until(folder: Path, recipe: Path, step: int, *extra: str,
                          timeout: float = 180) -> subprocess.Popen:
     """Start `llmtune train RECIPE EXTRA...` in `folder` (run "tiny") and return once its
     checkpoint-`step` is marked good, for tests that interrupt it there."""
-    from llmtune.stages.train import checkpoints
-
     process = subprocess.Popen([sys.executable, "-m", "llmtune", "train", str(recipe), *extra], cwd=folder,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_mark(folder, step, process, timeout=timeout, poll=0.02)
+    return process
+
+
+def wait_for_mark(folder: Path, step: int, *processes: subprocess.Popen, timeout: float = 240,
+                  poll: float = 0.05) -> None:
+    """Return once run "tiny" in `folder` has its checkpoint-`step` marked good, while every one
+    of `processes` (the training's) is still running."""
+    from llmtune.stages.train import checkpoints
+
     mark = folder / "runs" / "tiny" / "adapter.partial" / "checkpoints" / f"checkpoint-{step}" / checkpoints.MARK
     deadline = time.monotonic() + timeout
     while not mark.exists():
-        assert process.poll() is None, "training ended before the checkpoint: " + process.stderr.read()
+        for process in processes:
+            assert process.poll() is None, ("training ended before the checkpoint: "
+                                            + "".join(filter(None, process.communicate())))
         assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.02)
-    return process
+        time.sleep(poll)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (a rendezvous for processes the test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def adapter_weights(run: Path) -> dict:

@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import DDP_TOLERANCE, DDP_TRAIN, adapter_weights, ddp_recipe, llmtune, max_difference, write_recipe
+from helpers import (
+    DDP_TOLERANCE,
+    DDP_TRAIN,
+    adapter_weights,
+    ddp_recipe,
+    free_port,
+    llmtune,
+    max_difference,
+    wait_for_mark,
+    write_recipe,
+)
 from llmtune import cluster
 from llmtune.stages.train import checkpoints
 
@@ -92,21 +100,12 @@ def test_accelerate_launch_trains_the_same(one_process, tiny_model, tmp_path):
     assert max_difference(adapter_weights(tmp_path / "runs" / "tiny"), one_process) <= DDP_TOLERANCE
 
 
-def _wait_for_mark(process: subprocess.Popen, folder: Path, step: int) -> None:
-    mark = folder / "runs" / "tiny" / "adapter.partial" / "checkpoints" / f"checkpoint-{step}" / checkpoints.MARK
-    deadline = time.monotonic() + 240
-    while not mark.exists():
-        assert process.poll() is None, "training ended before the checkpoint: " + process.communicate()[1]
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_sigterm_checkpoints_every_rank_at_one_step_then_resumes(one_process, tiny_model, tmp_path):
     recipe = ddp_recipe(tmp_path, tiny_model)
     job = subprocess.Popen([sys.executable, "-m", "llmtune", "launch", str(recipe), "--nproc", "2"],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_mark(job, tmp_path, 20)
+    wait_for_mark(tmp_path, 20, job)
     job.send_signal(signal.SIGTERM)
     out, err = job.communicate(timeout=180)  # no hang
     assert job.returncode == 75, err
@@ -136,17 +135,11 @@ esac
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sbatch_script_survives_preemption_and_requeue(one_process, tiny_model, tmp_path):
     recipe = ddp_recipe(tmp_path, tiny_model)
     made = llmtune("slurm", recipe, "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
-                   "--time", "00:30:00", "--partition", "debug", "--port", str(_free_port()), cwd=tmp_path)
+                   "--time", "00:30:00", "--partition", "debug", "--port", str(free_port()), cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     script = tmp_path / "runs" / "tiny" / "slurm.sbatch"
     assert f"sbatch {script.relative_to(tmp_path)}" in made.stdout
@@ -168,7 +161,7 @@ def test_sbatch_script_survives_preemption_and_requeue(one_process, tiny_model, 
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     first = job()
-    _wait_for_mark(first, tmp_path, 20)
+    wait_for_mark(tmp_path, 20, first)
     first.send_signal(signal.SIGUSR1)  # what SLURM sends the batch shell 90 s before the limit
     out, _ = first.communicate(timeout=180)
     assert first.returncode == 0, out

@@ -10,18 +10,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import DDP_TOLERANCE, adapter_weights, ddp_recipe, llmtune, max_difference, write_recipe
+from helpers import DDP_TOLERANCE, adapter_weights, ddp_recipe, free_port, llmtune, max_difference, wait_for_mark, write_recipe
 from llmtune import k8s
-from llmtune.stages.train import checkpoints
 
 MODELS = {"Service": "V1Service", "Job": "V1Job"}
 
@@ -96,12 +93,6 @@ def test_a_recipe_outside_the_mounted_folder_is_refused(tiny_model, tmp_path):
     assert result.stderr.count("\n") <= 2  # one line and its hint
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _expand(args: list[str], env: dict) -> list[str]:
     """Kubernetes' $(VAR) expansion of a container's command from its environment."""
     return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args]
@@ -134,7 +125,7 @@ def test_pods_train_and_a_pod_stopped_at_exit_75_is_retried_and_resumes(one_proc
     init, container = pod["initContainers"][0], pod["containers"][0]
     # the rendezvous: pod 0 by its DNS name there, this machine here; one thread per "pod", as two
     # pods on one machine's two cores (accelerate would give each two: 4 threads on 2 cores)
-    here = {"LLMTUNE_RDZV_HOST": "127.0.0.1", "LLMTUNE_RDZV_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    here = {"LLMTUNE_RDZV_HOST": "127.0.0.1", "LLMTUNE_RDZV_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
 
     for index in (0, 1):  # init containers: pod 0 prepares (up to date here), pod 1 finds it prepared
         done = subprocess.run(_expand(init["command"], _pod_environment(init, index, here)), cwd=init["workingDir"],
@@ -143,19 +134,14 @@ def test_pods_train_and_a_pod_stopped_at_exit_75_is_retried_and_resumes(one_proc
         assert index == 1 or "prepare: up to date" in done.stdout
 
     pods = [_start(container, index, here) for index in (0, 1)]
-    mark = tmp_path / "runs" / "tiny" / "adapter.partial" / "checkpoints" / "checkpoint-20" / checkpoints.MARK
-    deadline = time.monotonic() + 300
-    while not mark.exists():
-        assert all(p.poll() is None for p in pods), "a pod ended early: " + pods[0].communicate()[0]
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.05)
+    wait_for_mark(tmp_path, 20, *pods, timeout=300)
     for p in pods:
         p.send_signal(signal.SIGTERM)  # an eviction: the kubelet sends SIGTERM to each pod
     outputs = [p.communicate(timeout=300)[0] for p in pods]
     assert [p.returncode for p in pods] == [75, 75], outputs
     assert all(_policy_action(train, "train", p.returncode) == "Ignore" for p in pods)  # retried, not counted
 
-    here["LLMTUNE_RDZV_PORT"] = str(_free_port())
+    here["LLMTUNE_RDZV_PORT"] = str(free_port())
     pods = [_start(container, index, here) for index in (0, 1)]  # the replacement pods
     outputs = [p.communicate(timeout=600)[0] for p in pods]
     assert [p.returncode for p in pods] == [0, 0], outputs

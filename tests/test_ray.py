@@ -12,13 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from helpers import DDP_TOLERANCE, DDP_TRAIN, adapter_weights, ddp_recipe, llmtune, max_difference
+from helpers import DDP_TOLERANCE, DDP_TRAIN, adapter_weights, ddp_recipe, llmtune, max_difference, wait_for_mark
 from llmtune import ray_launch
 from llmtune.stages.train import checkpoints
 
@@ -29,15 +28,6 @@ def _launch(folder: Path, recipe: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "llmtune", "launch", str(recipe), "--engine", "ray",
                              "--workers", "2", *extra], cwd=folder,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_mark(process: subprocess.Popen, folder: Path, step: int) -> None:
-    mark = folder / RUN / "adapter.partial" / "checkpoints" / f"checkpoint-{step}" / checkpoints.MARK
-    deadline = time.monotonic() + 300
-    while not mark.exists():
-        assert process.poll() is None, "training ended before the checkpoint: " + process.communicate()[0]
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.05)
 
 
 def _workers(process: subprocess.Popen) -> list[psutil.Process]:
@@ -70,7 +60,7 @@ def test_two_ray_workers_train_what_one_process_trains(one_process, tiny_model, 
 def test_a_stop_then_a_lost_worker_still_train_the_uninterrupted_adapter(one_process, tiny_model, tmp_path):
     recipe = ddp_recipe(tmp_path, tiny_model)
     first = _launch(tmp_path, recipe)
-    _wait_for_mark(first, tmp_path, 20)
+    wait_for_mark(tmp_path, 20, first, timeout=300)
     first.send_signal(signal.SIGTERM)  # what a scheduler sends: save a checkpoint and stop
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 75, out
@@ -83,7 +73,7 @@ def test_a_stop_then_a_lost_worker_still_train_the_uninterrupted_adapter(one_pro
     assert (reported / checkpoints.RESUME_STATE).is_file()
 
     second = _launch(tmp_path, recipe, "--resume", "auto")
-    _wait_for_mark(second, tmp_path, (stopped_at // 20 + 1) * 20)  # the next checkpoint
+    wait_for_mark(tmp_path, (stopped_at // 20 + 1) * 20, second, timeout=300)  # the next checkpoint
     workers = _workers(second)
     assert len(workers) == 2, [w.cmdline() for w in workers]
     workers[-1].kill()  # a lost worker (a node gone, OOM-killed): Ray restarts the group

@@ -99,10 +99,11 @@ def launch_on_ray(recipe: Path, loaded, run_path: Path, sets: list[str], run_dir
                    gpus_per_worker: float | None, cpus_per_worker: float, address: str | None,
                    force: bool, resume: str | None, dry_run: bool) -> None:
     from llmtune import ray_launch
+    from llmtune.stages.train.distributed import process_group_backend
 
     console.print(f"launch: {workers} Ray worker(s) on {address or 'a Ray instance started on this machine'}, "
                   f"each running `llmtune train {recipe}`; global batch "
-                  f"{loaded.train.batch_size * loaded.train.grad_accum * workers} sequences per step")
+                  f"{_global_batch(loaded, workers)} sequences per step")
     if dry_run:
         return
     ray_launch.launch(ray_launch.RayJob(
@@ -110,7 +111,7 @@ def launch_on_ray(recipe: Path, loaded, run_path: Path, sets: list[str], run_dir
         workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, address=address,
         force=force, resume=resume_flag(resume), max_failures=loaded.distributed.max_failures,
         timeout_minutes=loaded.distributed.timeout_minutes, keep_checkpoints=loaded.train.keep_checkpoints,
-        strategy=loaded.distributed.strategy))
+        gpu_backend=process_group_backend(loaded.distributed, "cuda")))
     step = _interrupted_at(run_path)
     if step is not None:
         again = shlex.join(["llmtune", "launch", str(recipe), "--engine", "ray", "--workers", str(workers),
@@ -119,6 +120,16 @@ def launch_on_ray(recipe: Path, loaded, run_path: Path, sets: list[str], run_dir
         raise Interrupted(f"training interrupted at step {step}; every worker saved that checkpoint",
                           hint=f"resume with: {again}")
     console.print(f"[bold]launch:[/] done -> {stage_dir(run_path, 'train')}", markup=True)
+
+
+def _global_batch(loaded, processes: int) -> int:
+    """Sequences per optimizer step: train.batch_size is per process."""
+    return loaded.train.batch_size * loaded.train.grad_accum * processes
+
+
+def _processes_per_node(nproc_per_node: int | None, gpus_per_node: int) -> int:
+    """As asked, else one per GPU (one on a node without GPUs)."""
+    return nproc_per_node or max(gpus_per_node, 1)
 
 
 def _pass_on(sets: list[str], run_dir: Path | None) -> list[str]:
@@ -181,7 +192,7 @@ def slurm(
     """Write an sbatch script: prepare, torchrun on every node, merge, export; it checkpoints and
     requeues itself before the time limit or on preemption, and the requeued job resumes."""
     loaded, run_path = open_run(recipe, set, run_dir)
-    nproc = nproc_per_node or max(gpus_per_node, 1)
+    nproc = _processes_per_node(nproc_per_node, gpus_per_node)
     run_abs = run_path.resolve()
     job = cluster.SlurmJob(
         job_name=f"llmtune-{loaded.name}",
@@ -200,7 +211,7 @@ def slurm(
     path.chmod(0o755)
     world = nodes * nproc
     console.print(f"slurm: {path}: {nodes} node(s) x {nproc} process(es) = {world}; global batch "
-                  f"{loaded.train.batch_size * loaded.train.grad_accum * world} sequences per step")
+                  f"{_global_batch(loaded, world)} sequences per step")
     console.print(f"submit with: sbatch {path}")
 
 
@@ -239,7 +250,7 @@ def k8s(
     job = manifests.K8sJob(
         name=loaded.name, recipe=paths["the recipe"], run_dir=paths["the run folder"], image=image,
         llmtune_args=tuple(_pass_on(set, None)), nodes=nodes, gpus_per_node=gpus_per_node,
-        nproc_per_node=nproc_per_node or max(gpus_per_node, 1), namespace=namespace, pvc=pvc,
+        nproc_per_node=_processes_per_node(nproc_per_node, gpus_per_node), namespace=namespace, pvc=pvc,
         mount_path=mount_path, hf_token_secret=hf_token_secret, max_failures=loaded.distributed.max_failures)
     folder = run_path / "k8s"
     folder.mkdir(exist_ok=True)
@@ -247,7 +258,7 @@ def k8s(
         (folder / name).write_text(manifests.to_yaml(objects), encoding="utf-8")
     world = nodes * job.nproc_per_node
     console.print(f"k8s: {folder}: train.yaml ({nodes} pod(s) x {job.nproc_per_node} process(es) = {world}; "
-                  f"global batch {loaded.train.batch_size * loaded.train.grad_accum * world} sequences per step) "
+                  f"global batch {_global_batch(loaded, world)} sequences per step) "
                   "and finish.yaml (merge, export)")
     console.print(f"k8s: the pods run in {mount_path}, the volume {pvc}: put this folder on it")
     console.print("run with:\n  " + "\n  ".join(manifests.apply_commands(job, paths["the run folder"] + "/k8s")))
