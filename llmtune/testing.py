@@ -233,3 +233,61 @@ def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, image
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# --- a synthetic image-chat set: coloured shapes -------------------------------------------------
+
+SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
+SHAPES = ("square", "circle", "triangle")
+
+
+def draw_shape(shape: str, colour: str, size: int = 32, seed: int = 0):
+    """A PIL image of one coloured shape on a white ground, placed by `seed`."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    side = rng.randint(size // 2, size - 4)
+    x, y = rng.randint(0, size - side), rng.randint(0, size - side)
+    box = (x, y, x + side - 1, y + side - 1)
+    fill = SHAPE_COLOURS[colour]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(x + side // 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)], fill=fill)
+    return image
+
+
+def write_shapes_dataset(folder: str | Path, count: int = 64, seed: int = 0, shape: str = "parts",
+                         size: int = 32) -> Path:
+    """`count` image chats ("What is in the picture?" -> "a red circle") with their PNGs under
+    `folder/images/`, written to `folder/shapes.jsonl` in one of the two data shapes: content
+    `parts`, or `placeholders` (`<image>` in the text and a top-level `images` list)."""
+    import json
+    import random
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    lines = []
+    for index in range(count):
+        shape_name, colour = rng.choice(SHAPES), rng.choice(sorted(SHAPE_COLOURS))
+        name = f"images/{index:05d}-{colour}-{shape_name}.png"
+        draw_shape(shape_name, colour, size, seed * 100_003 + index).save(folder / name)
+        question, answer = "What is in the picture?", f"a {colour} {shape_name}"
+        if shape == "parts":
+            row = {"messages": [
+                {"role": "user", "content": [{"type": "image", "path": name}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": answer}]}
+        else:
+            row = {"messages": [{"role": "user", "content": f"<image>{question}"},
+                                {"role": "assistant", "content": answer}], "images": [name]}
+        lines.append(json.dumps(row))
+    path = folder / "shapes.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -64,6 +64,20 @@ class ImageSource:
                               f"{path}: {exc.strerror}") from None
 
 
+def open_image(data: bytes):
+    """An image file's bytes as an RGB PIL image; raises BadImageRow where PIL cannot read it."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise BadImageRow("unreadable image", str(exc)) from None
+    return image.convert("RGB")
+
+
 def content_hash(data: bytes) -> str:
     """What identifies an image in the data fingerprint and the prepared rows."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -142,6 +156,28 @@ def image_messages(messages: list[dict], images: list | None = None) -> list[dic
     return out
 
 
+def sample(messages: list[dict], images: list | None = None) -> dict:
+    """A chat sample of an image conversation (formats.py): messages whose user and system
+    contents are parts, `{"type": "image"}` standing where each image goes, assistant contents
+    plain text; `images` the references, in order, as `{kind: value}` (path, url or data).
+    Raises BadImageRow as image_messages does."""
+    messages = image_messages(messages, images)
+    out = []
+    for message in messages:
+        parts = message["content"]
+        if message.get("role") == "assistant":
+            out.append({**message, "content": "".join(p["text"] for p in parts)})
+        else:
+            out.append({**message, "content": [{"type": "image"} if p["type"] == "image" else p for p in parts]})
+    return {"messages": out, "images": [{s.kind: s.value} for s in sources(messages)]}
+
+
+def stored_source(reference: dict) -> ImageSource:
+    """The ImageSource of a sample's `images` entry."""
+    (kind, value), = reference.items()
+    return ImageSource(kind, value)
+
+
 def sources(messages: list[dict]) -> list[ImageSource]:
     """The conversation's images, in the order the template renders them."""
     return [part["source"] for message in messages for part in message["content"] if part["type"] == "image"]
@@ -151,6 +187,48 @@ def for_template(messages: list[dict]) -> list[dict]:
     """What a processor's chat template takes: image parts without their source."""
     return [{**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
             for m in messages]
+
+
+def placeholder(render) -> str:
+    """The text a chat template writes for one image (`<image>`, Gemma 3's `<start_of_image>`,
+    Qwen's `<|vision_start|><|image_pad|><|vision_end|>`), found by rendering a turn with and
+    without an image: `render(messages)` renders a conversation with the template."""
+    text = [{"type": "text", "text": "x"}]
+    plain = render([{"role": "user", "content": text}])
+    with_image = render([{"role": "user", "content": [{"type": "image"}, *text]}])
+    start = 0
+    while start < min(len(plain), len(with_image)) and plain[start] == with_image[start]:
+        start += 1
+    end = 0
+    while end < len(plain) - start and plain[-1 - end] == with_image[-1 - end]:
+        end += 1
+    found = with_image[start:len(with_image) - end]
+    if not found:
+        raise ValueError("the chat template writes nothing for an image")
+    return found
+
+
+def image_spans(ids: list[int], expanded: list[int], marker: list[int]) -> list[tuple[int, int]]:
+    """[start, end) in `expanded` of each image's tokens (with the delimiters and blank lines the
+    processor wraps it in), in order: between the text tokens around the image's `marker` (its
+    placeholder's ids) in `ids`, aligned as expanded_labels aligns them. Images next to each
+    other share one span."""
+    where = [index for index in range(len(ids) - len(marker) + 1) if ids[index:index + len(marker)] == marker]
+    inside = {index + k for index in where for k in range(len(marker))}
+    to_expanded = {}
+    for block in difflib.SequenceMatcher(a=ids, b=expanded, autojunk=False).get_matching_blocks():
+        for offset in range(block.size):
+            if block.a + offset not in inside:
+                to_expanded[block.a + offset] = block.b + offset
+    anchors = sorted(to_expanded)
+    spans = []
+    for index in where:
+        before = [a for a in anchors if a < index]
+        after = [a for a in anchors if a >= index + len(marker)]
+        start = to_expanded[before[-1]] + 1 if before else 0
+        end = to_expanded[after[0]] if after else len(expanded)
+        spans.append((start, end))
+    return spans
 
 
 def expanded_labels(ids: list[int], labels: list[int], expanded: list[int]) -> list[int]:
