@@ -196,8 +196,21 @@ def load_tokenizer(source: ModelRef | Path, chat_template: str | None = None):
     return tokenizer
 
 
-# where vision-language models keep their vision tower and projector (transformers 5 names)
-VISION_MODULES = ("vision_tower", "vision_model", "multi_modal_projector")
+# where vision-language models keep their vision tower and projector (transformers 5 names:
+# LLaVA, Gemma 3: vision_tower + multi_modal_projector; Idefics3/SmolVLM: vision_model +
+# connector; mllama: vision_model + multi_modal_projector; Qwen2.5-VL: visual, its merger inside)
+VISION_TOWERS = ("vision_tower", "vision_model", "visual")
+VISION_PROJECTORS = ("multi_modal_projector", "connector", "merger")
+VISION_MODULES = VISION_TOWERS + VISION_PROJECTORS
+
+
+def vision_parts(model) -> tuple[str | None, str | None]:
+    """The module names of a vision-language model's vision tower and projector (None where
+    it has none)."""
+    names = [name for name, _ in model.named_modules()]
+    tower = next((name for name in names if name.endswith(VISION_TOWERS)), None)
+    projector = next((name for name in names if name.endswith(VISION_PROJECTORS)), None)
+    return tower, projector
 
 
 def is_vision_language(source: ModelRef | Path) -> bool:

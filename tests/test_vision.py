@@ -7,11 +7,16 @@ token; bad image rows by reason."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 
 import pytest
 
+from helpers import REPO
+from llmtune.architectures import KNOWN_MODELS, KnownModel
 from llmtune.data import vision
+from llmtune.recipe import load_recipe
 from llmtune.data.chat import encode_sample
 from llmtune.testing import VLM_FAMILIES, build_tiny_vlm
 
@@ -193,3 +198,60 @@ def test_qlora_quantizes_the_language_model_and_keeps_the_tower_in_the_compute_d
     assert "Linear4bit" not in kinds["vision_tower"] and kinds["lm_head"] == {"Linear"}
     tower = next(p for n, p in model.named_parameters() if ".vision_tower." in n)
     assert tower.dtype == torch.bfloat16
+
+
+VISION_RECIPES = sorted(p for p in (REPO / "recipes" / "library").glob("*.yaml")
+                        if "vision_config" in (KNOWN_MODELS.get(load_recipe(p).model.path) or KnownModel({}, (), "")).config)
+
+
+def test_the_library_has_a_recipe_for_each_vision_language_family():
+    families = {KNOWN_MODELS[load_recipe(p).model.path].config["model_type"] for p in VISION_RECIPES}
+    assert families == {"qwen2_5_vl", "gemma3", "idefics3", "llava", "mllama"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", VISION_RECIPES, ids=[p.name for p in VISION_RECIPES])
+def test_library_vision_recipes_adapt_the_language_model_only(path):
+    """Each family's real architecture (built on the meta device): the recipe's adapter sits on
+    the language model's linear layers, none on the vision tower or projector, whatever they are
+    named (Qwen2.5-VL's visual + merger, Idefics3's vision_model + connector, ...)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from llmtune import models
+    from llmtune.stages.train.build import lora_config
+
+    recipe = load_recipe(path)
+    values = dict(KNOWN_MODELS[recipe.model.path].config)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    tower, projector = models.vision_parts(model)
+    decoder = {id(m): n for n, m in model.named_modules()}[id(model.get_decoder())]
+    assert tower and projector
+    adapted = get_peft_model(model, lora_config(recipe, model))
+    lora = {name.rsplit(".lora_A", 1)[0] for name, _ in adapted.named_parameters() if ".lora_A." in name}
+    assert lora and all(f".{decoder}." in name for name in lora)
+    assert not [name for name in lora if f".{tower}." in name or f".{projector}." in name]
+    kinds = {name.rsplit(".", 1)[-1] for name in lora}
+    assert {"q_proj", "v_proj", "down_proj"} <= kinds
+
+
+def test_adapter_vision_is_hashed_only_when_set_and_refused_on_a_language_model(tiny_model, tmp_path):
+    from helpers import write_recipe
+
+    from llmtune.errors import InputError
+    from llmtune.recipe import section_sha256
+    from llmtune.stages.train.build import lora_config
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model))
+    dumped = recipe.model_dump(mode="json", include={"adapter"})
+    del dumped["adapter"]["vision"]  # as recipes were before the key existed: their adapters stay up to date
+    assert section_sha256(recipe, "adapter") == hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
+    lora = load_recipe(write_recipe(tmp_path, tiny_model, adapter={"vision": "lora"}))
+    assert section_sha256(lora, "adapter") != section_sha256(recipe, "adapter")
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(InputError, match="adapter.vision: lora is for vision-language models"):
+        lora_config(lora, AutoModelForCausalLM.from_pretrained(tiny_model))

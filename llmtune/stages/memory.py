@@ -239,13 +239,16 @@ def vision_activations(vision, recipe: Recipe, act_bytes: int, images: float, ma
     patch_size squared patch tokens through the tower. A frozen tower keeps nothing for backward
     (one layer's working set at a time); with adapter.vision: lora every layer's activations
     are kept (or their inputs, under gradient checkpointing) as for the language model."""
-    patches = (getattr(vision, "image_size", 224) // getattr(vision, "patch_size", 14)) ** 2
+    # (Qwen2.5-VL's tower takes any size: counted at 448 pixels; mllama's as one tile)
+    patches = (getattr(vision, "image_size", 448) // getattr(vision, "patch_size", 14)) ** 2
     batch = max(1, math.ceil(images))
     tokens = batch * patches
-    hidden, layers = vision.hidden_size, vision.num_hidden_layers
+    hidden = vision.hidden_size
+    layers = getattr(vision, "num_hidden_layers", None) or vision.depth  # Qwen2.5-VL: depth
+    heads = next(getattr(vision, key) for key in ("num_attention_heads", "num_heads", "attention_heads")
+                 if getattr(vision, key, None))
     inter = getattr(vision, "intermediate_size", 4 * hidden)
-    one_layer = _layer(tokens, hidden, inter, vision.num_attention_heads, batch, patches, act_bytes,
-                       materialised_attention)
+    one_layer = _layer(tokens, hidden, inter, heads, batch, patches, act_bytes, materialised_attention)
     if recipe.adapter.vision != "lora":
         return one_layer
     if recipe.train.gradient_checkpointing:

@@ -157,8 +157,8 @@ def _model_counts(config, recipe: Recipe) -> dict:
     counts = {"total": total, "trainable": trainable, "base": base_params, "linear": linear,
               "optimizer_states": memory.optimizer_state_bytes(shapes)}
     if vision_language:
-        tower = next((m for name, m in base.named_modules() if name.endswith(("vision_tower", "vision_model"))), None)
-        counts["vision_tower"] = sum(p.numel() for p in tower.parameters()) if tower is not None else 0
+        tower, _ = models.vision_parts(base)
+        counts["vision_tower"] = sum(p.numel() for p in base.get_submodule(tower).parameters()) if tower else 0
     return counts
 
 

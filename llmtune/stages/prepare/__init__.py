@@ -317,7 +317,12 @@ def _encode_in_worker(samples: list[dict]) -> list[Example]:
 
 def _encode_batch(tokenizer, template, train_on, mode: str, reasoning: str,
                   samples: list[dict]) -> list[list[Example]]:
-    return special_text.encode_samples(tokenizer, samples, template, train_on, mode, reasoning)
+    """Each sample's examples; an image chat's is refused (a language model sees no images)."""
+    text = [sample for sample in samples if "images" not in sample]
+    encoded = iter(special_text.encode_samples(tokenizer, text, template, train_on, mode, reasoning))
+    return [next(encoded) if "images" not in sample else
+            images.ImageRefused(images.NO_VISION, "the base model has no vision tower: train image chats on a "
+                                "vision-language model (README, Images)") for sample in samples]
 
 
 def _limit(rows: list[Row], pieces: list[list[Example]], data: DataSection, skipped: Counter):

@@ -28,6 +28,7 @@ IMAGES = "images"  # folder of prepared/ holding inline and fetched images
 IMAGES_INDEX = "images.json"
 IMAGE_CUT = "max_seq_len inside or before an image"  # a skip reason: truncation never cuts an image
 PROCESSOR_REFUSED = "image refused by the processor"
+NO_VISION = "image for a language model"
 
 
 class ImageRefused(list):

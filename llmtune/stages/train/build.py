@@ -234,8 +234,7 @@ def vision_language_targets(model, vision: str = "frozen", only: list[str] | Non
     names = {id(module): name for name, module in model.named_modules()}
     language = names[id(decoder)]
     parts = [language]
-    tower = next((name for name, module in model.named_modules() if name.endswith(("vision_tower", "vision_model"))),
-                 None)
+    tower, projector = models.vision_parts(model)
     if vision == "lora" and tower:
         parts.append(tower)
     leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
@@ -244,6 +243,5 @@ def vision_language_targets(model, vision: str = "frozen", only: list[str] | Non
     if not leaves:
         raise InputError(f"adapter.target_modules: none of {only} is a linear layer of the language model")
     pattern = rf"({'|'.join(re.escape(p) for p in parts)})\..*\.({'|'.join(map(re.escape, leaves))})"
-    projector = next((name for name, module in model.named_modules() if name.endswith("multi_modal_projector")), None)
     to_save = [projector.rsplit(".", 1)[-1]] if vision == "train_projector" and projector else []
     return pattern, to_save
