@@ -153,6 +153,16 @@ VLM_FAMILIES = {
 }
 
 
+# Families whose processor needs torchvision (Qwen2.5-VL's video processor): the PyPI build here
+# does not load with the CPU torch wheel, so they are built by scripts/gpu_check.py on a GPU
+# machine (its image has torchvision), not by the tests.
+TORCHVISION_VLM_FAMILIES = {
+    "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>",
+                   {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                    "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}),
+}
+
+
 def vlm_chat_template(placeholder: str) -> str:
     """ChatML whose message content may be a list of parts: text, and images as `placeholder`."""
     return (
@@ -171,12 +181,12 @@ def build_tiny_vlm_tokenizer(family: str):
     (`tokenizer.image_token_id`, Gemma 3's `boi_token_id`, ...)."""
     from transformers import PreTrainedTokenizerFast
 
-    tokens = VLM_FAMILIES[family][1]
+    placeholder, tokens = {**VLM_FAMILIES, **TORCHVISION_VLM_FAMILIES}[family]
     backend = build_tiny_tokenizer().backend_tokenizer
     backend.add_special_tokens(list(dict.fromkeys(tokens.values())))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                         pad_token="<|im_end|>", unk_token="<|endoftext|>", extra_special_tokens=tokens)
-    tokenizer.chat_template = vlm_chat_template(VLM_FAMILIES[family][0])
+    tokenizer.chat_template = vlm_chat_template(placeholder)
     return tokenizer
 
 
@@ -228,8 +238,27 @@ def build_tiny_vlm(path: str | Path, family: str = "llava", seed: int = 0, image
                                                                                     "width": image_size}),
                                     tokenizer=tokenizer, chat_template=tokenizer.chat_template,
                                     image_seq_length=tokens_per_image)
+    elif family == "qwen2_5_vl":  # needs torchvision (its video processor)
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        config = Qwen2_5_VLConfig(
+            text_config={**text, "model_type": "qwen2_5_vl_text",
+                         "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+            vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                           "out_hidden_size": 64, "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                           "window_size": 16, "fullatt_block_indexes": [1]},
+            image_token_id=tokenizer.image_token_id, video_token_id=tokenizer.video_token_id,
+            vision_start_token_id=tokenizer.vision_start_token_id, vision_end_token_id=tokenizer.vision_end_token_id)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+        pixels = {"min_pixels": image_size * image_size, "max_pixels": image_size * image_size, "patch_size": 8,
+                  "merge_size": 2, "temporal_patch_size": 2}
+        processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**pixels),
+                                        video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tokenizer,
+                                        chat_template=tokenizer.chat_template)
     else:
-        raise ValueError(f"no tiny {family} model; families: {', '.join(VLM_FAMILIES)}")
+        raise ValueError(f"no tiny {family} model; families: {', '.join([*VLM_FAMILIES, *TORCHVISION_VLM_FAMILIES])}")
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

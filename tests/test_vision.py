@@ -16,8 +16,8 @@ import pytest
 from helpers import REPO
 from llmtune.architectures import KNOWN_MODELS, KnownModel
 from llmtune.data import vision
-from llmtune.recipe import load_recipe
 from llmtune.data.chat import encode_sample
+from llmtune.recipe import load_recipe
 from llmtune.testing import VLM_FAMILIES, build_tiny_vlm
 
 
@@ -240,7 +240,6 @@ def test_library_vision_recipes_adapt_the_language_model_only(path):
 
 def test_adapter_vision_is_hashed_only_when_set_and_refused_on_a_language_model(tiny_model, tmp_path):
     from helpers import write_recipe
-
     from llmtune.errors import InputError
     from llmtune.recipe import section_sha256
     from llmtune.stages.train.build import lora_config

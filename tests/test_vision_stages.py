@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,6 +253,14 @@ def test_run_end_to_end_on_a_tiny_vlm(tiny_llava, tmp_path):
     assert result.returncode == 0, result.stderr
     answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(answers) == 2 and all(isinstance(a["output"], str) for a in answers)
+
+    chat = subprocess.run([sys.executable, "-m", "llmtune", "chat", str(run), "--max-new-tokens", "3"],
+                          input="/image data/images/00002-yellow-circle.png\nWhat is in the picture?\n"
+                                "/image missing.png\n/exit\n", cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr
+    assert "goes with your next message" in chat.stdout and "model> " in chat.stdout
+    assert "(/image missing.png: No such file or directory)" in chat.stdout
 
     result = llmtune("export", recipe, "--set", "export.formats=[gguf]", "--force", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
