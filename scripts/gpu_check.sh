@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
         --only) ARGS+=(--only "$2"); shift 2 ;;
         --only=*) ARGS+=("$1"); shift ;;
         --allow-cpu) ALLOW_CPU=1; ARGS+=(--allow-cpu); shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) OUT=$1; shift ;;
     esac
 done
