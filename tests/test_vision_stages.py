@@ -301,3 +301,20 @@ def test_the_chunked_loss_equals_the_models_own_on_image_batches(tiny_vlm, tmp_p
         lambda: ChunkedLossTrainer.compute_loss(types.SimpleNamespace(), model, dict(batch)))
     assert chunked == pytest.approx(standard, abs=1e-5)
     assert max(float((a - b).abs().max()) for a, b in zip(chunked_grads, standard_grads)) < 1e-5
+
+
+def test_the_recipe_lock_holds_every_image_by_content(tiny_llava, tmp_path):
+    from llmtune.errors import InputError
+    from llmtune.recipe import load_recipe
+    from llmtune.recipe.lock import verify_lock, write_lock
+
+    write_shapes_dataset(tmp_path / "data", 5, shape="placeholders")
+    path = _recipe(tmp_path, tiny_llava)
+    recipe = load_recipe(path)
+    _, lock = write_lock(recipe, path)
+    assert sorted(lock["images"]) == sorted(f"data/images/{p.name}" for p in (tmp_path / "data" / "images").iterdir())
+    verify_lock(recipe, path)
+    first = sorted((tmp_path / "data" / "images").iterdir())[0]
+    draw_shape("circle", "blue", 32, seed=7).save(first)
+    with pytest.raises(InputError, match=f"image data/images/{first.name} changed since the recipe was locked"):
+        verify_lock(recipe, path)
