@@ -254,3 +254,18 @@ def test_adapter_vision_is_hashed_only_when_set_and_refused_on_a_language_model(
 
     with pytest.raises(InputError, match="adapter.vision: lora is for vision-language models"):
         lora_config(lora, AutoModelForCausalLM.from_pretrained(tiny_model))
+
+
+def test_content_parts_without_images_are_a_text_conversation():
+    from llmtune.data.formats import to_sample
+
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]}
+    assert to_sample(parts, "chat", {}) == ({"messages": [{"role": "user", "content": "Hi there"},
+                                                          {"role": "assistant", "content": "Hello"}]}, None)
+    sharegpt = {"conversations": [{"from": "human", "value": "<image>Colour?"}, {"from": "gpt", "value": "red"}],
+                "images": ["red.png"]}
+    sample, problem = to_sample(sharegpt, "sharegpt", {})
+    assert problem is None and sample["images"] == [{"path": "red.png"}]
+    assert to_sample({**sharegpt, "images": "red.png"}, "sharegpt", {}) == (
+        None, "bad image: 'images' must be a list of images")

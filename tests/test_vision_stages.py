@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import llmtune, stage_manifest, write_jsonl
+from helpers import adapter_weights, llmtune, max_difference, stage_manifest, start_training_until, write_jsonl
 from llmtune.data.chat import IGNORE
 from llmtune.testing import VLM_FAMILIES, build_tiny_vlm, draw_shape, write_shapes_dataset
 
@@ -32,9 +32,9 @@ def tiny_llava(tmp_path_factory):
     return build_tiny_vlm(tmp_path_factory.mktemp("llava") / "model", "llava")
 
 
-def _recipe(folder: Path, base: Path, data_file: str = "data/shapes.jsonl", **sections) -> Path:
+def _recipe(folder: Path, base: Path, data_file: str = "data/shapes.jsonl", name: str = "vlm", **sections) -> Path:
     recipe = {
-        "name": "vlm", "output_dir": "runs", "model": {"path": str(base)},
+        "name": name, "output_dir": "runs", "model": {"path": str(base)},
         "data": {"train": [{"path": data_file, "format": "chat"}], "validation": {"fraction": 0.15}, "max_seq_len": 128},
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"epochs": 2, "batch_size": 4, "lr": 1.0e-2, "seed": 0, "precision": "fp32",
@@ -318,3 +318,36 @@ def test_the_recipe_lock_holds_every_image_by_content(tiny_llava, tmp_path):
     draw_shape("circle", "blue", 32, seed=7).save(first)
     with pytest.raises(InputError, match=f"image data/images/{first.name} changed since the recipe was locked"):
         verify_lock(recipe, path)
+
+
+@pytest.mark.slow
+def test_an_interrupted_image_training_resumes_to_the_same_adapter(tiny_llava, tmp_path):
+    """SIGTERM at a checkpoint, then `llmtune train` again: the adapter equals an uninterrupted
+    run's (images reloaded and checked by the collator after the resume)."""
+    import signal
+
+    runs = {}
+    for name in ("straight", "interrupted"):
+        folder = tmp_path / name
+        write_shapes_dataset(folder / "data", 24)
+        recipe = _recipe(folder, tiny_llava, name="tiny", train={"batch_size": 2, "save_every": 5},
+                         data={"validation": {"fraction": 0}})
+        assert llmtune("prepare", recipe, cwd=folder).returncode == 0
+        if name == "interrupted":
+            process = start_training_until(folder, recipe, 5)
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 75, err
+        result = llmtune("train", recipe, cwd=folder)
+        assert result.returncode == 0, result.stderr
+        runs[name] = adapter_weights(folder / "runs" / "tiny")
+    assert "resuming from" in result.stdout
+    assert max_difference(runs["straight"], runs["interrupted"]) < 1e-5
+
+
+def test_packing_is_refused_for_image_chats(tiny_llava, tmp_path):
+    from llmtune.errors import InputError
+
+    write_shapes_dataset(tmp_path / "data", 4)
+    with pytest.raises(InputError, match="data.packing: packing is not supported for vision-language models"):
+        _prepare(_recipe(tmp_path, tiny_llava), "data.packing=true")

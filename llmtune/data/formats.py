@@ -81,7 +81,10 @@ def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | 
     images = row.get(column("images"))
     if images is not None or (isinstance(messages, list)
                               and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages)):
-        return _image_sample(messages, images, column("images"), system_prompt)
+        text = None if images else _text_parts_joined(messages)
+        if text is None:
+            return _image_sample(messages, images, column("images"), system_prompt)
+        messages = text  # content parts that hold text only: a text conversation
     messages, problem = normalize_messages(messages)
     if problem:
         return None, problem
@@ -91,6 +94,21 @@ def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | 
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return ({"messages": messages, "tools": tools} if tools else {"messages": messages}), None
+
+
+def _text_parts_joined(messages) -> list | None:
+    """The conversation with each content of text parts joined into a string, or None where a
+    message shows an image (or is not a list of such parts)."""
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                return None
+            message = {**message, "content": "".join(p["text"] for p in content)}
+        out.append(message)
+    return out
 
 
 def _image_sample(messages, images, column: str, system_prompt: str | None):

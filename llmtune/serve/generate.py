@@ -99,10 +99,12 @@ def read_prompts(path: Path, default_tools: list | None) -> tuple[list[dict], li
 
 
 def is_image_row(row: dict) -> bool:
-    """A row of an image chat: an `images` list, or message content given as parts."""
+    """A row of an image chat: an `images` list, or an image among a message's content parts."""
     messages = row.get("messages")
-    return "images" in row or (isinstance(messages, list) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages))
+    return bool(row.get("images")) or (isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in m["content"])
+        for m in messages))
 
 
 def _images(input_path: Path, rows: list[dict], prompts: list, processor) -> dict:
