@@ -55,6 +55,61 @@ def _qwen2(hidden, inter, layers, heads, kv, vocab, tie):
             "vocab_size": vocab, "tie_word_embeddings": tie}
 
 
+_MLLAMA_ROPE = {**_LLAMA31_ROPE, "factor": 8.0}
+VISION_LANGUAGE_MODELS = {
+    "Qwen/Qwen2.5-VL-3B-Instruct": KnownModel(
+        {"model_type": "qwen2_5_vl", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+         "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+         "max_position_embeddings": 128000,
+         "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+         "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+         "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                           "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+                           "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                           "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}},
+        _QWEN + ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"), "qwen-research"),
+    "google/gemma-3-4b-it": KnownModel(
+        {"model_type": "gemma3", "mm_tokens_per_image": 256, "boi_token_index": 255999, "eoi_token_index": 256000,
+         "image_token_index": 262144,
+         "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                         "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4,
+                         "head_dim": 256, "vocab_size": 262208, "sliding_window": 1024,
+                         "max_position_embeddings": 131072},
+         "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 896,
+                           "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 27,
+                           "patch_size": 14, "vision_use_head": False}},
+        _GEMMA + ("<start_of_image>", "<end_of_image>", "<image_soft_token>"), "gemma"),
+    "HuggingFaceTB/SmolVLM-256M-Instruct": KnownModel(
+        {"model_type": "idefics3", "scale_factor": 4, "image_token_id": 49190,
+         "text_config": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                         "vocab_size": 49280, "max_position_embeddings": 8192, "tie_word_embeddings": False},
+         "vision_config": {"hidden_size": 768, "image_size": 512, "intermediate_size": 3072,
+                           "num_attention_heads": 12, "num_hidden_layers": 12, "patch_size": 16}},
+        ("<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>"), "apache-2.0"),
+    "llava-hf/llava-1.5-7b-hf": KnownModel(
+        {"model_type": "llava", "image_token_index": 32000, "vision_feature_layer": -2,
+         "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
+         "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                         "vocab_size": 32064, "max_position_embeddings": 4096},
+         "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336,
+                           "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
+                           "patch_size": 14, "projection_dim": 768}},
+        ("<s>", "</s>", "<image>"), "llama2"),
+    "meta-llama/Llama-3.2-11B-Vision-Instruct": KnownModel(
+        {"model_type": "mllama", "image_token_index": 128256,
+         "text_config": {"model_type": "mllama_text_model", "hidden_size": 4096, "intermediate_size": 14336,
+                         "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 8,
+                         "vocab_size": 128256, "max_position_embeddings": 131072, "rope_scaling": _MLLAMA_ROPE,
+                         "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38]},
+         "vision_config": {"model_type": "mllama_vision_model", "hidden_size": 1280, "intermediate_size": 5120,
+                           "num_hidden_layers": 32, "num_global_layers": 8, "attention_heads": 16,
+                           "image_size": 560, "patch_size": 14, "max_num_tiles": 4, "vision_output_dim": 7680,
+                           "intermediate_layers_indices": [3, 7, 15, 23, 30]}},
+        _LLAMA3 + ("<|image|>",), "llama3.2"),
+}
+
 KNOWN_MODELS = {
     "meta-llama/Llama-3.2-1B-Instruct": KnownModel(
         _llama(2048, 8192, 16, 32, 8, 128256, True, 64, _LLAMA31_ROPE), _LLAMA3, "llama3.2"),
@@ -90,6 +145,8 @@ KNOWN_MODELS = {
         _llama(2048, 8192, 24, 32, 32, 49152, True), ("<|im_start|>", "<|im_end|>"), "apache-2.0"),
     "embedded:smollm2-135m-instruct": KnownModel(
         _llama(576, 1536, 30, 9, 3, 49152, True, 64), ("<|im_start|>", "<|im_end|>"), "apache-2.0"),
+    # vision-language models (issue 31): loaded with AutoModelForImageTextToText and AutoProcessor
+    **VISION_LANGUAGE_MODELS,
 }
 # the tiny stand-in keeps each family's structure (layer types, fused projections) at small sizes
 _TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -98,9 +155,20 @@ _TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 
 
 def module_names(model_type: str, config: dict | None = None) -> dict[str, str]:
-    """Every module of a tiny `model_type` causal LM built on the meta device: name -> class."""
+    """Every module of a tiny `model_type` causal LM built on the meta device: name -> class.
+    A vision-language model is built at its own size (on the meta device: no memory), with
+    AutoModelForImageTextToText: its tower's and cross-attention layers' structure follows
+    from several of its sizes at once."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config and "vision_config" in config:
+        from transformers import AutoModelForImageTextToText
+
+        full = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(full)
+        return {name: type(module).__name__ for name, module in model.named_modules() if name}
 
     values = {key: value for key, value in (config or {}).items()
               if key not in _TINY and key not in ("model_type", "rope_parameters")}
@@ -119,7 +187,7 @@ def check_recipe(recipe) -> list[str]:
     config = known_config(recipe.model.path)
     if config is None:
         return problems
-    problems += _context_problems(recipe, config)
+    problems += _context_problems(recipe, config) + _vision_problems(recipe, config)
     modules = module_names(config["model_type"], config)
     names = list(modules)
     leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
@@ -145,6 +213,24 @@ def check_recipe(recipe) -> list[str]:
             problems.append(f"data.template: {template} writes {', '.join(lacking)}, which "
                             f"{recipe.model.path}'s tokenizer does not have as special tokens; "
                             "use auto (the model's own template)")
+    return problems
+
+
+def _vision_problems(recipe, config: dict) -> list[str]:
+    """What image chats do not support yet (prepare and export refuse them too), or
+    adapter.vision on a language model."""
+    if "vision_config" not in config:
+        return ["adapter.vision: for vision-language models; this model has no vision tower"] \
+            if recipe.adapter.vision != "frozen" else []
+    problems = []
+    if recipe.data.packing:
+        problems.append("data.packing: not supported for vision-language models; set it to false")
+    gguf = [name for name in recipe.export.formats if name in ("gguf", "ollama")]
+    if gguf:
+        problems.append(f"export.formats: {', '.join(gguf)} not supported for vision-language models yet "
+                        "(llama.cpp needs a separate projector file); export hf and adapter")
+    if recipe.train.objective != "sft":
+        problems.append(f"train.objective: {recipe.train.objective}: image chats train with sft for now")
     return problems
 
 

@@ -196,6 +196,48 @@ def load_tokenizer(source: ModelRef | Path, chat_template: str | None = None):
     return tokenizer
 
 
+# where vision-language models keep their vision tower and projector (transformers 5 names:
+# LLaVA, Gemma 3: vision_tower + multi_modal_projector; Idefics3/SmolVLM: vision_model +
+# connector; mllama: vision_model + multi_modal_projector; Qwen2.5-VL: visual, its merger inside)
+VISION_TOWERS = ("vision_tower", "vision_model", "visual")
+VISION_PROJECTORS = ("multi_modal_projector", "connector", "merger")
+VISION_MODULES = VISION_TOWERS + VISION_PROJECTORS
+
+
+def vision_parts(model) -> tuple[str | None, str | None]:
+    """The module names of a vision-language model's vision tower and projector (None where
+    it has none)."""
+    names = [name for name, _ in model.named_modules()]
+    tower = next((name for name in names if name.endswith(VISION_TOWERS)), None)
+    projector = next((name for name in names if name.endswith(VISION_PROJECTORS)), None)
+    return tower, projector
+
+
+def is_vision_language(source: ModelRef | Path) -> bool:
+    """Whether a model folder holds a vision-language model, from its config alone (no recipe
+    switch): a vision tower in the config, and a model type transformers loads as
+    AutoModelForImageTextToText (Qwen2.5-VL, Gemma 3, Idefics3/SmolVLM, LLaVA, mllama, ...).
+    Gemma 3's text-only checkpoints (gemma3_text) are language models."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    try:
+        config = json.loads((Path(_folder(source)[0]) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and "vision_config" in config
+
+
+def load_processor(source: ModelRef | Path):
+    """A vision-language model's processor (image processor, tokenizer, chat template), with the
+    pad-token rule applied to its tokenizer."""
+    from transformers import AutoProcessor
+
+    folder, trust = _folder(source)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=trust)
+    ensure_pad_token(processor.tokenizer)
+    return processor
+
+
 def load_config(source: ModelRef | Path):
     folder, trust = _folder(source)
     return AutoConfig.from_pretrained(folder, trust_remote_code=trust)
@@ -257,13 +299,18 @@ def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: st
             dtype = DTYPES[DTYPE_NAMES[compute_dtype]]
         from transformers import BitsAndBytesConfig
 
+        # a vision-language model's tower and projector stay in the compute dtype: QLoRA quantizes
+        # the language model (the head is never quantized either way)
+        # (transformers 5 matches these from the name's start, as regular expressions, or as suffixes)
+        skip = ({"llm_int8_skip_modules": [*(f".*{m}" for m in VISION_MODULES), "lm_head"]}
+                if is_vision_language(source) else {})
         if quantize == "int8":
-            extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, **skip)
         else:
             extra["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=quantize,
                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_quant_storage=dtype if shardable else torch.uint8)
+                bnb_4bit_quant_storage=dtype if shardable else torch.uint8, **skip)
     if device is not None and torch.device(device).type == "cuda":
         # bitsandbytes quantizes while loading onto the GPU; plain weights go straight there too
         extra["device_map"] = {"": torch.device(device)}
@@ -272,6 +319,10 @@ def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: st
     if head == "score":
         extra["num_labels"] = 1  # a new score head on a language model: initialised, and trained in full
     loader = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
+    if head != "score" and is_vision_language(source):
+        from transformers import AutoModelForImageTextToText
+
+        loader = AutoModelForImageTextToText
     try:
         model = loader.from_pretrained(
             folder, dtype=dtype, use_safetensors=None if allow_pickle else True,

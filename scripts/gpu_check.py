@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 sys.path.insert(0, str(REPO / "scripts"))
-STEPS = ("environment", "quickstart", "evaluate", "qlora", "fp16", "dpo", "grpo", "one_process",
+STEPS = ("environment", "quickstart", "evaluate", "qlora", "fp16", "dpo", "grpo", "vision", "one_process",
          "ddp", "fsdp", "bench_train", "stage_table")
 
 
@@ -246,6 +246,55 @@ def dpo(check: Check):
 
 def grpo(check: Check):
     return _objective(check, "grpo-quickstart", 4)
+
+
+def vision(check: Check):
+    """Image chats on CUDA (issue 31): for each tiny vision-language family, `llmtune run`
+    (prepare, train in the compute dtype, merge checked on image rows, export, eval and preview
+    with images) and `llmtune generate` on an image row. Qwen2.5-VL's processor needs
+    torchvision, which the CPU test machines cannot load: this is where that family runs."""
+    import yaml
+
+    from llmtune.testing import VLM_FAMILIES, build_tiny_vlm, write_shapes_dataset
+
+    families = sorted(VLM_FAMILIES) + (["qwen2_5_vl"] if have("torchvision") else [])
+    data = write_shapes_dataset(check.work / "vision-data", 48)
+    figures, ok = {}, True
+    for family in families:
+        folder = check.work / f"vision-{family}"
+        try:
+            model = build_tiny_vlm(folder / "model", family)
+        except Exception as exc:  # noqa: BLE001 (reported per family)
+            figures[family], ok = {"build": f"{type(exc).__name__}: {exc}"[:300]}, False
+            continue
+        recipe = folder / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "name": family, "output_dir": str(folder / "runs"), "model": {"path": str(model)},
+            "data": {"train": [{"path": str(data), "format": "chat"}], "validation": {"fraction": 0.15},
+                     "max_seq_len": 128},
+            "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"epochs": 3, "batch_size": 4, "lr": 1.0e-2},
+            "preview": {"count": 2, "max_new_tokens": 6}, "export": {"formats": ["hf", "adapter"]}}))
+        code, output = check.command([sys.executable, "-m", "llmtune", "run", str(recipe), "--force"])
+        run = folder / "runs" / family
+        if code == 0:
+            ask = folder / "ask.jsonl"
+            ask.write_text(json.dumps({"messages": [{"role": "user", "content": "<image>What is in the picture?"}],
+                                       "images": [str(data.parent / "images" / "00001-red-square.png")]}) + "\n")
+            code, output = check.command([sys.executable, "-m", "llmtune", "generate", str(run), "--input", str(ask),
+                                          "--output", str(folder / "out.jsonl"), "--max-new-tokens", "4"])
+        if code != 0:
+            figures[family], ok = failed(code, output)[1], False
+            continue
+        summary, merged = manifest(run, "adapter")["summary"], manifest(run, "merged")["summary"]
+        figures[family] = {"eval_loss": f"{summary['eval_loss_before']} -> {summary['eval_loss']}",
+                           "precision": summary["precision"], "device": manifest(run, "adapter")["env"].get("device"),
+                           "merge_max_abs_logit_diff": merged.get("max_abs_logit_diff"),
+                           "merge_top1": merged.get("top1_agreement")}
+        ok = ok and summary["eval_loss"] < summary["eval_loss_before"]
+    if not have("torchvision"):
+        figures["qwen2_5_vl"] = "skipped: torchvision is not installed"
+    return ("ok" if ok else "FAILED"), figures
 
 
 def one_process(check: Check):

@@ -6,7 +6,8 @@
 # OUT_DIR (default runs/gpu-check) gets gpu_check.md, gpu_check.json and gpu_check.log, written
 # as each step ends. The steps (scripts/gpu_check.py): environment, quickstart (run on CUDA:
 # train, merge, export, preview), evaluate, qlora (nf4 train, merge, eval), fp16 (loss scaling
-# forced, the pre-Ampere path), dpo, grpo, one_process / ddp / fsdp (two GPUs or more),
+# forced, the pre-Ampere path), dpo, grpo, vision (image chats on tiny VLMs;
+# Qwen2.5-VL where torchvision loads), one_process / ddp / fsdp (two GPUs or more),
 # bench_train (against TRL), stage_table (every stage on a 1B-shaped model). `--only` reruns
 # some of them on the same machine; `--allow-cpu` is a dry run of every step on the CPU.
 #

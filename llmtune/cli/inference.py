@@ -118,7 +118,8 @@ def chat(
     tools: ToolsOpt = None,
 ):
     """Chat with the model, streamed. Commands: /reset, /system TEXT, /tool RESULT (answer the
-    model's tool call, with --tools), /exit (or end of input)."""
+    model's tool call, with --tools), /image PATH (a vision-language model: the image goes with
+    your next message), /exit (or end of input)."""
     from llmtune.models import quiet_libraries
     from llmtune.serve.chat import Chat, describe_calls, say_start
 
@@ -141,6 +142,13 @@ def chat(
         if command == "/system":
             session.set_system(rest)
             console.print(f"(system prompt {'set' if rest else 'cleared'})")
+            continue
+        if command == "/image":
+            try:
+                session.show_image(Path(rest))
+                console.print(f"(image {rest} goes with your next message)", markup=False)
+            except LlmtuneError as exc:
+                console.print(f"({exc.message})", markup=False)
             continue
         if command == "/tool" and not session.awaits_tool_result():
             console.print("(/tool answers a tool call: the model has made none)")

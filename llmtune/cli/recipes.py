@@ -135,9 +135,10 @@ def recipe_lock(recipe: RecipeArg):
     quiet_libraries()
     target, lock = write_lock(load_recipe(recipe), recipe)
     model = lock["model"]
+    images = f"{len(lock['images'])} image(s), " if lock["images"] else ""
     console.print(f"wrote {target}: model {model['source']} "
                   f"({model['revision'] or model['fingerprint'][:19] + '…'}), {len(lock['data'])} data file(s), "
-                  f"llmtune {lock['llmtune_version']}")
+                  f"{images}llmtune {lock['llmtune_version']}")
 
 
 def _schema_near(folder: Path) -> str | None:

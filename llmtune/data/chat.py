@@ -24,6 +24,11 @@ class Example:
     truncated: bool = False
     answer_cut: bool = False  # truncation cut trained tokens too, not only the prompt
     parts: dict | None = None  # trained tokens by part of the turns (answer, tool_call, reasoning)
+    # an image chat (vision-language base, stages/prepare/images.py): the rendered text the
+    # processor expanded, its images as (path, content hash), and each image's [start, end) tokens
+    text: str | None = None
+    images: tuple = ()
+    image_spans: tuple = ()
 
 
 def encode(tokenizer, rendered: list[tuple[str, list[Span]]]) -> list[Example]:

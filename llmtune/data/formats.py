@@ -78,6 +78,13 @@ def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | 
         messages = row.get(column("messages"))
         if messages is None:
             return None, f"missing field: '{column('messages')}'"
+    images = row.get(column("images"))
+    if images is not None or (isinstance(messages, list)
+                              and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages)):
+        text = None if images else _text_parts_joined(messages)
+        if text is None:
+            return _image_sample(messages, images, column("images"), system_prompt)
+        messages = text  # content parts that hold text only: a text conversation
     messages, problem = normalize_messages(messages)
     if problem:
         return None, problem
@@ -87,6 +94,50 @@ def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | 
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return ({"messages": messages, "tools": tools} if tools else {"messages": messages}), None
+
+
+def _text_parts_joined(messages) -> list | None:
+    """The conversation with each content of text parts joined into a string, or None where a
+    message shows an image (or is not a list of such parts)."""
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                return None
+            message = {**message, "content": "".join(p["text"] for p in content)}
+        out.append(message)
+    return out
+
+
+def _image_sample(messages, images, column: str, system_prompt: str | None):
+    """An image chat (data/vision.py: content parts, or `<image>` placeholders and `images`) as a
+    sample, its conversation checked as a text one is (roles, order, empty answers)."""
+    from llmtune.data import vision
+
+    if images is not None and not isinstance(images, list):
+        return None, f"bad image: '{column}' must be a list of images"
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return None, "malformed conversation: expected a non-empty list of messages"
+    try:
+        sample = vision.sample(messages, images)
+    except vision.BadImageRow as bad:
+        return None, str(bad)
+    as_text = [{**m, "content": m["content"] if isinstance(m["content"], str) else
+                "".join(p.get("text", "") if p["type"] == "text" else "<image>" for p in m["content"])}
+               for m in sample["messages"]]
+    checked, problem = normalize_messages(as_text)
+    if problem:
+        return None, problem
+    if any(m.get("tool_calls") or m["role"] == "tool" or "reasoning_content" in m for m in checked):
+        return None, "not supported: tool calls and reasoning in image chats"
+    sample["messages"] = [{**m, "content": original["content"]} if m["role"] != "assistant" else m
+                          for m, original in zip(checked, sample["messages"])]
+    if system_prompt and sample["messages"][0]["role"] != "system":
+        sample["messages"] = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]},
+                              *sample["messages"]]
+    return sample, None
 
 
 def check_messages(messages) -> str | None:

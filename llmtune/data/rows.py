@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 from llmtune.data import special_text
@@ -27,6 +28,14 @@ class Row(NamedTuple):
     held_out: bool  # for validation
     draw: float  # its validation draw, in [0, 1): held out when below the fraction
     copies: int  # times a train row is used (its source's mixing weight)
+
+
+def resolved_images(images: list[dict], where: str) -> list[dict]:
+    """An image sample's relative image paths made absolute, from the folder of the file that
+    lists them (`where` is its file:line)."""
+    folder = Path(where.rsplit(":", 1)[0]).resolve().parent
+    return [{"path": str(folder / ref["path"])} if "path" in ref and not Path(ref["path"]).is_absolute() else ref
+            for ref in images]
 
 
 class RowStream:
@@ -98,6 +107,11 @@ class RowStream:
                     self.skipped["duplicate"] += 1
                     continue
                 self.digests.add(row_digest)
+            if "images" in sample and not source.hub:
+                # relative to the data file that lists them; after the digest, so that where the
+                # data lives changes neither the split nor what counts as a duplicate
+                sample["images"] = resolved_images(sample["images"], record.where)
+                text = sample_json(sample)
             draw = unit(row_digest, data.seed, b"validation") if fraction > 0 else 1.0
             held_out = index < 0 or draw < fraction
             times = 1 if held_out else copies(source.weight, unit(row_digest, data.seed + index, b"weight"))

@@ -31,6 +31,7 @@ class SplitStats:
         self.answers_cut = 0
         self.parts = Counter()  # trained tokens by part: answer, tool_call, reasoning
         self.conversations = Counter()  # with tools, tool calls, tool results, reasoning turns
+        self.images = self.image_tokens = self.with_images = 0  # image chats (vision-language bases)
 
     def add(self, example: Example | Pair | PromptRow, times: int = 1) -> None:
         """An SFT example, a preference pair / kto answer (its length is its longest sequence, its
@@ -40,6 +41,10 @@ class SplitStats:
             trained = length - example.labels.count(IGNORE)
             if example.parts:
                 self.parts.update({part: times * n for part, n in example.parts.items()})
+            if example.images:
+                self.with_images += times
+                self.images += times * len(example.images)
+                self.image_tokens += times * sum(end - start for start, end in example.image_spans)
         else:  # a Pair or a PromptRow (data/pairs.py)
             length, tokens, trained = example.longest, example.tokens, example.trained
             if example.label is not None:
@@ -77,6 +82,10 @@ class SplitStats:
             "truncated": self.truncated,
             "answers_cut": self.answers_cut,  # of those, trained text cut too
         }
+        if self.images:
+            result["images"] = {"rows_with_images": self.with_images, "images": self.images,
+                                "image_tokens": self.image_tokens,
+                                "image_token_share": round(self.image_tokens / max(tokens, 1), 4)}
         if self.labels:
             result["desirable"], result["undesirable"] = self.labels[True], self.labels[False]
         if self.prompts:

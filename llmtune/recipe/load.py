@@ -48,10 +48,18 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
+# Keys added after runs were made with recipes that lacked them: hashed only when set to something
+# other than their default, so that the new key leaves existing stages up to date.
+ADDED_KEYS = {("data", "allow_image_urls"): False, ("adapter", "vision"): "frozen"}
+
+
 def section_sha256(recipe: Recipe, *sections: str, exclude: dict | None = None) -> str:
     """Hash of just the recipe sections a stage depends on, so other edits do not re-run it;
     `exclude` leaves out keys inside them (pydantic's exclude)."""
     data = recipe.model_dump(mode="json", include=set(sections), exclude=exclude)
+    for (section, key), default in ADDED_KEYS.items():  # at their default: as before they existed
+        if section in data and data[section].get(key, default) == default:
+            data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -32,6 +32,9 @@ def build_lock(recipe, recipe_file: Path) -> dict:
         "model": {"source": ref.source, "revision": ref.revision, "fingerprint": ref.fingerprint},
         "data": {_relative(file, recipe_file): f"sha256:{model_sources.file_sha256(file)}"
                  for file in data_files(recipe)},
+        # image chats: every image file the data lists, by content (the data files' own hashes
+        # fix which ones: verify_lock checks the files listed here)
+        "images": {_relative(file, recipe_file): _image_hash(file) for file in data_images(recipe)},
     }
 
 
@@ -64,6 +67,11 @@ def verify_lock(recipe, recipe_file: Path) -> str | None:
             raise InputError(f"{target}: data file {name} is missing", hint=hint)
         if f"sha256:{model_sources.file_sha256(files[name])}" != lock["data"][name]:
             raise InputError(f"{target}: data file {name} changed since the recipe was locked", hint=hint)
+    base = Path(recipe_file).resolve().parent
+    for name, digest in lock.get("images", {}).items():
+        if _image_hash(base / name) != digest:
+            raise InputError(f"{target}: image {name} {'is missing' if not (base / name).is_file() else 'changed'} "
+                             "since the recipe was locked", hint=hint)
     model = lock["model"]
     if recipe.model.path != model["source"]:
         raise InputError(f"{target}: the model is now {recipe.model.path}, the lock says {model['source']}", hint=hint)
@@ -86,6 +94,44 @@ def data_files(recipe) -> list[Path]:
     # grpo rewards: a python reward's code (it runs in training and eval) and a json reward's schema
     files += [Path(file) for reward in recipe.rewards for file in (reward.path, reward.json_schema) if file]
     return list(dict.fromkeys(files))
+
+
+def data_images(recipe) -> list[Path]:
+    """Every local image file the recipe's chat and ShareGPT data lists (content parts or an
+    `images` list), relative paths resolved against the data file; rows that are not image
+    chats, and images given inline or by URL, add none."""
+    from llmtune.data import vision
+    from llmtune.data.rows import resolved_images
+    from llmtune.data.sources import read_source
+
+    found: dict[Path, None] = {}
+    for source in [*recipe.data.train, *(recipe.data.validation.sources or [])]:
+        if not source.path or source.format not in ("chat", "sharegpt"):
+            continue
+        for record in read_source(source):
+            row = record.data or {}
+            messages = row.get(source.fields.get("messages", "messages")) or []
+            images = row.get(source.fields.get("images", "images"))
+            if images is None and not any(isinstance(m, dict) and isinstance(m.get("content"), list)
+                                          for m in messages if isinstance(messages, list)):
+                continue
+            try:
+                sample = vision.sample(messages, images)
+            except (vision.BadImageRow, AttributeError, TypeError):
+                continue  # prepare names the row
+            for reference in resolved_images(sample["images"], record.where):
+                if "path" in reference:
+                    found[Path(reference["path"])] = None
+    return list(found)
+
+
+def _image_hash(file: Path) -> str:
+    from llmtune.data.vision import content_hash
+
+    try:
+        return content_hash(file.read_bytes())
+    except OSError:
+        return "missing"
 
 
 def _relative(file: Path, recipe_file: Path) -> str:

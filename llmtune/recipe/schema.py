@@ -142,6 +142,9 @@ class DataSection(Section):
     """reading stops after this many training rows"""
     packing: bool = False
     """several examples per sequence, attention kept apart"""
+    allow_image_urls: bool = False
+    """image chats: fetch http(s) images when prepare reads them (like hub access; off, such rows are
+    counted as "image not fetched")"""
     num_proc: int = Field(default=1, gt=0)
     """Worker processes for rendering, tokenising and masking. The Rust tokenizer already uses every core, so
     workers pay only on many cores with large data (on 2 cores, num_proc 2 took 1.3x as long for 200k
@@ -173,6 +176,9 @@ class AdapterSection(Section):
     """module name or regex -> its rank instead of r (peft)"""
     alpha_pattern: dict[str, float] = {}
     """module name or regex -> its alpha instead of alpha (peft)"""
+    vision: Literal["frozen", "lora", "train_projector"] = "frozen"
+    """vision-language bases: the vision tower and projector stay frozen (all-linear adapts the language
+    model only); lora adds LoRA to the tower; train_projector also trains the projector in full"""
 
     @field_validator("target_modules")
     @classmethod

@@ -16,7 +16,7 @@ from llmtune.data.tools import answer_of, calls_in_text
 from llmtune.errors import InputError
 from llmtune.models import eos_token_ids
 from llmtune.serve.generate import read_tools, require_tools
-from llmtune.serve.inference import load_tuned
+from llmtune.serve.inference import load_tuned, tuned_processor
 from llmtune.serve.serving import serving_defaults, use_template
 
 
@@ -39,9 +39,26 @@ class Chat:
         self.system = self.serving.system_prompt if system is None else system
         self.max_new_tokens = max_new_tokens
         self.history: list[dict] = []
+        # a vision-language model: images shown with /image, in the order the turns show them
+        self.processor = tuned_processor(target, adapter)
+        self.images: list = []  # of the history
+        self.pending: list = []  # for the next user turn
 
     def reset(self) -> None:
-        self.history = []
+        self.history, self.images, self.pending = [], [], []
+
+    def show_image(self, path: Path) -> None:
+        """An image the next user turn shows (a vision-language model only)."""
+        from llmtune.data import vision
+
+        if self.processor is None:
+            raise InputError("this model is a language model: it takes no images")
+        try:
+            self.pending.append(vision.open_image(Path(path).expanduser().read_bytes()))
+        except OSError as exc:
+            raise InputError(f"/image {path}: {exc.strerror}") from None
+        except vision.BadImageRow as bad:
+            raise InputError(f"/image {path}: {bad}") from None
 
     def set_system(self, text: str | None) -> None:
         self.system = text or None
@@ -50,8 +67,18 @@ class Chat:
         return bool(self.history) and (bool(self.history[-1].get("tool_calls")) or self.history[-1]["role"] == "tool")
 
     def say(self, text: str, stream: bool = True) -> dict:
-        """The user's turn, and the model's answer to it (streamed to stdout with `stream`)."""
-        return self._answer({"role": "user", "content": text}, stream)
+        """The user's turn (with the images shown since the last one), and the model's answer
+        to it (streamed to stdout with `stream`)."""
+        if not self.pending:
+            return self._answer({"role": "user", "content": text}, stream)
+        turn = {"role": "user", "content": [*({"type": "image"} for _ in self.pending), {"type": "text", "text": text}]}
+        shown, self.pending = self.pending, []
+        self.images += shown
+        try:
+            return self._answer(turn, stream)
+        except BaseException:
+            del self.images[len(self.images) - len(shown):]
+            raise
 
     def tool_result(self, text: str, stream: bool = True) -> dict:
         """The result of the model's last tool call, and what it makes of it."""
@@ -62,18 +89,24 @@ class Chat:
         tool_calls?}, added to the history. Control-token text in content refused by
         data.special_text: error leaves the history as it was."""
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history + [turn]
-        ids = encode_prompt(self.tokenizer, messages, None, self.serving.special_text, self.tools)
+        if self.images:  # the processor expands every image shown so far into its tokens
+            from llmtune.data.templates import render
+
+            inputs = self.processor(text=[render(self.tokenizer, messages, True)], images=self.images,
+                                    return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        else:
+            ids = encode_prompt(self.tokenizer, messages, None, self.serving.special_text, self.tools)
+            inputs = {"input_ids": torch.tensor([ids], device=self.model.device)}
         self.history.append(turn)
-        batch = torch.tensor([ids], device=self.model.device)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         try:
-            output = self.model.generate(input_ids=batch, max_new_tokens=self.max_new_tokens, do_sample=False,
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                          eos_token_id=eos_token_ids(self.tokenizer, self.model.config),
                                          pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
         except KeyboardInterrupt:  # Ctrl-C stops this answer: the conversation is as it was before the turn
             self.history.pop()
             raise
-        answer = self.tokenizer.decode(output[0, batch.shape[1]:], skip_special_tokens=True)
+        answer = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         # the turn as the template renders it back: reasoning, answer and tool calls apart
         reasoning, content = answer_of(answer.strip())
         content, calls = calls_in_text(content) if self.tools else (content, [])
@@ -103,4 +136,6 @@ def say_start(chat: Chat) -> None:
     if chat.system_from_training:
         console.print(f"chat: system prompt from training (every training conversation had it; "
                       f"/system to change it): {chat.system}", markup=False)
+    if chat.processor is not None:
+        console.print("chat: /image PATH shows an image with your next message")
     console.print("chat: /reset clears the conversation, /system TEXT sets the system prompt, /exit leaves")

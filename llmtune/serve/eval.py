@@ -43,12 +43,15 @@ from llmtune.serve.inference import (
     answer_logps,
     generate,
     mean_token_loss,
+    open_images,
     perplexity,
     prompt_and_answer,
     sequence_scores,
+    shown_text,
     trained_precision,
 )
 from llmtune.serve.serving import as_prompt, report_empty, serving_defaults
+from llmtune.stages.collate import ImageCollator
 
 
 def evaluate(recipe: Recipe, run: Path, force: bool = False, only: str | None = None) -> Outcome:
@@ -153,6 +156,11 @@ def _eval_sets(recipe: Recipe, partial: Path, adapter_dir: Path, merged_dir: Pat
     cfg = recipe.eval
     tokenizer = models.load_tokenizer(adapter_dir)  # with the template trained with
     prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
+    # image chats: their images batched and expanded by the model's processor, in loss and answers
+    vision = (models.load_processor(adapter_dir), prepared) if models.is_vision_language(base) else None
+    if vision and cfg.sources:
+        raise InputError("eval.sources: evaluating image chats from other sources is not supported yet",
+                         hint="remove eval.sources: the held-out image chats (validation) are evaluated")
     eval_sets = {"validation": _prepared_rows(prepared / "validation", cfg.max_samples)}
     for index, source in enumerate(cfg.sources):
         name = f"{index}:{Path(source.path).name if source.path else source.hub}"
@@ -172,15 +180,18 @@ def _eval_sets(recipe: Recipe, partial: Path, adapter_dir: Path, merged_dir: Pat
     for name, rows in eval_sets.items():
         console.print(f"eval: {name}: {len(rows)} examples")
         with tuned.disable_adapter():
-            results[name]["base"] = _score(tuned, tokenizer, rows, cfg, name, "base", generations, serving, rewards)
-        results[name]["adapter"] = _score(tuned, tokenizer, rows, cfg, name, "adapter", generations, serving, rewards)
+            results[name]["base"] = _score(tuned, tokenizer, rows, cfg, name, "base", generations, serving, rewards,
+                                           vision)
+        results[name]["adapter"] = _score(tuned, tokenizer, rows, cfg, name, "adapter", generations, serving, rewards,
+                                          vision)
     del tuned
     models.release_memory(models.local_device())
     if "merged" in inputs:
         device = models.fitting_device(models.weight_bytes(merged_dir, precision), "eval: the merged model")
         merged = models.load_model(merged_dir, precision, device=device).eval()
         for name, rows in eval_sets.items():
-            results[name]["merged"] = _score(merged, tokenizer, rows, cfg, name, "merged", generations, serving, rewards)
+            results[name]["merged"] = _score(merged, tokenizer, rows, cfg, name, "merged", generations, serving,
+                                             rewards, vision)
         del merged
     report = {"sets": {name: {"examples": len(rows), "models": results[name]} for name, rows in eval_sets.items()}}
     broken = [f"{model} on {name}" for name in results for model, metrics in results[name].items()
@@ -201,14 +212,19 @@ def _eval_sets(recipe: Recipe, partial: Path, adapter_dir: Path, merged_dir: Pat
     return report, summary
 
 
-def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards) -> dict:
+def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards, vision=None) -> dict:
+    """`vision`: (processor, prepared folder) for image chats."""
     pad_id = tokenizer.pad_token_id or 0
     if models.scores_sequences(model):  # a reward model: how it ranks the pairs, nothing to generate
         return _reward_model_scores(model, rows, pad_id)
     if "extra" in rows[0]:  # grpo prompts: the recipe's rewards on greedy completions
         return _reward_scores(model, tokenizer, rows, cfg, set_name, label, generations, serving, rewards)
     if "input_ids" in rows[0]:
-        loss = mean_token_loss(model, rows, pad_id, cfg.batch_size)
+        collate = None
+        if vision:
+            collate = ImageCollator(*vision)
+            collate.counting = False
+        loss = mean_token_loss(model, rows, pad_id, cfg.batch_size, collate)
         metrics = {"loss": _round(loss), "perplexity": _round(perplexity(loss))}
     else:
         metrics = _preference_scores(model, rows, pad_id)
@@ -216,14 +232,16 @@ def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, r
     with_calls = [sample for sample in samples if has_tool_calls(sample)]
     if with_calls:
         metrics.update(_tool_call_scores(model, tokenizer, with_calls, cfg, set_name, label, generations, serving))
-    pairs = [prompt_and_answer(sample) for sample in samples if not has_tool_calls(sample)]
-    pairs = [p for p in pairs if p is not None]
+    pairs = [(pair, sample) for sample in samples if not has_tool_calls(sample)
+             if (pair := prompt_and_answer(sample)) is not None]
     if not pairs:
         return metrics
-    prompts, references = zip(*pairs)
+    images = ({"processor": vision[0], "images": [open_images(sample, pair[0]) for pair, sample in pairs]}
+              if vision else {})
+    prompts, references = zip(*[pair for pair, _ in pairs])
     prompts = [as_prompt(prompt, serving) for prompt in prompts]
     outputs = generate(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
-                       special_text=serving.special_text)
+                       special_text=serving.special_text, **images)
     metrics["empty_answers"] = report_empty(outputs, f"eval: {set_name}, {label}")
     counts = Counter()
     for prompt, reference, output in zip(prompts, references, outputs):
@@ -236,7 +254,7 @@ def _score(model, tokenizer, rows, cfg, set_name, label, generations, serving, r
         counts.update({k: int(v) for k, v in scores.items()})
         generations.append({"set": set_name, "model": label, "reference": reference,
                             "output": output.text, **scores,
-                            "prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"]})
+                            "prompt": shown_text(prompt)})
     metrics.update({key: round(value / len(outputs), 4) for key, value in counts.items()})
     metrics["generated"] = len(outputs)
     return metrics
@@ -331,7 +349,7 @@ def _reward_scores(model, tokenizer, rows, cfg, set_name, label, generations, se
 
 
 PREPARED_COLUMNS = ("input_ids", "labels", "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label",
-                    "prompt", "answer", "extra", "where")
+                    "prompt", "answer", "extra", "where", "text", "images", "image_hashes")
 
 
 def _prepared_rows(path: Path, limit: int) -> list[dict]:

@@ -14,7 +14,7 @@ from llmtune.console import console
 from llmtune.data.formats import check_messages
 from llmtune.data.tools import answer_of, calls_in_text, parse_tools
 from llmtune.errors import InputError
-from llmtune.serve.inference import generate, load_tuned
+from llmtune.serve.inference import generate, load_tuned, tuned_processor
 from llmtune.serve.serving import as_prompt, report_empty, serving_defaults, use_template
 
 
@@ -30,6 +30,7 @@ def generate_file(target: Path, input_path: Path, output: Path, adapter: Path | 
     default_tools = read_tools(tools)
     rows, prompts, row_tools = read_prompts(input_path, default_tools)
     model, tokenizer = load_tuned(target, adapter)
+    images = _images(input_path, rows, prompts, tuned_processor(target, adapter))
     use_template(tokenizer, serving, template, target)
     if not tokenizer.chat_template:
         serving = dataclasses.replace(serving, chat=False)
@@ -38,7 +39,7 @@ def generate_file(target: Path, input_path: Path, output: Path, adapter: Path | 
     if any(row_tools):
         require_tools(tokenizer)
     results = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size,
-                       special_text=serving.special_text, tools=row_tools)
+                       special_text=serving.special_text, tools=row_tools, **images)
     report_empty(results, "generate")
     tmp = output.with_name(output.name + ".partial")
     calling = 0
@@ -82,7 +83,9 @@ def read_prompts(path: Path, default_tools: list | None) -> tuple[list[dict], li
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{number}: malformed JSON: {exc.msg}") from None
         prompt = row.get("prompt") if isinstance(row, dict) else None
-        if prompt is None and isinstance(row, dict) and "messages" in row:
+        if prompt is None and isinstance(row, dict) and is_image_row(row):
+            prompt = row["messages"]  # checked with its images (_images)
+        elif prompt is None and isinstance(row, dict) and "messages" in row:
             problem = check_messages([*row["messages"], {"role": "assistant", "content": "x"}])
             if problem:
                 raise InputError(f"{path}:{number}: {problem}")
@@ -93,6 +96,43 @@ def read_prompts(path: Path, default_tools: list | None) -> tuple[list[dict], li
         prompts.append(prompt)
         row_tools.append(_tools_of(row, f"{path}:{number}") or default_tools)
     return rows, prompts, row_tools
+
+
+def is_image_row(row: dict) -> bool:
+    """A row of an image chat: an `images` list, or an image among a message's content parts."""
+    messages = row.get("messages")
+    return bool(row.get("images")) or (isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in m["content"])
+        for m in messages))
+
+
+def _images(input_path: Path, rows: list[dict], prompts: list, processor) -> dict:
+    """generate's arguments for image chats: the processor, and each prompt's images (paths
+    relative to the input file), its prompt replaced by the conversation with image parts; {} when
+    no row shows an image."""
+    from llmtune.data import vision
+    from llmtune.data.rows import resolved_images
+
+    if not any(is_image_row(row) for row in rows):
+        return {}
+    if processor is None:
+        raise InputError(f"{input_path}: the rows show images, and this model is a language model (no processor)",
+                         hint="generate with a vision-language model's run or folder")
+    images = []
+    for number, row in enumerate(rows, start=1):
+        if not is_image_row(row):
+            images.append([])
+            continue
+        where = f"{input_path}:{number}"
+        try:
+            sample = vision.sample(row["messages"], row.get("images"))
+            images.append([vision.open_image(vision.stored_source(reference).read(Path("/")))
+                           for reference in resolved_images(sample["images"], where)])
+        except vision.BadImageRow as bad:
+            raise InputError(f"{where}: {bad}", hint="fix the row's images") from None
+        prompts[number - 1] = sample["messages"]
+    return {"processor": processor, "images": images}
 
 
 def read_tools(path: Path | None) -> list | None:

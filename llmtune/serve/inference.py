@@ -26,11 +26,16 @@ class Generation:
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | None = None,
-             batch_size: int = 16, special_text: str = "plain", tools: list | None = None) -> list[Generation]:
+             batch_size: int = 16, special_text: str = "plain", tools: list | None = None,
+             images: list[list] | None = None, processor=None) -> list[Generation]:
     """Greedy answers, in left-padded batches, stopping at any EOS id. A prompt is a
     conversation, rendered with the chat template (and `tools[i]`, the tool definitions it may
     call), or a plain completion prompt, used as is; control-token text in it is handled as
-    `special_text` says (as prepare did)."""
+    `special_text` says (as prepare did). Image chats: `images[i]` are the PIL images of prompt
+    i (its `{"type": "image"}` parts, in order), expanded by a vision-language model's `processor`."""
+    if processor is not None:
+        return _generate_with_images(model, processor, prompts, images or [[] for _ in prompts], max_new_tokens,
+                                     template, batch_size)
     eos_ids = models.eos_token_ids(tokenizer, model.config)
     tools = tools or [None] * len(prompts)
     encoded = [encode_prompt(tokenizer, p, template, special_text, t) for p, t in zip(prompts, tools)]
@@ -42,13 +47,38 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, template: str | Non
         with torch.no_grad():
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
-        for row in output[:, batch["input_ids"].shape[1]:].tolist():
-            ended = any(token in eos_ids for token in row)
-            if ended:
-                row = row[: next(i for i, token in enumerate(row) if token in eos_ids)]
-            text = tokenizer.decode(row, skip_special_tokens=True).strip()
-            results.append(Generation(text, ended))
+        results += [_decoded(tokenizer, row, eos_ids) for row in output[:, batch["input_ids"].shape[1]:].tolist()]
     return results
+
+
+def _generate_with_images(model, processor, prompts, images: list[list], max_new_tokens: int,
+                          template: str | None, batch_size: int) -> list[Generation]:
+    from llmtune.data.templates import render
+
+    tokenizer = processor.tokenizer
+    eos_ids = models.eos_token_ids(tokenizer, model.config)
+    texts = [render(tokenizer, prompt, True, template) for prompt in prompts]
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    results = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            chunk = images[start:start + batch_size]
+            batch = processor(text=texts[start:start + batch_size], images=chunk if any(chunk) else None,
+                              padding=True, return_tensors="pt", add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                        eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+            results += [_decoded(tokenizer, row, eos_ids) for row in output[:, batch["input_ids"].shape[1]:].tolist()]
+    finally:
+        tokenizer.padding_side = padding_side
+    return results
+
+
+def _decoded(tokenizer, row: list[int], eos_ids) -> Generation:
+    ended = any(token in eos_ids for token in row)
+    if ended:
+        row = row[: next(i for i, token in enumerate(row) if token in eos_ids)]
+    return Generation(tokenizer.decode(row, skip_special_tokens=True).strip(), ended)
 
 
 def fitting_batch_size(model, requested: int, tokens: int) -> int:
@@ -105,14 +135,15 @@ def _usable(precision: str) -> bool:
     return precision != "fp16" or models.pick_device() == "cuda"
 
 
-def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> float | None:
+def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8, collate=None) -> float | None:
     """Mean cross-entropy over the trained tokens of prepared rows (input_ids, labels). For the
     output heads loss.py knows, from the final hidden states in chunks as training computes it
-    (a 128k vocabulary makes a batch's full logits gigabytes); otherwise from the logits."""
+    (a 128k vocabulary makes a batch's full logits gigabytes); otherwise from the logits.
+    `collate`: what batches the rows (image chats: an ImageCollator, with their images)."""
     from llmtune.stages.train.loss import chunked_loss_supported, summed_token_loss
 
     chunked = chunked_loss_supported(model.config)
-    collate = PadCollator(pad_id, attention_mask=True)
+    collate = collate or PadCollator(pad_id, attention_mask=True)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -121,7 +152,7 @@ def mean_token_loss(model, rows: list[dict], pad_id: int, batch_size: int = 8) -
                 summed, trained, _ = summed_token_loss(model, batch)
                 total, count = total + float(summed), count + trained
                 continue
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             labels = batch["labels"][:, 1:]
             # in fp32 a few hundred positions at a time, never a copy of the whole batch's logits
             for positions, targets in zip(logits[:, :-1].split(256, dim=1), labels.split(256, dim=1)):
@@ -159,6 +190,26 @@ def sequence_scores(model, sequences: list[list[int]], pad_id: int, batch_size: 
 
 def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
+
+
+def open_images(sample: dict, prompt) -> list:
+    """The PIL images a held-out image chat's prompt shows (its images before the first answer)."""
+    from llmtune.data import vision
+
+    shown = sum(1 for message in prompt if isinstance(message.get("content"), list)
+                for part in message["content"] if part.get("type") == "image")
+    return [vision.open_image(vision.stored_source(reference).read(Path("/")))
+            for reference in sample.get("images", [])[:shown]]
+
+
+def shown_text(prompt) -> str:
+    """A prompt's last turn as text, for reports: an image chat's images as <image>."""
+    if isinstance(prompt, str):
+        return prompt
+    content = prompt[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") if part.get("type") == "text" else "<image>" for part in content)
 
 
 def prompt_and_answer(sample: dict) -> tuple[list[dict] | str, str] | None:
@@ -207,3 +258,16 @@ def load_tuned(target: Path, adapter: Path | None = None):
     if adapter is not None:
         model = models.load_adapter(model, adapter)
     return model, models.load_tokenizer(adapter or target)
+
+
+def tuned_processor(target: Path, adapter: Path | None = None):
+    """The processor of a vision-language model, from where load_tuned takes the tokenizer (the
+    adapter, the run's merged model or adapter, or the folder); None for a language model."""
+    folder = adapter
+    if folder is None:
+        folder = next((stage_dir(target, stage) for stage in ("merge", "train")
+                       if read_manifest(stage_dir(target, stage)) is not None), target)
+    if not any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+        return None
+    return models.load_processor(folder)
+

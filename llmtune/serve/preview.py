@@ -17,7 +17,14 @@ from llmtune.console import console
 from llmtune.data.tools import answer_of
 from llmtune.manifest import manifest_sha256, require_stage, stage_dir, upstream_dir
 from llmtune.recipe import Recipe
-from llmtune.serve.inference import adapter_on_base, generate, prompt_and_answer, trained_precision
+from llmtune.serve.inference import (
+    adapter_on_base,
+    generate,
+    open_images,
+    prompt_and_answer,
+    shown_text,
+    trained_precision,
+)
 from llmtune.serve.serving import as_prompt, report_empty, serving_defaults
 
 PREVIEW_FILE = "preview.json"
@@ -44,8 +51,9 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
         held_out = held_out.select(range(min(cfg.count, len(held_out))))
         pairs = [(json.loads(s)["prompt"], answer) for s, answer in zip(held_out["sample"], held_out["answer"])]
     else:
-        pairs = [prompt_and_answer(json.loads(s)) for s in held_out["sample"] if s]  # "": a row's later example
-        pairs = [p for p in pairs if p is not None][: cfg.count]
+        samples = [json.loads(s) for s in held_out["sample"] if s]  # "": a row's later example
+        pairs, samples = zip(*[(p, s) for s in samples if (p := prompt_and_answer(s)) is not None][: cfg.count]) \
+            if samples else ((), ())
     if not pairs:
         console.print("preview: no held-out prompts (empty validation set, or text data)")
         return None
@@ -56,17 +64,22 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
     model = adapter_on_base(adapter_dir, ref, trained_precision(adapter_dir))
     serving = serving_defaults(adapter_dir)
     served = [as_prompt(prompt, serving) for prompt in prompts]
+    # image chats: the images each prompt shows, expanded by the model's processor
+    processor = models.load_processor(adapter_dir) if models.is_vision_language(ref) else None
+    images = {"processor": processor, "images": [open_images(s, p) for s, p in zip(samples, prompts)]} \
+        if processor is not None else {}
     console.print(f"preview: generating answers to {len(prompts)} held-out prompts, base and tuned")
-    tuned_answers = generate(model, tokenizer, served, cfg.max_new_tokens, special_text=serving.special_text)
+    tuned_answers = generate(model, tokenizer, served, cfg.max_new_tokens, special_text=serving.special_text,
+                             **images)
     report_empty(tuned_answers, "preview (tuned)")
     tuned = [g.text for g in tuned_answers]
     with model.disable_adapter():
         untuned = [g.text for g in generate(model, tokenizer, served, cfg.max_new_tokens,
-                                            special_text=serving.special_text)]
+                                            special_text=serving.special_text, **images)]
 
     examples = [
         {
-            "prompt": prompt[-1]["content"] if isinstance(prompt, list) else prompt,
+            "prompt": shown_text(prompt),
             "reference": reference,
             "base": b,
             "tuned": t,

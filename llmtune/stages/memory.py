@@ -69,6 +69,10 @@ def train_memory(config, recipe: Recipe, precision: str, counts: dict, device: s
         "logits": _logits(config, rows, sequence_length(recipe), chunked) if row.head == "causal-lm" else 0,
         "runtime": RUNTIME_BYTES,
     }
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:  # image chats: the vision tower on the micro-batch's images
+        parts["vision"] = vision_activations(
+            vision, recipe, act_bytes, cfg.batch_size * counts.get("images_per_example", 1.0), device == "cpu")
     _shard(parts, recipe.distributed, processes, device)
     parts["total"] = sum(parts.values())
     return {key: int(value) for key, value in parts.items()}
@@ -114,6 +118,7 @@ def _work_bytes(config, recipe: Recipe, precision: str, device: str, room: float
     rows = cfg.batch_size
     if room is not None:  # as fitting_batch_size: the rows whose estimate fits in 80% of what is free
         rows = min(rows, max(1, int((0.8 * (room - weights - RUNTIME_BYTES)) // per_row)))
+    config = config.get_text_config()
     loss = (cfg.batch_size * recipe.data.max_seq_len * config.hidden_size * act_bytes * 4
             + _logits(config, cfg.batch_size, recipe.data.max_seq_len, chunked_loss_supported(config)))
     return max(rows * per_row, loss)
@@ -190,6 +195,7 @@ def generation_bytes_per_row(config, tokens: int, dtype_bytes: int, materialised
     the attention scores where the kernel materialises them, as CPU SDPA does), and one step's
     fp32 logits over the vocabulary with their processed copy (generate keeps the last
     position's logits only)."""
+    config = config.get_text_config()  # a vision-language model's language model
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -204,6 +210,7 @@ def _activations(config, cfg, seq: int, act_bytes: int, batch: int, materialised
     """Kept for backward: forward-only passes (the reference) keep none, and free a layer's
     working memory before the next, so they add no more than the one recomputed layer."""
     tokens = batch * seq
+    config = config.get_text_config()
     hidden, layers = config.hidden_size, config.num_hidden_layers
     inter = getattr(config, "intermediate_size", 4 * hidden)
     heads = config.num_attention_heads
@@ -222,5 +229,29 @@ def _layer(tokens, hidden, inter, heads, batch, seq, act_bytes, materialised_att
 
 
 def _logits(config, batch: int, seq: int, chunked: bool) -> float:
+    config = config.get_text_config()
     rows = chunk_rows(config.vocab_size) if chunked else batch * seq
     return 2 * rows * config.vocab_size * 4  # fp32 logits and their gradient
+
+
+def vision_activations(vision, recipe: Recipe, act_bytes: int, images: float, materialised_attention: bool) -> float:
+    """The vision tower's memory for `images` images a micro-batch: each is image_size /
+    patch_size squared patch tokens through the tower. A frozen tower keeps nothing for backward
+    (one layer's working set at a time); with adapter.vision: lora every layer's activations
+    are kept (or their inputs, under gradient checkpointing) as for the language model."""
+    # (Qwen2.5-VL's tower takes any size: counted at 448 pixels; mllama's as one tile)
+    patches = (getattr(vision, "image_size", 448) // getattr(vision, "patch_size", 14)) ** 2
+    batch = max(1, math.ceil(images))
+    tokens = batch * patches
+    hidden = vision.hidden_size
+    layers = getattr(vision, "num_hidden_layers", None) or vision.depth  # Qwen2.5-VL: depth
+    heads = next(getattr(vision, key) for key in ("num_attention_heads", "num_heads", "attention_heads")
+                 if getattr(vision, key, None))
+    inter = getattr(vision, "intermediate_size", 4 * hidden)
+    one_layer = _layer(tokens, hidden, inter, heads, batch, patches, act_bytes, materialised_attention)
+    if recipe.adapter.vision != "lora":
+        return one_layer
+    if recipe.train.gradient_checkpointing:
+        return tokens * hidden * layers * act_bytes + one_layer
+    return layers * one_layer
+

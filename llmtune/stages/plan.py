@@ -43,8 +43,10 @@ def plan(recipe: Recipe, run: Path, processes: int = 1, device: str = "auto",
     precision, assumed = plan_precision(recipe, target)
     gpu_bytes = _gpu_bytes(target, gpu_memory)
     counts = _model_counts(config, recipe)
-    estimate = memory.train_memory(config, recipe, precision, counts, target, processes)
     tokens = token_counts(recipe, run)
+    if tokens.get("images_per_epoch") is not None and tokens["train_examples"]:
+        counts["images_per_example"] = tokens["images_per_epoch"] / tokens["train_examples"]
+    estimate = memory.train_memory(config, recipe, precision, counts, target, processes)
     cfg = recipe.train
     per_step = cfg.batch_size * cfg.grad_accum * processes  # the global batch
     steps = cfg.max_steps or (math.ceil(math.ceil(tokens["train_examples"] / per_step) * cfg.epochs)
@@ -56,6 +58,7 @@ def plan(recipe: Recipe, run: Path, processes: int = 1, device: str = "auto",
         "objective": cfg.objective,
         "sequences_per_example": _sequences(row),
         "parameters": counts["total"],
+        **({"vision_tower_parameters": counts["vision_tower"]} if "vision_tower" in counts else {}),
         "trainable_parameters": counts["trainable"],
         **tokens,
         "steps": steps,
@@ -131,6 +134,11 @@ def _model_counts(config, recipe: Recipe) -> dict:
     total and trainable (peft's), the base alone, the linear layers quantization applies to,
     the shapes of the trainable tensors and each optimizer's state for them."""
     loader = AutoModelForCausalLM
+    vision_language = getattr(config, "vision_config", None) is not None
+    if vision_language:
+        from transformers import AutoModelForImageTextToText
+
+        loader = AutoModelForImageTextToText
     if objective(recipe.train.objective).head == "score":  # a reward model: one score per sequence
         loader, config = AutoModelForSequenceClassification, copy.deepcopy(config)
         config.num_labels = 1
@@ -139,13 +147,19 @@ def _model_counts(config, recipe: Recipe) -> dict:
         base = loader.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         base_params = sum(p.numel() for p in base.parameters())
         # quantization applies to the linear layers of the blocks, not the output head
+        # (a vision-language model's tower and projector stay in the compute dtype: models.py)
         linear = sum(m.weight.numel() for name, m in base.named_modules()
-                     if isinstance(m, torch.nn.Linear) and not name.endswith(("lm_head", "score")))
+                     if isinstance(m, torch.nn.Linear) and not name.endswith(("lm_head", "score"))
+                     and not any(part in name for part in models.VISION_MODULES))
         model = get_peft_model(base, lora_config(recipe, base))
     trainable, total = model.get_nb_trainable_parameters()
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
-    return {"total": total, "trainable": trainable, "base": base_params, "linear": linear,
-            "optimizer_states": memory.optimizer_state_bytes(shapes)}
+    counts = {"total": total, "trainable": trainable, "base": base_params, "linear": linear,
+              "optimizer_states": memory.optimizer_state_bytes(shapes)}
+    if vision_language:
+        tower, _ = models.vision_parts(base)
+        counts["vision_tower"] = sum(p.numel() for p in base.get_submodule(tower).parameters()) if tower else 0
+    return counts
 
 
 def token_counts(recipe: Recipe, run: Path) -> dict:
@@ -168,8 +182,12 @@ def token_counts(recipe: Recipe, run: Path) -> dict:
             raise
         return _unknown(f"the data could not be prepared here: {exc.message.splitlines()[0]}")
     summary = prepared["summary"]
-    return {"train_examples": summary["train_examples"], "tokens_per_epoch": summary["train_tokens"],
-            "tokens_counted_from": counted}
+    counts = {"train_examples": summary["train_examples"], "tokens_per_epoch": summary["train_tokens"],
+              "tokens_counted_from": counted}
+    if "train_images" in summary:  # image chats: what of the sequence the images take
+        counts.update({"images_per_epoch": summary["train_images"],
+                       "image_tokens_per_epoch": summary["train_image_tokens"]})
+    return counts
 
 
 def _unknown(reason: str) -> dict:

@@ -36,7 +36,12 @@ from llmtune.serve.serving import serving_defaults
 K_QUANTS = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q4_k_s": "Q4_K_S",
             "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", TEMPLATE_FILE, "special_tokens_map.json")
+                 "tokenizer_config.json", TEMPLATE_FILE, "special_tokens_map.json",
+                 "processor_config.json", "preprocessor_config.json")  # a vision-language model's processor
+# llama.cpp runs a vision-language model from two files, the language model and its projector
+# (mmproj); llmtune writes and checks the first kind only, so it writes neither.
+VISION_GGUF = ("GGUF export of vision-language models is not supported yet: llama.cpp needs the language "
+               "model and a separate projector file (mmproj), and llmtune writes no file it has not checked")
 
 
 def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) -> Outcome:
@@ -61,6 +66,13 @@ def export(recipe: Recipe, run: Path, force: bool = False, verify: bool = True) 
         if warning:
             console.print(f"[yellow]warning:[/] {warning}", markup=True)
     summary: dict = {"formats": ",".join(formats)}
+    if wants_gguf and models.is_vision_language(merged_dir):
+        formats = [name for name in formats if name not in ("gguf", "ollama")]
+        if not formats:
+            raise InputError(f"export.formats: {VISION_GGUF}", hint="export hf or adapter for this model")
+        console.print(f"[yellow]export: {VISION_GGUF}; writing {', '.join(formats)} only[/]", markup=True)
+        summary["gguf_unsupported"] = VISION_GGUF
+        wants_gguf = False
     if "hf" in formats:
         summary["hf_bytes"] = _link_files(merged_dir, partial / "hf", skip={MANIFEST})
         console.print(f"export: hf -> {out_dir / 'hf'}")

@@ -61,15 +61,18 @@ def merge(recipe: Recipe, run: Path, force: bool = False) -> Outcome:
     size = models.weight_bytes(ref, precision)
     # The adapter's tokenizer carries the chat template the model was trained with.
     tokenizer = models.load_tokenizer(adapter_dir)
+    # a vision-language model's processor (image processor, chat template, tokenizer) goes with it
+    processor = models.load_processor(adapter_dir) if models.is_vision_language(ref) else None
     job = MergeJob(recipe, ref, adapter_dir, partial, precision, models.fitting_device(size, "merge"),
                    models.head_of(adapter_dir), tokenizer.pad_token_id, size)
-    batch = merge_check.check_batch(adapter_dir, adapter_manifest, tokenizer.pad_token_id or 0, job.device)
+    batch = merge_check.check_batch(adapter_dir, adapter_manifest, tokenizer.pad_token_id or 0, job.device,
+                                    processor)
     quantization = adapter_manifest["summary"].get("base_quantization") or {}
     qlora = quantization.get("quantize", "none") != "none"
 
     logits, written = _merge_and_write(job, batch, qlora)
     _save_generation_config(ref, tokenizer, partial)
-    tokenizer.save_pretrained(str(partial))
+    (processor or tokenizer).save_pretrained(str(partial))
     with torch.no_grad():  # read back what was written, as a user will load it
         merged = models.load_model(partial, precision, device=job.device).eval()
         logits["written"] = merged(**batch).logits
@@ -140,7 +143,9 @@ def _merge_and_write(job: MergeJob, batch: dict, qlora: bool) -> tuple[dict, dic
     dtype = models.DTYPES[job.precision]
     shard_size = job.recipe.merge.max_shard_size
     logits = {}
-    unsupported = shard_merge.unsupported(job.ref.local_dir, job.adapter_dir)
+    unsupported = ("a vision-language checkpoint names its weights otherwise than the model's modules "
+                   "(transformers' conversion mapping)" if models.is_vision_language(job.ref)
+                   else shard_merge.unsupported(job.ref.local_dir, job.adapter_dir))
     with torch.no_grad():
         model = job.base_with_adapter()
         logits["unmerged"] = model(**batch).logits

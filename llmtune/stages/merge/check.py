@@ -57,8 +57,13 @@ def check_rows(adapter_dir: Path, adapter_manifest: dict, count: int, tokens: in
     return rows[:count]
 
 
-def check_batch(adapter_dir: Path, adapter_manifest: dict, pad_id: int, device) -> dict[str, torch.Tensor]:
-    """A few prepared examples as a padded batch on `device`."""
+def check_batch(adapter_dir: Path, adapter_manifest: dict, pad_id: int, device,
+                processor=None) -> dict[str, torch.Tensor]:
+    """A few prepared examples as a padded batch on `device` (image chats: with their images,
+    expanded by `processor`, and whole: a cut would fall inside an image)."""
+    if processor is not None:
+        return {key: value.to(device) for key, value in image_check_batch(adapter_dir, adapter_manifest,
+                                                                         processor).items()}
     rows = check_rows(adapter_dir, adapter_manifest, CHECK_EXAMPLES, CHECK_TOKENS)
     collate = PadCollator(pad_id, attention_mask=True)
     batch = collate([{"input_ids": ids, "labels": ids} for ids in rows])
@@ -66,11 +71,38 @@ def check_batch(adapter_dir: Path, adapter_manifest: dict, pad_id: int, device) 
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def image_check_batch(adapter_dir: Path, adapter_manifest: dict, processor) -> dict[str, torch.Tensor]:
+    """CHECK_EXAMPLES prepared image chats (validation first, rows with images first) as the
+    training collator batches them, without labels."""
+    from llmtune.stages.collate import ImageCollator
+
+    prepared = upstream_dir(adapter_dir, adapter_manifest, "prepared")
+    rows = []
+    for split in ("validation", "train"):
+        if (prepared / split).is_dir():
+            data = load_from_disk(str(prepared / split))
+            rows += sorted((data[i] for i in range(min(len(data), 4 * CHECK_EXAMPLES))), key=lambda r: not r["images"])
+    rows = sorted(rows, key=lambda r: not r["images"])[:CHECK_EXAMPLES]
+    if not rows:
+        raise InputError(f"the checks run on prepared examples, and none were found under {prepared}",
+                         hint="run the prepare stage again")
+    collate = ImageCollator(processor, prepared)
+    collate.counting = False
+    batch = collate([{key: row[key] for key in ("input_ids", "labels", "text", "images", "image_hashes", "where")}
+                     for row in rows])
+    del batch["labels"]
+    return batch
+
+
 def tensor_digests(model) -> dict[str, str]:
     """sha256 of every tensor of `model`'s state dict, by name: what compare_weights checks the
     written files against once the model itself is gone (so the merge never holds it beside a
     shard being written)."""
-    return {name: _digest(tensor) for name, tensor in model.state_dict().items()}
+    from transformers.core_model_loading import revert_weight_conversion
+
+    # by the names save_pretrained writes: transformers 5 writes some models (vision-language
+    # ones: language_model.model.* for model.language_model.*) under their checkpoints' names
+    return {name: _digest(tensor) for name, tensor in revert_weight_conversion(model, model.state_dict()).items()}
 
 
 def compare_weights(digests: dict[str, str], folder: Path) -> dict:

@@ -17,6 +17,7 @@ import os
 import re
 import time
 from collections import Counter, deque
+from dataclasses import replace
 from pathlib import Path
 
 from llmtune import model_sources, models
@@ -31,9 +32,11 @@ from llmtune.errors import InputError
 from llmtune.manifest import Outcome, finish_stage, is_up_to_date, read_manifest, stage_dir, start_stage
 from llmtune.objectives import kind_of
 from llmtune.recipe import DataSection, Recipe, section_sha256
+from llmtune.stages.prepare import images
 from llmtune.stages.prepare.split import Outputs
 
 BATCH = 8192  # rows per tokenizer call: larger batches keep every core busy
+IMAGE_BATCH = 64  # image chats per batch: their images are open meanwhile
 PROGRESS_SECONDS = 10.0  # a long prepare prints a progress line this often
 # Rows that would train nothing are skipped, each under its own reason, never kept all masked.
 NOTHING_TO_TRAIN = "no trained tokens (no assistant turn rendered)"
@@ -76,30 +79,43 @@ def prepare(recipe: Recipe, run: Path, force: bool = False, fetch_base: bool = F
 @_cyclic_gc_paused
 def _prepare(recipe: Recipe, run: Path, force: bool) -> Outcome:
     out_dir = stage_dir(run, "prepare")
-    ref, inputs, recipe_sha = _identity(recipe)
+    ref, inputs, recipe_sha = _identity(recipe, run)
     data = recipe.data
     if not force and is_up_to_date(out_dir, "prepare", recipe_sha, inputs):
         return Outcome(read_manifest(out_dir), up_to_date=True)
 
-    partial = start_stage(out_dir)
-    tokenizer = models.load_tokenizer(ref)
-    sources = [*data.train, *(data.validation.sources or [])]
+    vision_language = models.is_vision_language(ref)
     kind = data_kind(recipe)
+    if vision_language:
+        _check_image_data(data, kind)
+    partial = start_stage(out_dir)
+    processor = models.load_processor(ref) if vision_language else None
+    tokenizer = processor.tokenizer if processor else models.load_tokenizer(ref)
+    sources = [*data.train, *(data.validation.sources or [])]
     conversational = any(s.format in ("chat", "sharegpt", "alpaca", "preference", "kto", "prompt") for s in sources)
-    template = resolve_template(data.template, tokenizer) if conversational else None
+    template = resolve_template(data.template, processor or tokenizer) if conversational else None
     if template:  # the template trained with travels on to the adapter and merged model
         (partial / TEMPLATE_FILE).write_text(template, encoding="utf-8")
 
     rows = RowStream(data, special_text.control_tokens(tokenizer))
-    out = Outputs(partial, data, kind)
+    out = Outputs(partial, data, kind, images=vision_language)
     progress = _Progress(source_bytes(sources))
-    encoder = (functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text, data.reasoning)
-               if kind == "sft" else functools.partial(encode_prompts if kind == "prompt" else encode_pairs,
-                                                       tokenizer, template, data.special_text))
+    store = images.ImageStore(partial / images.IMAGES, data.allow_image_urls) if vision_language else None
+    if vision_language:  # the images are read and expanded here, in this process
+        encoder = functools.partial(images.encode_image_batch, processor, template, data.train_on, data.reasoning,
+                                    store, images.marker_ids(processor, template))
+    elif kind == "sft":
+        encoder = functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text,
+                                    data.reasoning)
+    else:
+        encoder = functools.partial(encode_prompts if kind == "prompt" else encode_pairs, tokenizer, template,
+                                    data.special_text)
     limit = _limit if kind == "sft" else _limit_pairs
-    # worker processes take smaller batches: the batches in flight hold about 2 x BATCH rows
-    batch_rows = BATCH if data.num_proc <= 1 else max(256, BATCH // data.num_proc)
-    with contextlib.closing(_encoded(rows.batches(batch_rows), encoder, data.num_proc)) as encoded:
+    workers = 1 if vision_language else data.num_proc
+    # worker processes take smaller batches: the batches in flight hold about 2 x BATCH rows;
+    # an image batch holds its images open
+    batch_rows = IMAGE_BATCH if vision_language else BATCH if workers <= 1 else max(256, BATCH // workers)
+    with contextlib.closing(_encoded(rows.batches(batch_rows), encoder, workers)) as encoded:
         for batch, examples in encoded:
             for row, example, first in limit(batch, examples, data, rows.skipped):
                 out.add(row, example, first)
@@ -123,6 +139,12 @@ def _prepare(recipe: Recipe, run: Path, force: bool) -> Outcome:
     (partial / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print_stats(stats)
     summary = _summary(stats, out, data)
+    if vision_language:  # the images by content, and what later stages load the model with
+        store.write_index(partial)
+        inputs = {**inputs, "images": images.images_digest(store.index)}
+        summary["vision_language"] = True
+        summary["train_images"] = stats["train"].get("images", {}).get("images", 0)
+        summary["train_image_tokens"] = stats["train"].get("images", {}).get("image_tokens", 0)
     manifest = finish_stage(
         partial, out_dir, stage="prepare", recipe_sha256=recipe_sha, inputs=inputs, summary=summary
     )
@@ -295,7 +317,12 @@ def _encode_in_worker(samples: list[dict]) -> list[Example]:
 
 def _encode_batch(tokenizer, template, train_on, mode: str, reasoning: str,
                   samples: list[dict]) -> list[list[Example]]:
-    return special_text.encode_samples(tokenizer, samples, template, train_on, mode, reasoning)
+    """Each sample's examples; an image chat's is refused (a language model sees no images)."""
+    text = [sample for sample in samples if "images" not in sample]
+    encoded = iter(special_text.encode_samples(tokenizer, text, template, train_on, mode, reasoning))
+    return [next(encoded) if "images" not in sample else
+            images.ImageRefused(images.NO_VISION, "the base model has no vision tower: train image chats on a "
+                                "vision-language model (README, Images)") for sample in samples]
 
 
 def _limit(rows: list[Row], pieces: list[list[Example]], data: DataSection, skipped: Counter):
@@ -305,6 +332,12 @@ def _limit(rows: list[Row], pieces: list[list[Example]], data: DataSection, skip
     otherwise counted as skipped once, for the reason its last example had."""
     kept, overlong = [], []
     for row, examples in zip(rows, pieces):
+        if isinstance(examples, images.ImageRefused):  # an image that cannot be used
+            if data.bad_rows == "error":
+                raise InputError(f"{row.where}: {examples.reason}: {examples.detail}",
+                                 hint="fix or remove that row, or set data.bad_rows: skip")
+            skipped[examples.reason] += 1
+            continue
         if isinstance(examples, special_text.Refused):  # the chat template raised on it
             if data.bad_rows == "error":
                 raise InputError(f"{row.where}: {TEMPLATE_REFUSED}: {examples.reason}",
@@ -338,9 +371,13 @@ def _limit_one(example: Example, data: DataSection) -> tuple:
         return len(example.input_ids), "error"
     if data.overlong == "drop":
         return None, "overlong"
+    if any(end > data.max_seq_len for _, end in example.image_spans):
+        # never cut an image, nor leave one out: the model would get an image without its tokens
+        return None, images.IMAGE_CUT
     cut = any(label != IGNORE for label in example.labels[data.max_seq_len:])
-    example = Example(example.input_ids[: data.max_seq_len], example.labels[: data.max_seq_len],
-                      truncated=True, answer_cut=cut, parts=_parts_within(example, data.max_seq_len))
+    example = replace(example, input_ids=example.input_ids[: data.max_seq_len],
+                      labels=example.labels[: data.max_seq_len], truncated=True, answer_cut=cut,
+                      parts=_parts_within(example, data.max_seq_len))
     if example.labels.count(IGNORE) == len(example.labels):  # only a cut can leave none
         return None, CUT_AWAY
     return example, None
@@ -396,6 +433,14 @@ def _limit_pairs(rows: list[Row], pairs: list, data: DataSection, skipped: Count
     return kept
 
 
+def _check_image_data(data: DataSection, kind: str) -> None:
+    """What a vision-language base's data must be, refused before anything is written."""
+    if kind != "sft":
+        raise InputError(f"data: {kind} data for a vision-language model: image chats train with "
+                         "train.objective: sft for now", hint="use chat or sharegpt data with sft")
+    images.check_data(data)
+
+
 def data_kind(recipe: Recipe) -> str:
     """sft, preference or kto: what prepare writes, by the data's format (the recipe's schema
     has checked that the objective trains on it; prepare depends on the data section alone)."""
@@ -404,16 +449,19 @@ def data_kind(recipe: Recipe) -> str:
 
 def up_to_date(recipe: Recipe, run: Path) -> dict | None:
     """The manifest of `<run>/prepared` when it is up to date for this recipe, else None."""
-    _, inputs, recipe_sha = _identity(recipe)
+    _, inputs, recipe_sha = _identity(recipe, run)
     out_dir = stage_dir(run, "prepare")
     return read_manifest(out_dir) if is_up_to_date(out_dir, "prepare", recipe_sha, inputs) else None
 
 
-def _identity(recipe: Recipe):
+def _identity(recipe: Recipe, run: Path | None = None):
     """(model, inputs, recipe hash) that decide whether prepared data is up to date. Only the
     tokenizer matters here: a hub model's weights are not fetched, a local model's not hashed."""
     ref = model_sources.resolve_section(recipe.model, weights=False)
     inputs = {"tokenizer": model_sources.tokenizer_fingerprint(ref), "data_files": _content_hashes(recipe.data)}
+    referenced = images.current_images_digest(stage_dir(run, "prepare")) if run is not None else None
+    if referenced is not None:  # image chats: the images the prepared rows reference, as they are now
+        inputs["images"] = referenced
     return ref, inputs, section_sha256(recipe, "data")
 
 

@@ -34,10 +34,19 @@ TYPES = {"input_ids": List(Value("int32")), "labels": List(Value("int32")),
          "position_ids": List(Value("int32")), "where": Value("string"), "sample": Value("string"),
          "prompt_ids": List(Value("int32")), "chosen_ids": List(Value("int32")),
          "rejected_ids": List(Value("int32")), "completion_ids": List(Value("int32")), "label": Value("bool"),
-         "prompt": Value("string"), "answer": Value("string"), "extra": Value("string")}
+         "prompt": Value("string"), "answer": Value("string"), "extra": Value("string"),
+         "text": Value("string"), "images": List(Value("string")), "image_hashes": List(Value("string"))}
 # The columns of a split by the kind of data prepared (pairs.py for the last two).
 COLUMNS = {"sft": ("input_ids", "labels"), "preference": ("prompt_ids", "chosen_ids", "rejected_ids"),
            "kto": ("prompt_ids", "completion_ids", "label"), "prompt": ("prompt_ids", "prompt", "answer", "extra")}
+# an image chat's row besides (vision-language bases): the rendered text and its images by
+# reference, which the collator expands again and checks against the stored ids
+IMAGE_COLUMNS = ("text", "images", "image_hashes")
+
+
+def image_columns(example: Example) -> dict:
+    return {"text": example.text, "images": [path for path, _ in example.images],
+            "image_hashes": [digest for _, digest in example.images]}
 
 
 class SplitWriter:
@@ -95,9 +104,10 @@ class PairWriter:
 class TrainWriter:
     """The train split: examples as they come, or packed a bucket of PACK_BUCKET_TOKENS at a time."""
 
-    def __init__(self, path: Path, packing: bool, max_len: int, seed: int):
+    def __init__(self, path: Path, packing: bool, max_len: int, seed: int, images: bool = False):
         columns = ("input_ids", "labels", "position_ids", "where") if packing else ("input_ids", "labels", "where")
-        self.out = SplitWriter(path, columns)
+        self.images = images
+        self.out = SplitWriter(path, columns + IMAGE_COLUMNS if images else columns)
         self.packing, self.max_len, self.seed = packing, max_len, seed
         self.bucket: list[Example] = []
         self.bucket_where: list[str] = []
@@ -107,7 +117,8 @@ class TrainWriter:
 
     def add(self, where: str, example: Example) -> None:
         if not self.packing:
-            self.out.add({"input_ids": example.input_ids, "labels": example.labels, "where": where})
+            self.out.add({"input_ids": example.input_ids, "labels": example.labels, "where": where,
+                          **(image_columns(example) if self.images else {})})
             return
         self.bucket.append(example)
         self.bucket_where.append(where)
@@ -139,11 +150,13 @@ class Outputs:
     validation draw is held back, so that a validation fraction always gets a row when two are
     kept (a few hundred rows at fraction 0.001 might otherwise draw none)."""
 
-    def __init__(self, partial: Path, data: DataSection, kind: str = "sft"):
-        self.train = (TrainWriter(partial / "train", data.packing, data.max_seq_len, data.seed) if kind == "sft"
-                      else PairWriter(partial / "train", kind))
+    def __init__(self, partial: Path, data: DataSection, kind: str = "sft", images: bool = False):
+        self.train = (TrainWriter(partial / "train", data.packing, data.max_seq_len, data.seed, images)
+                      if kind == "sft" else PairWriter(partial / "train", kind))
         # validation rows keep their sample as JSON, so later stages can show and score them
-        self.validation = SplitWriter(partial / "validation", (*COLUMNS[kind], "where", "sample"))
+        self.images = images
+        self.validation = SplitWriter(partial / "validation", (*COLUMNS[kind], "where", "sample",
+                                                                *(IMAGE_COLUMNS if images else ())))
         self.train_stats, self.validation_stats = SplitStats(), SplitStats()
         self.holding = data.validation.sources is None and data.validation.effective_fraction > 0
         self.held: list[tuple] = []  # the held row's examples, as (row, example, first)
@@ -186,7 +199,8 @@ class Outputs:
 
     def _to_validation(self, row: Row, example: Example | Pair | PromptRow, first: bool = True) -> None:
         columns = (example.columns() if isinstance(example, (Pair, PromptRow))
-                   else {"input_ids": example.input_ids, "labels": example.labels})
+                   else {"input_ids": example.input_ids, "labels": example.labels,
+                         **(image_columns(example) if self.images else {})})
         # a row's sample once, with its first example: eval and preview generate once per row
         self.validation.add({**columns, "where": row.where, "sample": row.text if first else ""})
         self.validation_stats.add(example)

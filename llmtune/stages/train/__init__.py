@@ -108,7 +108,8 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False,
                       strategy, state, checkpoint, command)
 
     set_seed(recipe.train.seed)
-    tokenizer = build.tokenizer(ref, prepared_dir)
+    processor = build.processor(ref, prepared_dir)  # image chats: the base's processor
+    tokenizer = processor.tokenizer if processor is not None else build.tokenizer(ref, prepared_dir)
     if job.precision == "fp16" and device != "cuda":
         console.print("train: fp16 with loss scaling on the CPU (what pre-Ampere GPUs run); "
                       "bf16 or fp32 are the CPU's own choices")
@@ -117,7 +118,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False,
     trainable, total = model.get_nb_trainable_parameters()
     _say_what_trains(job, trainable, total)
     train_set, validation = build.datasets(prepared_dir, row, recipe.train.seed, recipe.train.group_by_length)
-    collator = build.collator(row, tokenizer)
+    collator = build.collator(row, tokenizer, processor, prepared_dir)
     progress = TrainProgress(partial / "metrics.jsonl", collator)
     stop = StopOnSignal(stop_request)
     callbacks = [progress, stop, MarkCheckpoints(partial / checkpoints.CHECKPOINTS, recipe.train.keep_checkpoints),
@@ -144,7 +145,7 @@ def train(recipe: Recipe, run: Path, force: bool = False, resume: bool = False,
         return Outcome(read_manifest(out_dir), up_to_date=False)
 
     model.save_pretrained(str(partial), state_dict=state_dict)
-    tokenizer.save_pretrained(str(partial))
+    (processor or tokenizer).save_pretrained(str(partial))  # a processor saves its tokenizer too
     (partial / checkpoints.RESUME_STATE).unlink()
     summary = {
         "steps": result.global_step,

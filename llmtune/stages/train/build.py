@@ -5,6 +5,7 @@ and the collator that batches them. Each reads the objective's row (llmtune/obje
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -18,7 +19,7 @@ from llmtune.data.probe import end_turns_for_servers
 from llmtune.data.templates import TEMPLATE_FILE
 from llmtune.errors import InputError
 from llmtune.objectives import objective
-from llmtune.stages.collate import PadCollator
+from llmtune.stages.collate import ImageCollator, PadCollator
 from llmtune.stages.train import distributed, trl
 
 
@@ -29,6 +30,21 @@ def tokenizer(ref, prepared_dir: Path):
     loaded = models.load_tokenizer(ref, template.read_text(encoding="utf-8") if template.is_file() else None)
     if template.is_file():
         end_turns_for_servers(loaded, loaded.chat_template)
+    return loaded
+
+
+def processor(ref, prepared_dir: Path):
+    """A vision-language base's processor, for data prepared as image chats (else None), with
+    the chat template the data was rendered with."""
+    from llmtune.manifest import read_manifest
+
+    if not read_manifest(prepared_dir)["summary"].get("vision_language"):
+        return None
+    loaded = models.load_processor(ref)
+    template = prepared_dir / TEMPLATE_FILE
+    if template.is_file():
+        loaded.chat_template = loaded.tokenizer.chat_template = template.read_text(encoding="utf-8")
+        end_turns_for_servers(loaded.tokenizer, loaded.chat_template)
     return loaded
 
 
@@ -58,8 +74,11 @@ def _lengths(dataset, row) -> list[int]:
     return trl.lengths(dataset)  # a prompt and its longer answer
 
 
-def collator(row, tokenizer):
-    """llmtune's padding collator for SFT examples, else the objective's TRL collator."""
+def collator(row, tokenizer, image_processor=None, prepared_dir: Path | None = None):
+    """llmtune's padding collator for SFT examples (image chats: ImageCollator), else the
+    objective's TRL collator."""
+    if image_processor is not None:
+        return ImageCollator(image_processor, prepared_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return PadCollator(pad_id) if row.trl is None else trl.collator(row, pad_id)
 
@@ -160,6 +179,19 @@ def lora_config(recipe, model=None) -> LoraConfig:
     adapter = recipe.adapter
     extra = {}
     targets = adapter.target_modules
+    to_save = list(adapter.modules_to_save)
+    vision_language = model is not None and getattr(model.config, "vision_config", None) is not None
+    if adapter.vision != "frozen" and model is not None and not vision_language:
+        raise InputError(f"adapter.vision: {adapter.vision} is for vision-language models; this base has no "
+                         "vision tower", hint="remove adapter.vision")
+    if vision_language:
+        if adapter.layers_to_transform is not None:
+            raise InputError("adapter.layers_to_transform is not supported for vision-language models yet",
+                             hint="remove it, or name the modules with a regex in adapter.target_modules")
+        if targets == "all-linear" or isinstance(targets, list):  # a regex is taken as written
+            targets, projector = vision_language_targets(model, adapter.vision,
+                                                         None if targets == "all-linear" else targets)
+            to_save += [name for name in projector if name not in to_save]
     if adapter.layers_to_transform is not None and targets == "all-linear" and model is not None:
         targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                           if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")})
@@ -175,7 +207,7 @@ def lora_config(recipe, model=None) -> LoraConfig:
         alpha_pattern=dict(adapter.alpha_pattern),
         lora_dropout=adapter.dropout,
         target_modules=targets,
-        modules_to_save=adapter.modules_to_save or None,
+        modules_to_save=to_save or None,
         use_dora=adapter.method == "dora",
         use_rslora=adapter.rslora,
         init_lora_weights=_INIT[adapter.init],
@@ -183,3 +215,33 @@ def lora_config(recipe, model=None) -> LoraConfig:
         task_type="SEQ_CLS" if objective(recipe.train.objective).head == "score" else "CAUSAL_LM",
         **extra,
     )
+
+
+# --- vision-language models (issue 31) ------------------------------------------------------------
+VISION_CHOICES = ("frozen", "lora", "train_projector")
+
+
+def vision_language_targets(model, vision: str = "frozen", only: list[str] | None = None) -> tuple[str, list[str]]:
+    """LoRA's target_modules (a regular expression, which peft matches against whole module
+    names) and modules_to_save for a vision-language model. peft's own `all-linear` also adapts
+    the vision tower and the projector (it did on both tiny families, peft 0.21); here the
+    language model's linear layers are the default, `vision: lora` adds the tower's, and
+    `vision: train_projector` trains the projector in full besides. `only`: the linear
+    layers of these names (adapter.target_modules as a list), else all of them."""
+    if vision not in VISION_CHOICES:
+        raise ValueError(f"vision: {vision} (choices: {', '.join(VISION_CHOICES)})")
+    decoder = model.get_decoder()
+    names = {id(module): name for name, module in model.named_modules()}
+    language = names[id(decoder)]
+    parts = [language]
+    tower, projector = models.vision_parts(model)
+    if vision == "lora" and tower:
+        parts.append(tower)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and any(name.startswith(p + ".") for p in parts)
+                     and (only is None or name.rsplit(".", 1)[-1] in only)})
+    if not leaves:
+        raise InputError(f"adapter.target_modules: none of {only} is a linear layer of the language model")
+    pattern = rf"({'|'.join(re.escape(p) for p in parts)})\..*\.({'|'.join(map(re.escape, leaves))})"
+    to_save = [projector.rsplit(".", 1)[-1]] if vision == "train_projector" and projector else []
+    return pattern, to_save

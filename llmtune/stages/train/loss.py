@@ -30,14 +30,17 @@ def chunk_rows(vocab_size: int) -> int:
     return min(MAX_CHUNK, max(16, LOGITS_PER_CHUNK // vocab_size))
 
 
-# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
-PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3"}
+# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling
+# (a vision-language model's by its language model: LLaVA's and Idefics3's are llamas).
+PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "qwen2_vl_text", "qwen2_5_vl_text",
+                    "mllama_text_model"}
 # ... and those whose logits are then soft-capped: cap * tanh(logits / cap) (Gemma 2 and 3).
 SOFTCAPPED_HEAD_TYPES = {"gemma2", "gemma3_text"}
 
 
 def chunked_loss_supported(config) -> bool:
-    return getattr(config, "model_type", None) in PLAIN_HEAD_TYPES | SOFTCAPPED_HEAD_TYPES
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "model_type", None) in PLAIN_HEAD_TYPES | SOFTCAPPED_HEAD_TYPES
 
 
 def final_hidden_states(model, forward: dict):
@@ -74,9 +77,10 @@ def summed_token_loss(model, inputs: dict, checkpointed: bool = False) -> tuple[
     hidden, targets = hidden[trained], targets[trained]
     unwrapped = extract_model_from_parallel(model)  # DDP wraps the model
     head = unwrapped.get_output_embeddings()
-    softcap = getattr(unwrapped.config, "final_logit_softcapping", None)
+    text = unwrapped.config.get_text_config()  # a vision-language model's language model
+    softcap = getattr(text, "final_logit_softcapping", None)
     total = hidden.new_zeros((), dtype=torch.float32)
-    rows = chunk_rows(unwrapped.config.vocab_size)
+    rows = chunk_rows(text.vocab_size)
     for start in range(0, targets.numel(), rows):
         chunk = (head, hidden[start:start + rows], targets[start:start + rows], softcap)
         total = total + (checkpoint(_chunk_loss, *chunk, use_reentrant=False) if checkpointed

@@ -1,0 +1,251 @@
+"""Image chats (issue 31), as plain data: the two shapes people write them in, read into one, and
+the labels of a conversation once the processor has expanded its images into image tokens.
+
+Shapes read (a row's `messages`, or ShareGPT's `conversations` once turned into messages):
+- content parts: `{"type": "text", "text": ...}`, `{"type": "image", "path" | "url" | "base64": ...}`,
+  OpenAI's `{"type": "image_url", "image_url": {"url": ...}}` (a `data:` URL holds the image);
+- placeholders (LLaMA-Factory, ms-swift): string content with `<image>` markers and the row's
+  top-level `images` list, one per marker, in order.
+
+Both become content parts with `{"type": "image", "source": ImageSource}`; the processor's chat
+template renders those as its own placeholder, and the processor expands each into the tokens the
+model sees.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+PLACEHOLDER = "<image>"
+IGNORE = -100
+
+
+class BadImageRow(ValueError):
+    """A row that cannot be an image chat; `reason` is the counted bad-row reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    kind: str  # path | url | data (the bytes, from base64 or a data: URL)
+    value: str  # the path (relative to the data file until resolved), the URL, or base64 text
+
+    def read(self, base_dir: Path, allow_http: bool = False) -> bytes:
+        """The image file's bytes. http(s) only where the recipe allows fetching (like hub access)."""
+        if self.kind == "data":
+            try:
+                return base64.b64decode(self.value, validate=True)
+            except (binascii.Error, ValueError):
+                raise BadImageRow("unreadable image", "invalid base64") from None
+        if self.kind == "url":
+            if not allow_http:
+                raise BadImageRow("image not fetched", f"{self.value} (allow fetching images in the recipe)")
+            from urllib.request import urlopen
+
+            try:
+                with urlopen(self.value, timeout=30) as response:  # noqa: S310 (http(s) only, checked below)
+                    return response.read()
+            except OSError as exc:
+                raise BadImageRow("unreadable image", f"{self.value}: {exc}") from None
+        path = Path(self.value)
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise BadImageRow("missing image" if not path.exists() else "unreadable image",
+                              f"{path}: {exc.strerror}") from None
+
+
+def open_image(data: bytes):
+    """An image file's bytes as an RGB PIL image; raises BadImageRow where PIL cannot read it."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise BadImageRow("unreadable image", str(exc)) from None
+    return image.convert("RGB")
+
+
+def content_hash(data: bytes) -> str:
+    """What identifies an image in the data fingerprint and the prepared rows."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def image_source(part) -> ImageSource:
+    """One image as a row gives it: a part of a message's content, or an entry of `images`."""
+    if isinstance(part, str):
+        return _from_reference(part)
+    if not isinstance(part, dict):
+        raise BadImageRow("bad image", f"expected a string or an object, got {type(part).__name__}")
+    if part.get("type") == "image_url":
+        url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+        if not isinstance(url, str):
+            raise BadImageRow("bad image", "image_url without a url")
+        return _from_reference(url)
+    for key, kind in (("path", "path"), ("url", "url"), ("base64", "data"), ("image", None)):
+        value = part.get(key)
+        if isinstance(value, str):
+            return ImageSource(kind, value) if kind else _from_reference(value)
+    raise BadImageRow("bad image", "an image part needs path, url or base64")
+
+
+def _from_reference(text: str) -> ImageSource:
+    if text.startswith("data:"):
+        header, _, payload = text.partition(",")
+        if ";base64" not in header:
+            raise BadImageRow("bad image", "a data: URL must be base64")
+        return ImageSource("data", payload)
+    if text.startswith(("http://", "https://")):
+        return ImageSource("url", text)
+    return ImageSource("path", text)
+
+
+def image_messages(messages: list[dict], images: list | None = None) -> list[dict]:
+    """The conversation with content parts, images as `{"type": "image", "source": ImageSource}`,
+    from either shape. Raises BadImageRow: placeholders that do not match `images` one to one,
+    an image in an assistant turn (the model writes no images), both shapes in one row."""
+    pending = list(images or [])
+    used_placeholders = 0
+    out = []
+    for message in messages:
+        content = message.get("content")
+        parts = []
+        if isinstance(content, str):
+            pieces = content.split(PLACEHOLDER)
+            for index, piece in enumerate(pieces):
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+                if index < len(pieces) - 1:
+                    used_placeholders += 1
+                    if not pending:
+                        raise BadImageRow("placeholders and images differ",
+                                          f"more {PLACEHOLDER} markers than images ({len(images or [])})")
+                    parts.append({"type": "image", "source": image_source(pending.pop(0))})
+        elif isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append({"type": "text", "text": part.get("text", "")})
+                elif kind in ("image", "image_url"):
+                    if images:
+                        raise BadImageRow("placeholders and images differ",
+                                          "image parts and a top-level images list in one row")
+                    parts.append({"type": "image", "source": image_source(part)})
+                else:
+                    raise BadImageRow("bad content part", f"type {kind!r} (expected text, image or image_url)")
+        else:
+            raise BadImageRow("bad content part", f"content of type {type(content).__name__}")
+        if message.get("role") == "assistant" and any(p["type"] == "image" for p in parts):
+            raise BadImageRow("image in an assistant turn", "images belong to user (or system) turns")
+        out.append({**message, "content": parts})
+    if pending:
+        raise BadImageRow("placeholders and images differ",
+                          f"{len(images)} images but {used_placeholders} {PLACEHOLDER} markers")
+    return out
+
+
+def sample(messages: list[dict], images: list | None = None) -> dict:
+    """A chat sample of an image conversation (formats.py): messages whose user and system
+    contents are parts, `{"type": "image"}` standing where each image goes, assistant contents
+    plain text; `images` the references, in order, as `{kind: value}` (path, url or data).
+    Raises BadImageRow as image_messages does."""
+    messages = image_messages(messages, images)
+    out = []
+    for message in messages:
+        parts = message["content"]
+        if message.get("role") == "assistant":
+            out.append({**message, "content": "".join(p["text"] for p in parts)})
+        else:
+            out.append({**message, "content": [{"type": "image"} if p["type"] == "image" else p for p in parts]})
+    return {"messages": out, "images": [{s.kind: s.value} for s in sources(messages)]}
+
+
+def stored_source(reference: dict) -> ImageSource:
+    """The ImageSource of a sample's `images` entry."""
+    (kind, value), = reference.items()
+    return ImageSource(kind, value)
+
+
+def sources(messages: list[dict]) -> list[ImageSource]:
+    """The conversation's images, in the order the template renders them."""
+    return [part["source"] for message in messages for part in message["content"] if part["type"] == "image"]
+
+
+def for_template(messages: list[dict]) -> list[dict]:
+    """What a processor's chat template takes: image parts without their source."""
+    return [{**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+            for m in messages]
+
+
+def placeholder(render) -> str:
+    """The text a chat template writes for one image (`<image>`, Gemma 3's `<start_of_image>`,
+    Qwen's `<|vision_start|><|image_pad|><|vision_end|>`), found by rendering a turn with and
+    without an image: `render(messages)` renders a conversation with the template."""
+    text = [{"type": "text", "text": "x"}]
+    plain = render([{"role": "user", "content": text}])
+    with_image = render([{"role": "user", "content": [{"type": "image"}, *text]}])
+    start = 0
+    while start < min(len(plain), len(with_image)) and plain[start] == with_image[start]:
+        start += 1
+    end = 0
+    while end < len(plain) - start and plain[-1 - end] == with_image[-1 - end]:
+        end += 1
+    found = with_image[start:len(with_image) - end]
+    if not found:
+        raise ValueError("the chat template writes nothing for an image")
+    return found
+
+
+def image_spans(ids: list[int], expanded: list[int], marker: list[int]) -> list[tuple[int, int]]:
+    """[start, end) in `expanded` of each image's tokens (with the delimiters and blank lines the
+    processor wraps it in), in order: between the text tokens around the image's `marker` (its
+    placeholder's ids) in `ids`, aligned as expanded_labels aligns them. Images next to each
+    other share one span."""
+    where = [index for index in range(len(ids) - len(marker) + 1) if ids[index:index + len(marker)] == marker]
+    inside = {index + k for index in where for k in range(len(marker))}
+    to_expanded = {}
+    for block in difflib.SequenceMatcher(a=ids, b=expanded, autojunk=False).get_matching_blocks():
+        for offset in range(block.size):
+            if block.a + offset not in inside:
+                to_expanded[block.a + offset] = block.b + offset
+    anchors = sorted(to_expanded)
+    spans = []
+    for index in where:
+        before = [a for a in anchors if a < index]
+        after = [a for a in anchors if a >= index + len(marker)]
+        start = to_expanded[before[-1]] + 1 if before else 0
+        end = to_expanded[after[0]] if after else len(expanded)
+        spans.append((start, end))
+    return spans
+
+
+def expanded_labels(ids: list[int], labels: list[int], expanded: list[int]) -> list[int]:
+    """The labels of `expanded` (the processor's ids: each image placeholder replaced by the image's
+    tokens, with whatever delimiters and blank lines the family wraps them in) from the labels of
+    `ids` (the same rendering with one placeholder token per image, labelled as text is). The two
+    are aligned token by token; every trained token of `ids` must survive unchanged (the
+    expansion only touches the prompt), and every token the expansion added is never trained.
+    Raises ValueError where a trained token did not survive (a family whose expansion reaches into
+    the assistant's text: a bug to report, not a row to skip)."""
+    out = [IGNORE] * len(expanded)
+    matched = 0
+    for block in difflib.SequenceMatcher(a=ids, b=expanded, autojunk=False).get_matching_blocks():
+        for offset in range(block.size):
+            out[block.b + offset] = labels[block.a + offset]
+            matched += labels[block.a + offset] != IGNORE
+    trained = sum(label != IGNORE for label in labels)
+    if matched != trained:
+        raise ValueError(f"the image expansion changed {trained - matched} trained token(s)")
+    return out
