@@ -255,7 +255,7 @@ def test_run_end_to_end_on_a_tiny_vlm(tiny_llava, tmp_path):
     assert len(answers) == 2 and all(isinstance(a["output"], str) for a in answers)
 
     chat = subprocess.run([sys.executable, "-m", "llmtune", "chat", str(run), "--max-new-tokens", "3"],
-                          input="/image data/images/00002-yellow-circle.png\nWhat is in the picture?\n"
+                          input="/image data/images/00001-red-square.png\nWhat is in the picture?\n"
                                 "/image missing.png\n/exit\n", cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr
