@@ -218,3 +218,23 @@ def ddp_recipe(folder: Path, tiny_model) -> Path:
     recipe = write_recipe(folder, tiny_model, rows=40, train=DDP_TRAIN, preview={"count": 0})
     prepare(load_recipe(recipe), folder / "runs" / "tiny")
     return recipe
+
+
+def chunked_and_standard_loss(model, batch: dict) -> tuple[float, float, float]:
+    """(the chunked loss, the model's own loss, the largest gradient difference between them) of
+    a batch: ChunkedLossTrainer's compute_loss against the model's forward with labels."""
+    import types
+
+    from llmtune.stages.train.trainer import ChunkedLossTrainer
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        value = compute()
+        value.backward()
+        return float(value), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    standard, standard_grads = loss_and_grads(lambda: model(**batch).loss)
+    chunked, chunked_grads = loss_and_grads(
+        lambda: ChunkedLossTrainer.compute_loss(types.SimpleNamespace(), model, dict(batch)))
+    return chunked, standard, max(float((a - b).abs().max()) for a, b in zip(chunked_grads, standard_grads))
+

@@ -166,17 +166,14 @@ def test_sigterm_saves_exits_75_and_resumes(uninterrupted, tiny_model, tmp_path)
 
 
 def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
-    import types
-
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from helpers import chat_rows
+    from helpers import chat_rows, chunked_and_standard_loss
     from llmtune.data.chat import encode_sample
     from llmtune.stages.collate import PadCollator
     from llmtune.stages.train import loss as loss_module
-    from llmtune.stages.train.trainer import ChunkedLossTrainer
 
     monkeypatch.setattr(loss_module, "MAX_CHUNK", 7)  # several chunks, the last one partial
     assert loss_module.chunk_rows(128256) == 7 and loss_module.chunk_rows(32) == 7
@@ -186,18 +183,8 @@ def test_chunked_loss_equals_the_model_loss(tiny_model, tokenizer, monkeypatch):
     examples = [encode_sample(tokenizer, row) for row in chat_rows(3)]
     batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
 
-    def loss_and_grads(compute):
-        model.zero_grad()
-        value = compute()
-        value.backward()
-        return float(value), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    standard, standard_grads = loss_and_grads(lambda: model(**batch).loss)
-    fake_trainer = types.SimpleNamespace()
-    chunked, chunked_grads = loss_and_grads(
-        lambda: ChunkedLossTrainer.compute_loss(fake_trainer, model, dict(batch)))
-    assert chunked == pytest.approx(standard, abs=1e-5)
-    assert max(float((a - b).abs().max()) for a, b in zip(chunked_grads, standard_grads)) < 1e-5
+    chunked, standard, gradient_difference = chunked_and_standard_loss(model, batch)
+    assert chunked == pytest.approx(standard, abs=1e-5) and gradient_difference < 1e-5
     assert loss_module.chunked_loss_supported(model.config)  # the tiny model is a llama
 
     # evaluation (eval, the merge check's peers) computes the same loss without full logits

@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import adapter_weights, llmtune, max_difference, stage_manifest, start_training_until, write_jsonl
+from helpers import (
+    adapter_weights,
+    chunked_and_standard_loss,
+    llmtune,
+    max_difference,
+    stage_manifest,
+    start_training_until,
+    write_jsonl,
+)
 from llmtune.data.chat import IGNORE
 from llmtune.testing import VLM_FAMILIES, build_tiny_vlm, draw_shape, write_shapes_dataset
 
@@ -270,15 +278,12 @@ def test_run_end_to_end_on_a_tiny_vlm(tiny_llava, tmp_path):
 def test_the_chunked_loss_equals_the_models_own_on_image_batches(tiny_vlm, tmp_path):
     """Training and eval compute a VLM's loss without full logits (a 152k vocabulary at 4 x 2048
     tokens is 10 GB of logits): value and gradients as the model's own loss, images included."""
-    import types
-
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from llmtune.stages.collate import ImageCollator
     from llmtune.stages.train import loss as loss_module
-    from llmtune.stages.train.trainer import ChunkedLossTrainer
 
     family, base = tiny_vlm
     write_shapes_dataset(tmp_path / "data", 4)
@@ -290,17 +295,8 @@ def test_the_chunked_loss_equals_the_models_own_on_image_batches(tiny_vlm, tmp_p
                                       init_lora_weights="gaussian"))
     assert loss_module.chunked_loss_supported(model.config)
 
-    def loss_and_grads(compute):
-        model.zero_grad()
-        value = compute()
-        value.backward()
-        return float(value), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    standard, standard_grads = loss_and_grads(lambda: model(**batch).loss)
-    chunked, chunked_grads = loss_and_grads(
-        lambda: ChunkedLossTrainer.compute_loss(types.SimpleNamespace(), model, dict(batch)))
-    assert chunked == pytest.approx(standard, abs=1e-5)
-    assert max(float((a - b).abs().max()) for a, b in zip(chunked_grads, standard_grads)) < 1e-5
+    chunked, standard, gradient_difference = chunked_and_standard_loss(model, batch)
+    assert chunked == pytest.approx(standard, abs=1e-5) and gradient_difference < 1e-5
 
 
 def test_the_recipe_lock_holds_every_image_by_content(tiny_llava, tmp_path):
