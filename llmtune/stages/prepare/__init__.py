@@ -181,6 +181,11 @@ def print_stats(stats: dict) -> None:
             line += "; trained tokens: " + ", ".join(
                 f"{part.replace('_', ' ')} {100 * value['share']:.1f}%" for part, value in train["trained_by_part"].items())
         console.print(line)
+    if "images" in train:
+        shown = train["images"]
+        console.print(f"  images (train): {shown['images']} in {shown['rows_with_images']} examples, "
+                      f"{shown['image_tokens']:,} image tokens ({100 * shown['image_token_share']:.1f}% of the "
+                      "tokens, never trained)")
     cut = train["answers_cut"] + val["answers_cut"]
     if cut and cut / max(stats["rows_kept"], 1) > ANSWERS_CUT_WARNING:
         console.print(
