@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import difflib
 import hashlib
 from dataclasses import dataclass
@@ -208,30 +209,48 @@ def placeholder(render) -> str:
     return found
 
 
-def image_spans(ids: list[int], expanded: list[int], marker: list[int]) -> list[tuple[int, int]]:
+def matching_blocks(ids: list[int], expanded: list[int]) -> list[tuple[int, int, int]]:
+    """(start in ids, start in expanded, length) of the runs the two sequences share, in order:
+    the common prefix and suffix directly (everything before the first image and after the last
+    one: a one-image row's alignment is linear), difflib on what lies between."""
+    prefix = 0
+    while prefix < min(len(ids), len(expanded)) and ids[prefix] == expanded[prefix]:
+        prefix += 1
+    suffix = 0
+    while (suffix < min(len(ids), len(expanded)) - prefix
+           and ids[len(ids) - 1 - suffix] == expanded[len(expanded) - 1 - suffix]):
+        suffix += 1
+    middle = difflib.SequenceMatcher(a=ids[prefix:len(ids) - suffix], b=expanded[prefix:len(expanded) - suffix],
+                                     autojunk=False).get_matching_blocks()
+    blocks = [(0, 0, prefix)] + [(a + prefix, b + prefix, size) for a, b, size in middle if size]
+    return blocks + [(len(ids) - suffix, len(expanded) - suffix, suffix)]
+
+
+def image_spans(ids: list[int], expanded: list[int], marker: list[int],
+                blocks: list | None = None) -> list[tuple[int, int]]:
     """[start, end) in `expanded` of each image's tokens (with the delimiters and blank lines the
     processor wraps it in), in order: between the text tokens around the image's `marker` (its
-    placeholder's ids) in `ids`, aligned as expanded_labels aligns them. Images next to each
-    other share one span."""
+    placeholder's ids) in `ids`, aligned as expanded_labels aligns them (`blocks`: that alignment,
+    matching_blocks, when already made). Images next to each other share one span."""
     where = [index for index in range(len(ids) - len(marker) + 1) if ids[index:index + len(marker)] == marker]
     inside = {index + k for index in where for k in range(len(marker))}
     to_expanded = {}
-    for block in difflib.SequenceMatcher(a=ids, b=expanded, autojunk=False).get_matching_blocks():
-        for offset in range(block.size):
-            if block.a + offset not in inside:
-                to_expanded[block.a + offset] = block.b + offset
+    for a, b, size in blocks if blocks is not None else matching_blocks(ids, expanded):
+        for offset in range(size):
+            if a + offset not in inside:
+                to_expanded[a + offset] = b + offset
     anchors = sorted(to_expanded)
     spans = []
     for index in where:
-        before = [a for a in anchors if a < index]
-        after = [a for a in anchors if a >= index + len(marker)]
-        start = to_expanded[before[-1]] + 1 if before else 0
-        end = to_expanded[after[0]] if after else len(expanded)
+        before = bisect.bisect_left(anchors, index)  # anchors[before - 1] is the last one before it
+        after = bisect.bisect_left(anchors, index + len(marker))
+        start = to_expanded[anchors[before - 1]] + 1 if before else 0
+        end = to_expanded[anchors[after]] if after < len(anchors) else len(expanded)
         spans.append((start, end))
     return spans
 
 
-def expanded_labels(ids: list[int], labels: list[int], expanded: list[int]) -> list[int]:
+def expanded_labels(ids: list[int], labels: list[int], expanded: list[int], blocks: list | None = None) -> list[int]:
     """The labels of `expanded` (the processor's ids: each image placeholder replaced by the image's
     tokens, with whatever delimiters and blank lines the family wraps them in) from the labels of
     `ids` (the same rendering with one placeholder token per image, labelled as text is). The two
@@ -241,10 +260,9 @@ def expanded_labels(ids: list[int], labels: list[int], expanded: list[int]) -> l
     the assistant's text: a bug to report, not a row to skip)."""
     out = [IGNORE] * len(expanded)
     matched = 0
-    for block in difflib.SequenceMatcher(a=ids, b=expanded, autojunk=False).get_matching_blocks():
-        for offset in range(block.size):
-            out[block.b + offset] = labels[block.a + offset]
-            matched += labels[block.a + offset] != IGNORE
+    for a, b, size in blocks if blocks is not None else matching_blocks(ids, expanded):
+        out[b:b + size] = labels[a:a + size]
+        matched += size - labels[a:a + size].count(IGNORE)
     trained = sum(label != IGNORE for label in labels)
     if matched != trained:
         raise ValueError(f"the image expansion changed {trained - matched} trained token(s)")

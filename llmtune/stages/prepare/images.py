@@ -139,8 +139,9 @@ def _expanded(processor, text: str, example: Example, loaded: list, marker: list
     except Exception as exc:  # noqa: BLE001 (each family's processor raises its own kinds)
         raise vision.BadImageRow(PROCESSOR_REFUSED, f"{type(exc).__name__}: {exc}") from None
     expanded = [int(token) for token in expanded]
-    labels = vision.expanded_labels(example.input_ids, example.labels, expanded)
-    spans = vision.image_spans(example.input_ids, expanded, marker) if images else []
+    blocks = vision.matching_blocks(example.input_ids, expanded)  # one alignment for both
+    labels = vision.expanded_labels(example.input_ids, example.labels, expanded, blocks)
+    spans = vision.image_spans(example.input_ids, expanded, marker, blocks) if images else []
     return replace(example, input_ids=expanded, labels=labels, text=text,
                    images=tuple((path, digest) for path, digest, _ in loaded), image_spans=tuple(spans))
 
