@@ -114,6 +114,16 @@ def test_both_shapes_prepare_to_the_same_ids_training_only_the_answers(tiny_vlm,
                     tokenizer("blue", add_special_tokens=False)["input_ids"] + [end]]
     assert all(label == token for token, label in zip(ids, labels) if label != vision.IGNORE)
 
+    # each image's span of the expanded ids: two spans, holding every image token and no answer
+    from llmtune.stages.prepare.images import marker_ids
+
+    messages = vision.image_messages(PARTS["messages"])
+    example = encode_sample(tokenizer, {"messages": vision.for_template(messages)}, template=processor.chat_template)
+    spans = vision.image_spans(example.input_ids, ids, marker_ids(processor, processor.chat_template))
+    inside = {index for start, end in spans for index in range(start, end)}
+    assert len(spans) == 2 and {i for i, token in enumerate(ids) if token in image_ids} <= inside
+    assert not [i for i in inside if labels[i] != vision.IGNORE]
+
 
 def test_image_sources_and_bad_rows_by_reason(tmp_path):
     png = _png()

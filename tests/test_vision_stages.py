@@ -347,3 +347,23 @@ def test_packing_is_refused_for_image_chats(tiny_llava, tmp_path):
     write_shapes_dataset(tmp_path / "data", 4)
     with pytest.raises(InputError, match="data.packing: packing is not supported for vision-language models"):
         _prepare(_recipe(tmp_path, tiny_llava), "data.packing=true")
+
+
+def test_plan_counts_the_tower_and_the_image_tokens(tiny_llava, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from llmtune.recipe import load_recipe
+    from llmtune.stages.plan import plan
+
+    write_shapes_dataset(tmp_path / "data", 8)
+    path = _recipe(tmp_path, tiny_llava)
+    run = _prepare(path)
+    stats = json.loads((run / "prepared" / "stats.json").read_text())["train"]["images"]
+    estimate = plan(load_recipe(path), run)
+    tower = AutoModelForImageTextToText.from_pretrained(str(tiny_llava)).model.vision_tower
+    assert estimate["vision_tower_parameters"] == sum(p.numel() for p in tower.parameters())
+    assert (estimate["images_per_epoch"], estimate["image_tokens_per_epoch"]) == (stats["images"], stats["image_tokens"])
+    memory = estimate["memory_bytes"]
+    assert memory["vision"] > 0 and memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    with_lora = plan(load_recipe(path, ["adapter.vision=lora"]), run)["memory_bytes"]["vision"]
+    assert with_lora > memory["vision"]  # a trained tower keeps every layer's activations
