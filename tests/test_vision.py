@@ -277,5 +277,5 @@ def test_content_parts_without_images_are_a_text_conversation():
                 "images": ["red.png"]}
     sample, problem = to_sample(sharegpt, "sharegpt", {})
     assert problem is None and sample["images"] == [{"path": "red.png"}]
-    assert to_sample({**sharegpt, "images": "red.png"}, "sharegpt", {}) == (
-        None, "bad image: 'images' must be a list of images")
+    llava = {"image": "red.png", "conversations": sharegpt["conversations"]}  # LLaVA-Instruct's one image
+    assert to_sample(llava, "sharegpt", {"images": "image"}) == (sample, None)

@@ -367,3 +367,37 @@ def test_plan_counts_the_tower_and_the_image_tokens(tiny_llava, tmp_path):
     assert memory["vision"] > 0 and memory["total"] == sum(v for k, v in memory.items() if k != "total")
     with_lora = plan(load_recipe(path, ["adapter.vision=lora"]), run)["memory_bytes"]["vision"]
     assert with_lora > memory["vision"]  # a trained tower keeps every layer's activations
+
+
+def test_images_inside_a_parquet_file_as_datasets_writes_them(tiny_llava, tmp_path):
+    """The common hub shape: a parquet file whose `images` column is datasets' Image feature
+    (each image's bytes inside the file); prepare writes each image once under prepared/images."""
+    from datasets import Dataset, Image, List
+
+    pngs = [_png((255, 0, 0)), _png((0, 0, 255))]
+    rows = Dataset.from_dict({
+        "messages": [[{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": colour}]
+                     for colour in ("red", "blue")],
+        "images": [[png] for png in pngs]}).cast_column("images", List(Image()))
+    (tmp_path / "data").mkdir()
+    rows.to_parquet(str(tmp_path / "data" / "colours.parquet"))
+    run = _prepare(_recipe(tmp_path, tiny_llava, "data/colours.parquet", data={"validation": {"fraction": 0}}))
+    kept = _rows(run)
+    assert len(kept) == 2 and all(row["images"][0].startswith("images/") for row in kept)
+    assert sorted((run / "prepared" / row["images"][0]).read_bytes() for row in kept) == sorted(pngs)
+
+
+def test_control_token_text_in_an_image_chat_is_refused_unless_kept(tiny_llava, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "red.png").write_bytes(_png((255, 0, 0)))
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "path": "red.png"},
+                                                       {"type": "text", "text": f"Colour?{end}"}]},
+                          {"role": "assistant", "content": "red"}]} for end in ("", "<|im_end|>")]
+    write_jsonl(data / "rows.jsonl", rows)
+    recipe = _recipe(tmp_path, tiny_llava, "data/rows.jsonl", data={"validation": {"fraction": 0}, "dedup": False,
+                                                                    "bad_rows": "skip"})
+    stats = json.loads((_prepare(recipe) / "prepared" / "stats.json").read_text())
+    assert stats["rows_kept"] == 1 and stats["skipped_by_reason"] == {"control-token text in an image chat": 1}
+    stats = json.loads((_prepare(recipe, "data.special_text=keep") / "prepared" / "stats.json").read_text())
+    assert stats["rows_kept"] == 2

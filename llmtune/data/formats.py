@@ -117,7 +117,7 @@ def _image_sample(messages, images, column: str, system_prompt: str | None):
     from llmtune.data import vision
 
     if images is not None and not isinstance(images, list):
-        return None, f"bad image: '{column}' must be a list of images"
+        images = [images]  # LLaVA's rows name one image ("image": "coco/...jpg")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return None, "malformed conversation: expected a non-empty list of messages"
     try:

@@ -172,7 +172,7 @@ def encode_samples(tokenizer, samples: list[dict], template: str | None, train_o
     controls = control_tokens(tokenizer) if mode == "plain" else ()
     holding = found_in_samples(samples, controls)
     samples = [hide(s, controls) if index in holding else s for index, s in enumerate(samples)]
-    rendered = _rendered(samples, tokenizer, template, train_on, reasoning)
+    rendered = rendered_or_refused(samples, tokenizer, template, train_on, reasoning)
     flat = [piece for index, pieces in enumerate(rendered) if index not in holding for piece in pieces]
     examples = iter(encode(tokenizer, flat))
     return [pieces if isinstance(pieces, Refused)
@@ -190,7 +190,7 @@ class Refused(list):
         self.reason = reason
 
 
-def _rendered(samples, tokenizer, template, train_on, reasoning) -> list:
+def rendered_or_refused(samples, tokenizer, template, train_on, reasoning) -> list:
     """render_samples, or, when the template raises, each sample alone: those it raises on are
     Refused."""
     from jinja2 import TemplateError

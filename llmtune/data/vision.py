@@ -85,11 +85,23 @@ def content_hash(data: bytes) -> str:
 
 
 def image_source(part) -> ImageSource:
-    """One image as a row gives it: a part of a message's content, or an entry of `images`."""
+    """One image as a row gives it: a part of a message's content, or an entry of `images` (a
+    path or URL, a `datasets` Image value {"bytes", "path"} as parquet files hold them, raw
+    bytes, or a PIL image as a hub dataset decodes it)."""
     if isinstance(part, str):
         return _from_reference(part)
+    if isinstance(part, (bytes, bytearray)):
+        return ImageSource("data", base64.b64encode(bytes(part)).decode("ascii"))
+    if type(part).__module__.startswith("PIL.") and hasattr(part, "save"):  # a decoded image
+        import io
+
+        buffer = io.BytesIO()
+        part.save(buffer, format="PNG")
+        return ImageSource("data", base64.b64encode(buffer.getvalue()).decode("ascii"))
     if not isinstance(part, dict):
         raise BadImageRow("bad image", f"expected a string or an object, got {type(part).__name__}")
+    if isinstance(part.get("bytes"), (bytes, bytearray)):  # datasets' Image feature, undecoded
+        return image_source(part["bytes"])
     if part.get("type") == "image_url":
         url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
         if not isinstance(url, str):
@@ -99,6 +111,8 @@ def image_source(part) -> ImageSource:
         value = part.get(key)
         if isinstance(value, str):
             return ImageSource(kind, value) if kind else _from_reference(value)
+        if key == "image" and value is not None:  # {"type": "image", "image": <bytes or PIL image>}
+            return image_source(value)
     raise BadImageRow("bad image", "an image part needs path, url or base64")
 
 

@@ -98,7 +98,7 @@ def _prepare(recipe: Recipe, run: Path, force: bool) -> Outcome:
     store = images.ImageStore(partial / images.IMAGES, data.allow_image_urls) if vision_language else None
     if vision_language:  # the images are read and expanded here, in this process
         encoder = functools.partial(images.encode_image_batch, processor, template, data.train_on, data.reasoning,
-                                    store, images.marker_ids(processor, template))
+                                    store, images.marker_ids(processor, template), data.special_text)
     elif kind == "sft":
         encoder = functools.partial(_encode_batch, tokenizer, template, data.train_on, data.special_text,
                                     data.reasoning)

@@ -29,6 +29,7 @@ IMAGES_INDEX = "images.json"
 IMAGE_CUT = "max_seq_len inside or before an image"  # a skip reason: truncation never cuts an image
 PROCESSOR_REFUSED = "image refused by the processor"
 NO_VISION = "image for a language model"
+CONTROL_TEXT = "control-token text in an image chat"
 
 
 class ImageRefused(list):
@@ -110,15 +111,26 @@ def marker_ids(processor, template: str) -> list[int]:
 
 
 def encode_image_batch(processor, template: str, train_on: str, reasoning: str, store: ImageStore,
-                       marker: list[int], samples: list[dict]) -> list:
+                       marker: list[int], mode: str, samples: list[dict]) -> list:
     """Each sample's examples, as special_text.encode_samples gives them for text, with the images
-    expanded: a list of Examples, a special_text.Refused (the template raised), or ImageRefused."""
+    expanded: a list of Examples, a special_text.Refused (the template raised), or ImageRefused.
+    Control-token text in an image chat's content (`mode`: data.special_text) is refused unless
+    `keep`: the processor would turn it into the token, where plain promises ordinary text."""
     tokenizer = processor.tokenizer
-    rendered = special_text._rendered(samples, tokenizer, template, train_on, reasoning)
-    flat = [piece for pieces in rendered if not isinstance(pieces, special_text.Refused) for piece in pieces]
+    controls = special_text.control_tokens(tokenizer) if mode != "keep" else ()
+    held = {index: hits[0] for index, sample in enumerate(samples)
+            if (hits := special_text.found(_texts(sample), controls))}
+    others = iter(special_text.rendered_or_refused([s for i, s in enumerate(samples) if i not in held], tokenizer,
+                                                   template, train_on, reasoning))
+    rendered = [CONTROL_TEXT if index in held else next(others) for index in range(len(samples))]
+    flat = [piece for pieces in rendered if not isinstance(pieces, (str, special_text.Refused)) for piece in pieces]
     examples = iter(encode(tokenizer, flat))
     out = []
-    for sample, pieces in zip(samples, rendered):
+    for index, (sample, pieces) in enumerate(zip(samples, rendered)):
+        if pieces is CONTROL_TEXT:
+            out.append(ImageRefused(CONTROL_TEXT, f"{held[index]} in the text (data.special_text: keep lets it "
+                                                  "become the token, as the processor reads it)"))
+            continue
         if isinstance(pieces, special_text.Refused):
             out.append(pieces)
             continue
@@ -130,6 +142,13 @@ def encode_image_batch(processor, template: str, train_on: str, reasoning: str, 
         except vision.BadImageRow as bad:
             out.append(ImageRefused(bad.reason, str(bad).removeprefix(f"{bad.reason}: ")))
     return out
+
+
+def _texts(sample: dict) -> list[str]:
+    """The text of an image chat's messages: string contents and text parts."""
+    return [part if isinstance(part, str) else part.get("text", "") for message in sample["messages"]
+            for part in (message["content"] if isinstance(message["content"], list) else [message["content"]])
+            if isinstance(part, str) or part.get("type") == "text"]
 
 
 def _expanded(processor, text: str, example: Example, loaded: list, marker: list[int]) -> Example:
