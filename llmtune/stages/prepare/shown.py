@@ -52,6 +52,29 @@ def _shown(row: dict, name: str, tokenizer) -> ShownRow:
         return ShownRow(title, [Piece(decode(row["prompt_ids"]), False),
                                 *(Piece(decode(ids), True, label=label) for label, ids in answers)])
     trained = len(row["labels"]) - row["labels"].count(IGNORE)
-    pieces = [Piece(decode(tokens), is_trained, new_example)
+    pieces = [Piece(_decoded(tokenizer, tokens), is_trained, new_example)
               for tokens, is_trained, new_example in label_runs(row["input_ids"], row["labels"], row.get("position_ids"))]
-    return ShownRow(f"{name}: {len(row['input_ids'])} tokens, {trained} trained", pieces)
+    images = f", {len(row['images'])} image(s)" if row.get("images") else ""
+    return ShownRow(f"{name}: {len(row['input_ids'])} tokens, {trained} trained{images}", pieces)
+
+
+def _decoded(tokenizer, tokens: list[int]) -> str:
+    """Tokens as text, a run of one added token repeated (an image's 576 `<image>`) as
+    `<image> x576`."""
+    added = tokenizer.added_tokens_decoder
+    out, start = [], 0
+    for index in range(1, len(tokens) + 1):
+        if index == len(tokens) or tokens[index] != tokens[start]:
+            run = index - start
+            if run >= 8 and tokens[start] in added:
+                out.append(f"{tokenizer.decode(tokens[start:start + 1])} x{run}")
+            else:
+                out.append(tokens[start:index])
+            start = index
+    merged: list = []  # consecutive token runs decoded together (byte-level tokens join up)
+    for part in out:
+        if isinstance(part, list) and merged and isinstance(merged[-1], list):
+            merged[-1] += part
+        else:
+            merged.append(part)
+    return "".join(tokenizer.decode(part) if isinstance(part, list) else part for part in merged)
