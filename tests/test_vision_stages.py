@@ -109,6 +109,11 @@ def test_prepare_stores_expanded_ids_both_shapes_alike_images_untrained(tiny_vlm
     assert manifest["summary"]["vision_language"] and manifest["inputs"]["images"].startswith("sha256:")
     index = json.loads((runs["parts"] / "prepared" / "images.json").read_text())
     assert len(index) == 16 and all(entry["sha256"].startswith("sha256:") for entry in index.values())
+    from llmtune.stages.prepare.shown import shown_rows  # llmtune data preview
+
+    (shown,) = shown_rows(runs["parts"] / "prepared", "train", 1, tokenizer)
+    text = "".join(piece.text for piece in shown.pieces)
+    assert shown.title.endswith("1 image(s)") and ("<image> x16" in text) == (family == "llava")
 
 
 @pytest.mark.slow
