@@ -97,10 +97,10 @@ def data_files(recipe) -> list[Path]:
 
 
 def data_images(recipe) -> list[Path]:
-    """Every local image file the recipe's chat and ShareGPT data lists (content parts or an
-    `images` list), relative paths resolved against the data file; rows that are not image
-    chats, and images given inline or by URL, add none."""
-    from llmtune.data import vision
+    """Every local image file the recipe's chat and ShareGPT data lists, read as prepare reads
+    the rows (relative paths from the data file); rows that are not image chats, and images
+    given inline or by URL, add none."""
+    from llmtune.data.formats import to_sample
     from llmtune.data.rows import resolved_images
     from llmtune.data.sources import read_source
 
@@ -109,17 +109,8 @@ def data_images(recipe) -> list[Path]:
         if not source.path or source.format not in ("chat", "sharegpt"):
             continue
         for record in read_source(source):
-            row = record.data or {}
-            messages = row.get(source.fields.get("messages", "messages")) or []
-            images = row.get(source.fields.get("images", "images"))
-            if images is None and not any(isinstance(m, dict) and isinstance(m.get("content"), list)
-                                          for m in messages if isinstance(messages, list)):
-                continue
-            try:
-                sample = vision.sample(messages, images)
-            except (vision.BadImageRow, AttributeError, TypeError):
-                continue  # prepare names the row
-            for reference in resolved_images(sample["images"], record.where):
+            sample, _ = to_sample(record.data, source.format, source.fields) if record.data else (None, None)
+            for reference in resolved_images((sample or {}).get("images", []), record.where):
                 if "path" in reference:
                     found[Path(reference["path"])] = None
     return list(found)
