@@ -15,7 +15,10 @@ from pathlib import Path
 from llmtune.manifest import sha256_file
 
 CONVERTED_MARKER = "llmtune-converted.json"  # in a GGUF base converted into a transformers folder
-_TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "added_tokens")
+# (and a vision-language model's processor: how many tokens an image expands into; text models
+# have no such files, so their fingerprints are as before)
+_TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "added_tokens",
+                    "preprocessor_config", "processor_config")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ def folder_fingerprint(folder: Path) -> str:
 
 
 def tokenizer_fingerprint(ref: ModelRef) -> str:
-    """sha256 over the tokenizer and chat-template files: what `prepare` output depends on."""
+    """sha256 over the tokenizer, chat-template and processor files: what `prepare` output
+    depends on."""
     digest = hashlib.sha256()
     for path in sorted(ref.local_dir.iterdir()):
         if path.is_file() and path.name.startswith(_TOKENIZER_FILES):

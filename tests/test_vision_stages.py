@@ -406,3 +406,20 @@ def test_control_token_text_in_an_image_chat_is_refused_unless_kept(tiny_llava, 
     assert stats["rows_kept"] == 1 and stats["skipped_by_reason"] == {"control-token text in an image chat": 1}
     stats = json.loads((_prepare(recipe, "data.special_text=keep") / "prepared" / "stats.json").read_text())
     assert stats["rows_kept"] == 2
+
+
+def test_a_changed_image_processor_makes_the_prepared_data_out_of_date(tiny_llava, tmp_path):
+    """How many tokens an image becomes is the processor's config: part of what prepare depends on."""
+    import shutil
+
+    from llmtune.recipe import load_recipe
+    from llmtune.stages.prepare import up_to_date
+
+    base = shutil.copytree(tiny_llava, tmp_path / "model")
+    write_shapes_dataset(tmp_path / "data", 4)
+    recipe = _recipe(tmp_path, base)
+    run = _prepare(recipe)
+    assert up_to_date(load_recipe(recipe), run) is not None
+    config = json.loads((base / "processor_config.json").read_text())
+    (base / "processor_config.json").write_text(json.dumps({**config, "note": "edited"}))
+    assert up_to_date(load_recipe(recipe), run) is None
