@@ -423,3 +423,25 @@ def test_a_changed_image_processor_makes_the_prepared_data_out_of_date(tiny_llav
     config = json.loads((base / "processor_config.json").read_text())
     (base / "processor_config.json").write_text(json.dumps({**config, "note": "edited"}))
     assert up_to_date(load_recipe(recipe), run) is None
+
+
+def test_the_preview_of_text_data_has_no_prompts_to_show(tiny_model, tmp_path):
+    """Text data (continued pretraining) holds no prompt and answer: the preview says so in one
+    line (the image-aware preview must not break it)."""
+    from llmtune.recipe import load_recipe
+    from llmtune.serve.preview import preview
+    from llmtune.stages.prepare import prepare
+    from llmtune.stages.train import train
+
+    (tmp_path / "texts").mkdir()
+    for index in range(6):
+        (tmp_path / "texts" / f"{index}.txt").write_text(f"Plain text number {index} about apples and rivers.\n")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "texts", "output_dir": "runs", "model": {"path": str(tiny_model)},
+        "data": {"train": [{"path": "texts", "format": "text"}], "validation": {"fraction": 0.3}, "max_seq_len": 64},
+        "adapter": {"r": 4, "alpha": 8}, "train": {"max_steps": 1, "batch_size": 2, "precision": "fp32"}}))
+    recipe, run = load_recipe(path), tmp_path / "runs" / "texts"
+    prepare(recipe, run)
+    train(recipe, run)
+    assert preview(recipe, run) is None

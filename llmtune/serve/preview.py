@@ -51,9 +51,9 @@ def preview(recipe: Recipe, run: Path) -> dict | None:
         held_out = held_out.select(range(min(cfg.count, len(held_out))))
         pairs = [(json.loads(s)["prompt"], answer) for s, answer in zip(held_out["sample"], held_out["answer"])]
     else:
-        samples = [json.loads(s) for s in held_out["sample"] if s]  # "": a row's later example
-        pairs, samples = zip(*[(p, s) for s in samples if (p := prompt_and_answer(s)) is not None][: cfg.count]) \
-            if samples else ((), ())
+        read = [json.loads(s) for s in held_out["sample"] if s]  # "": a row's later example
+        kept = [(pair, sample) for sample in read if (pair := prompt_and_answer(sample)) is not None][: cfg.count]
+        pairs, samples = [pair for pair, _ in kept], [sample for _, sample in kept]
     if not pairs:
         console.print("preview: no held-out prompts (empty validation set, or text data)")
         return None
