@@ -266,6 +266,11 @@ def test_run_end_to_end_on_a_tiny_vlm(tiny_llava, tmp_path):
     assert result.returncode == 0, result.stderr
     answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(answers) == 2 and all(isinstance(a["output"], str) for a in answers)
+    write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "<image><image>Colours?"}],
+                                          "images": ["data/images/00001-red-square.png"]}])
+    result = llmtune("generate", run, "--input", "bad.jsonl", "--output", "out.jsonl", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "bad.jsonl:1: placeholders and images differ" in result.stderr
 
     chat = subprocess.run([sys.executable, "-m", "llmtune", "chat", str(run), "--max-new-tokens", "3"],
                           input="/image data/images/00001-red-square.png\nWhat is in the picture?\n"

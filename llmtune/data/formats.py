@@ -124,9 +124,7 @@ def _image_sample(messages, images, column: str, system_prompt: str | None):
         sample = vision.sample(messages, images)
     except vision.BadImageRow as bad:
         return None, str(bad)
-    as_text = [{**m, "content": m["content"] if isinstance(m["content"], str) else
-                "".join(p.get("text", "") if p["type"] == "text" else "<image>" for p in m["content"])}
-               for m in sample["messages"]]
+    as_text = [{**m, "content": vision.shown_as_text(m["content"])} for m in sample["messages"]]
     checked, problem = normalize_messages(as_text)
     if problem:
         return None, problem

@@ -187,6 +187,13 @@ def sample(messages: list[dict], images: list | None = None) -> dict:
     return {"messages": out, "images": [{s.kind: s.value} for s in sources(messages)]}
 
 
+def shown_as_text(content) -> str:
+    """A message's content as text, each image as `<image>` (for checks and reports)."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") if part.get("type") == "text" else PLACEHOLDER for part in content)
+
+
 def stored_source(reference: dict) -> ImageSource:
     """The ImageSource of a sample's `images` entry."""
     (kind, value), = reference.items()

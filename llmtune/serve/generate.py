@@ -29,8 +29,8 @@ def generate_file(target: Path, input_path: Path, output: Path, adapter: Path | 
         serving = dataclasses.replace(serving, system_prompt=system or None)
     default_tools = read_tools(tools)
     rows, prompts, row_tools = read_prompts(input_path, default_tools)
+    images = _images(input_path, rows, prompts, tuned_processor(target, adapter))  # checked before the model loads
     model, tokenizer = load_tuned(target, adapter)
-    images = _images(input_path, rows, prompts, tuned_processor(target, adapter))
     use_template(tokenizer, serving, template, target)
     if not tokenizer.chat_template:
         serving = dataclasses.replace(serving, chat=False)
@@ -125,12 +125,17 @@ def _images(input_path: Path, rows: list[dict], prompts: list, processor) -> dic
             images.append([])
             continue
         where = f"{input_path}:{number}"
+        shown = row.get("images")
         try:
-            sample = vision.sample(row["messages"], row.get("images"))
+            sample = vision.sample(row["messages"], shown if shown is None or isinstance(shown, list) else [shown])
             images.append([vision.open_image(vision.stored_source(reference).read(Path("/")))
                            for reference in resolved_images(sample["images"], where)])
-        except vision.BadImageRow as bad:
+        except (vision.BadImageRow, AttributeError, TypeError) as bad:
             raise InputError(f"{where}: {bad}", hint="fix the row's images") from None
+        as_text = [{**m, "content": vision.shown_as_text(m["content"])} for m in sample["messages"]]
+        problem = check_messages([*as_text, {"role": "assistant", "content": "x"}])
+        if problem:
+            raise InputError(f"{where}: {problem}")
         prompts[number - 1] = sample["messages"]
     return {"processor": processor, "images": images}
 

@@ -204,12 +204,9 @@ def open_images(sample: dict, prompt) -> list:
 
 def shown_text(prompt) -> str:
     """A prompt's last turn as text, for reports: an image chat's images as <image>."""
-    if isinstance(prompt, str):
-        return prompt
-    content = prompt[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") if part.get("type") == "text" else "<image>" for part in content)
+    from llmtune.data.vision import shown_as_text
+
+    return prompt if isinstance(prompt, str) else shown_as_text(prompt[-1]["content"])
 
 
 def prompt_and_answer(sample: dict) -> tuple[list[dict] | str, str] | None:
