@@ -290,6 +290,7 @@ def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: st
     `pad_token_id` marks each sequence's last token); None: as the folder's config says."""
     folder, trust = _folder(source)
     head = head or head_of(Path(folder))
+    vision_language = head != "score" and is_vision_language(source)  # loaded as AutoModelForImageTextToText
     allow_pickle = isinstance(source, ModelRef) and source.allow_pickle
     dtype = DTYPES[precision]
     device = local_device() if device == "local" else device
@@ -303,7 +304,7 @@ def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: st
         # the language model (the head is never quantized either way)
         # (transformers 5 matches these from the name's start, as regular expressions, or as suffixes)
         skip = ({"llm_int8_skip_modules": [*(f".*{m}" for m in VISION_MODULES), "lm_head"]}
-                if is_vision_language(source) else {})
+                if vision_language else {})
         if quantize == "int8":
             extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, **skip)
         else:
@@ -319,7 +320,7 @@ def load_model(source: ModelRef | Path, precision: str = "fp32", *, quantize: st
     if head == "score":
         extra["num_labels"] = 1  # a new score head on a language model: initialised, and trained in full
     loader = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
-    if head != "score" and is_vision_language(source):
+    if vision_language:
         from transformers import AutoModelForImageTextToText
 
         loader = AutoModelForImageTextToText

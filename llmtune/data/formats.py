@@ -15,6 +15,7 @@ The last three are rendered with the chat template, the answers as the assistant
 
 from __future__ import annotations
 
+from llmtune.data import vision
 from llmtune.data.tools import (
     THINK_OPEN,
     check_tool_results,
@@ -79,12 +80,9 @@ def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | 
         if messages is None:
             return None, f"missing field: '{column('messages')}'"
     images = row.get(column("images"))
-    if images is not None or (isinstance(messages, list)
-                              and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages)):
-        text = None if images else _text_parts_joined(messages)
-        if text is None:
-            return _image_sample(messages, images, column("images"), system_prompt)
-        messages = text  # content parts that hold text only: a text conversation
+    if vision.shows_images(messages, images):
+        return _image_sample(messages, images, system_prompt)
+    messages = vision.joined_text_parts(messages)  # content parts that hold text only: a text conversation
     messages, problem = normalize_messages(messages)
     if problem:
         return None, problem
@@ -96,28 +94,9 @@ def to_sample(row: dict, fmt: str, fields: dict[str, str], system_prompt: str | 
     return ({"messages": messages, "tools": tools} if tools else {"messages": messages}), None
 
 
-def _text_parts_joined(messages) -> list | None:
-    """The conversation with each content of text parts joined into a string, or None where a
-    message shows an image (or is not a list of such parts)."""
-    out = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                return None
-            message = {**message, "content": "".join(p["text"] for p in content)}
-        out.append(message)
-    return out
-
-
-def _image_sample(messages, images, column: str, system_prompt: str | None):
+def _image_sample(messages, images, system_prompt: str | None):
     """An image chat (data/vision.py: content parts, or `<image>` placeholders and `images`) as a
     sample, its conversation checked as a text one is (roles, order, empty answers)."""
-    from llmtune.data import vision
-
-    if images is not None and not isinstance(images, list):
-        images = [images]  # LLaVA's rows name one image ("image": "coco/...jpg")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return None, "malformed conversation: expected a non-empty list of messages"
     try:

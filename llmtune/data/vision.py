@@ -22,8 +22,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmtune.data.chat import IGNORE
+
 PLACEHOLDER = "<image>"
-IGNORE = -100
 
 
 class BadImageRow(ValueError):
@@ -131,7 +132,8 @@ def image_messages(messages: list[dict], images: list | None = None) -> list[dic
     """The conversation with content parts, images as `{"type": "image", "source": ImageSource}`,
     from either shape. Raises BadImageRow: placeholders that do not match `images` one to one,
     an image in an assistant turn (the model writes no images), both shapes in one row."""
-    pending = list(images or [])
+    images = [] if images is None else images if isinstance(images, list) else [images]  # LLaVA: one a row
+    pending = list(images)
     used_placeholders = 0
     out = []
     for message in messages:
@@ -146,7 +148,7 @@ def image_messages(messages: list[dict], images: list | None = None) -> list[dic
                     used_placeholders += 1
                     if not pending:
                         raise BadImageRow("placeholders and images differ",
-                                          f"more {PLACEHOLDER} markers than images ({len(images or [])})")
+                                          f"more {PLACEHOLDER} markers than images ({len(images)})")
                     parts.append({"type": "image", "source": image_source(pending.pop(0))})
         elif isinstance(content, list):
             for part in content:
@@ -177,14 +179,29 @@ def sample(messages: list[dict], images: list | None = None) -> dict:
     plain text; `images` the references, in order, as `{kind: value}` (path, url or data).
     Raises BadImageRow as image_messages does."""
     messages = image_messages(messages, images)
-    out = []
-    for message in messages:
-        parts = message["content"]
-        if message.get("role") == "assistant":
-            out.append({**message, "content": "".join(p["text"] for p in parts)})
-        else:
-            out.append({**message, "content": [{"type": "image"} if p["type"] == "image" else p for p in parts]})
+    out = [{**m, "content": "".join(p["text"] for p in m["content"])} if m.get("role") == "assistant" else m
+           for m in for_template(messages)]
     return {"messages": out, "images": [{s.kind: s.value} for s in sources(messages)]}
+
+
+def shows_images(messages, images) -> bool:
+    """Whether a row is an image chat: it lists images, or a message's content has a part that
+    is not text (content parts holding text only are a text conversation: joined_text_parts)."""
+    return bool(images) or (isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) and not all(map(_text_part, m["content"]))
+        for m in messages))
+
+
+def joined_text_parts(messages):
+    """The conversation with each content made of text parts joined into one string."""
+    if not isinstance(messages, list):
+        return messages
+    return [{**m, "content": "".join(p["text"] for p in m["content"])}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in messages]
+
+
+def _text_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
 def shown_as_text(content) -> str:

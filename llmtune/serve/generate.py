@@ -83,7 +83,7 @@ def read_prompts(path: Path, default_tools: list | None) -> tuple[list[dict], li
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{number}: malformed JSON: {exc.msg}") from None
         prompt = row.get("prompt") if isinstance(row, dict) else None
-        if prompt is None and isinstance(row, dict) and is_image_row(row):
+        if prompt is None and isinstance(row, dict) and _is_image_row(row):
             prompt = row["messages"]  # checked with its images (_images)
         elif prompt is None and isinstance(row, dict) and "messages" in row:
             problem = check_messages([*row["messages"], {"role": "assistant", "content": "x"}])
@@ -98,13 +98,10 @@ def read_prompts(path: Path, default_tools: list | None) -> tuple[list[dict], li
     return rows, prompts, row_tools
 
 
-def is_image_row(row: dict) -> bool:
-    """A row of an image chat: an `images` list, or an image among a message's content parts."""
-    messages = row.get("messages")
-    return bool(row.get("images")) or (isinstance(messages, list) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), list)
-        and any(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in m["content"])
-        for m in messages))
+def _is_image_row(row: dict) -> bool:
+    from llmtune.data.vision import shows_images
+
+    return shows_images(row.get("messages"), row.get("images"))
 
 
 def _images(input_path: Path, rows: list[dict], prompts: list, processor) -> dict:
@@ -114,20 +111,19 @@ def _images(input_path: Path, rows: list[dict], prompts: list, processor) -> dic
     from llmtune.data import vision
     from llmtune.data.rows import resolved_images
 
-    if not any(is_image_row(row) for row in rows):
+    if not any(_is_image_row(row) for row in rows):
         return {}
     if processor is None:
         raise InputError(f"{input_path}: the rows show images, and this model is a language model (no processor)",
                          hint="generate with a vision-language model's run or folder")
     images = []
     for number, row in enumerate(rows, start=1):
-        if not is_image_row(row):
+        if not _is_image_row(row):
             images.append([])
             continue
         where = f"{input_path}:{number}"
-        shown = row.get("images")
         try:
-            sample = vision.sample(row["messages"], shown if shown is None or isinstance(shown, list) else [shown])
+            sample = vision.sample(row["messages"], row.get("images"))
             images.append([vision.open_image(vision.stored_source(reference).read(Path("/")))
                            for reference in resolved_images(sample["images"], where)])
         except (vision.BadImageRow, AttributeError, TypeError) as bad:

@@ -80,8 +80,13 @@ class ImageCollator:
         batch = dict(self.processor(text=[row["text"] for row in rows], images=images if flat else None,
                                     padding=True, return_tensors="pt", add_special_tokens=False))
         longest = max(len(row["input_ids"]) for row in rows)
-        ids, width = batch["input_ids"], batch["input_ids"].shape[1]
+        width = batch["input_ids"].shape[1]
+        for name, value in batch.items():  # per-token inputs end with the stored rows
+            if torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == (len(rows), width):
+                batch[name] = value[:, :longest].clone()
+        ids = batch["input_ids"]
         labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             stored = torch.tensor(row["input_ids"], dtype=ids.dtype)
@@ -92,14 +97,8 @@ class ImageCollator:
                     f"stored (first difference at token {differ} of {n})",
                     hint="the processor or an image changed since prepare; prepare again with --force")
             labels[i, :n] = torch.tensor(row["labels"])
-        for name, value in batch.items():  # per-token inputs end with the stored rows
-            if torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == ids.shape:
-                batch[name] = value[:, :longest].clone()
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):  # a truncated row: what follows its stored ids is padding
-            n = len(row["input_ids"])
             mask[i, :n] = 1
-            batch["input_ids"][i, n:] = self.pad_id
+            ids[i, n:] = self.pad_id  # a truncated row: what follows its stored ids is padding
         batch["attention_mask"] = mask
         batch["labels"] = labels
         if self.counting:

@@ -81,15 +81,14 @@ def image_check_batch(adapter_dir: Path, adapter_manifest: dict, processor) -> d
     for split in ("validation", "train"):
         if (prepared / split).is_dir():
             data = load_from_disk(str(prepared / split))
-            rows += sorted((data[i] for i in range(min(len(data), 4 * CHECK_EXAMPLES))), key=lambda r: not r["images"])
-    rows = sorted(rows, key=lambda r: not r["images"])[:CHECK_EXAMPLES]
+            rows += list(data.select(range(min(len(data), 4 * CHECK_EXAMPLES))))
+    rows = sorted(rows, key=lambda r: not r["images"])[:CHECK_EXAMPLES]  # stable: validation first
     if not rows:
         raise InputError(f"the checks run on prepared examples, and none were found under {prepared}",
                          hint="run the prepare stage again")
     collate = ImageCollator(processor, prepared)
     collate.counting = False
-    batch = collate([{key: row[key] for key in ("input_ids", "labels", "text", "images", "image_hashes", "where")}
-                     for row in rows])
+    batch = collate(rows)
     del batch["labels"]
     return batch
 

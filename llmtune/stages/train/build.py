@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
+import typing
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -19,6 +20,7 @@ from llmtune.data.probe import end_turns_for_servers
 from llmtune.data.templates import TEMPLATE_FILE
 from llmtune.errors import InputError
 from llmtune.objectives import objective
+from llmtune.recipe.schema import AdapterSection
 from llmtune.stages.collate import ImageCollator, PadCollator
 from llmtune.stages.train import distributed, trl
 
@@ -189,9 +191,9 @@ def lora_config(recipe, model=None) -> LoraConfig:
             raise InputError("adapter.layers_to_transform is not supported for vision-language models yet",
                              hint="remove it, or name the modules with a regex in adapter.target_modules")
         if targets == "all-linear" or isinstance(targets, list):  # a regex is taken as written
-            targets, projector = vision_language_targets(model, adapter.vision,
-                                                         None if targets == "all-linear" else targets)
-            to_save += [name for name in projector if name not in to_save]
+            targets, projector_to_save = vision_language_targets(model, adapter.vision,
+                                                                 None if targets == "all-linear" else targets)
+            to_save += [name for name in projector_to_save if name not in to_save]
     if adapter.layers_to_transform is not None and targets == "all-linear" and model is not None:
         targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                           if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")})
@@ -218,7 +220,7 @@ def lora_config(recipe, model=None) -> LoraConfig:
 
 
 # --- vision-language models (issue 31) ------------------------------------------------------------
-VISION_CHOICES = ("frozen", "lora", "train_projector")
+VISION_CHOICES = typing.get_args(AdapterSection.model_fields["vision"].annotation)  # adapter.vision
 
 
 def vision_language_targets(model, vision: str = "frozen", only: list[str] | None = None) -> tuple[str, list[str]]:
