@@ -411,6 +411,10 @@ def test_control_token_text_in_an_image_chat_is_refused_unless_kept(tiny_llava, 
     assert stats["rows_kept"] == 1 and stats["skipped_by_reason"] == {"control-token text in an image chat": 1}
     stats = json.loads((_prepare(recipe, "data.special_text=keep") / "prepared" / "stats.json").read_text())
     assert stats["rows_kept"] == 2
+    from llmtune.errors import InputError  # error: refused where it is read, as text rows are
+
+    with pytest.raises(InputError, match=r"rows.jsonl:2: the content holds the text of a control token, <\|im_end\|>"):
+        _prepare(recipe, "data.special_text=error")
 
 
 def test_a_changed_image_processor_makes_the_prepared_data_out_of_date(tiny_llava, tmp_path):

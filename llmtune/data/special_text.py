@@ -43,9 +43,11 @@ def control_tokens(tokenizer) -> tuple[str, ...]:
 def contents(sample: dict) -> list[str]:
     """The user's own text in a sample: message contents, prompt and completion, or text (and a
     preference or kto sample's prompt messages and answers)."""
-    if "messages" in sample:
-        return [m[key] for m in sample["messages"] for key in ("content", "reasoning_content")
-                if isinstance(m.get(key), str)]
+    if "messages" in sample:  # an image chat's content is parts: its text parts count
+        return [text for m in sample["messages"] for key in ("content", "reasoning_content")
+                for text in ([m.get(key)] if not isinstance(m.get(key), list) else
+                             [p.get("text") for p in m[key] if isinstance(p, dict) and p.get("type") == "text"])
+                if isinstance(text, str)]
     if isinstance(sample.get("prompt"), list):
         return [*contents({"messages": sample["prompt"]}),
                 *(sample[key] for key in ("chosen", "rejected", "completion") if key in sample)]

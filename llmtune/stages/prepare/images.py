@@ -119,7 +119,7 @@ def encode_image_batch(processor, template: str, train_on: str, reasoning: str, 
     tokenizer = processor.tokenizer
     controls = special_text.control_tokens(tokenizer) if mode != "keep" else ()
     held = {index: hits[0] for index, sample in enumerate(samples)
-            if (hits := special_text.found(_texts(sample), controls))}
+            if (hits := special_text.found(special_text.contents(sample), controls))}
     others = iter(special_text.rendered_or_refused([s for i, s in enumerate(samples) if i not in held], tokenizer,
                                                    template, train_on, reasoning))
     rendered = [CONTROL_TEXT if index in held else next(others) for index in range(len(samples))]
@@ -142,13 +142,6 @@ def encode_image_batch(processor, template: str, train_on: str, reasoning: str, 
         except vision.BadImageRow as bad:
             out.append(ImageRefused(bad.reason, str(bad).removeprefix(f"{bad.reason}: ")))
     return out
-
-
-def _texts(sample: dict) -> list[str]:
-    """The text of an image chat's messages: string contents and text parts."""
-    return [part if isinstance(part, str) else part.get("text", "") for message in sample["messages"]
-            for part in (message["content"] if isinstance(message["content"], list) else [message["content"]])
-            if isinstance(part, str) or part.get("type") == "text"]
 
 
 def _expanded(processor, text: str, example: Example, loaded: list, marker: list[int]) -> Example:
